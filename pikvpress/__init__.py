@@ -1,0 +1,54 @@
+"""pikvpress: PiKV KV-cache management for Mixture-of-Experts models, as a press collection on kvpress.
+
+Importing pikvpress applies :mod:`pikvpress.compat`, which makes kvpress's own presses correct on
+every supported family (set ``PIKVPRESS_KVPRESS_FIXES=0`` in the environment to opt out).
+"""
+
+import os as _os
+
+from pikvpress.compat import (
+    KVPRESS_FIXES,
+    apply_kvpress_fixes,
+    kvpress_fixes,
+    kvpress_fixes_applied,
+    remove_kvpress_fixes,
+)
+from pikvpress.models import (
+    DEFAULT_MODEL,
+    SUPPORTED_FAMILIES,
+    LayerAdapter,
+    ModelAdapter,
+    MoERouter,
+    RoutingResult,
+    UnsupportedModelError,
+    get_adapter,
+    load_model,
+    tiny_model,
+    tiny_tokenizer,
+)
+from pikvpress.presses import PRESSES
+
+__version__ = "0.1.0"
+
+if _os.environ.get("PIKVPRESS_KVPRESS_FIXES", "1").lower() not in ("0", "false", "no", "off"):
+    apply_kvpress_fixes()
+
+__all__ = [
+    "DEFAULT_MODEL",
+    "KVPRESS_FIXES",
+    "LayerAdapter",
+    "ModelAdapter",
+    "MoERouter",
+    "PRESSES",
+    "RoutingResult",
+    "SUPPORTED_FAMILIES",
+    "UnsupportedModelError",
+    "apply_kvpress_fixes",
+    "get_adapter",
+    "kvpress_fixes",
+    "kvpress_fixes_applied",
+    "load_model",
+    "remove_kvpress_fixes",
+    "tiny_model",
+    "tiny_tokenizer",
+]

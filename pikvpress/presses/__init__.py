@@ -1,0 +1,12 @@
+"""pikvpress's user-facing kvpress presses, one press per file.
+
+``PRESSES`` maps each press's registry name to its class; the evaluation harness and the
+conformance suite (``tests/default_presses.py``) read it. The PiKV presses (expert routing,
+adaptive scheduling, quantization, the chained ``PiKVPress``) register here as they land.
+"""
+
+from kvpress.presses.base_press import BasePress
+
+PRESSES: dict[str, type[BasePress]] = {}
+
+__all__ = ["PRESSES"]
