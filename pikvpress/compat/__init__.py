@@ -81,6 +81,14 @@ KVPRESS_FIXES: tuple[KVPressFix, ...] = (
         "from the first layer's length, so SDPA/eager attention fail on every other layer",
         "attention functions right-align the mask to each layer's key length",
     ),
+    KVPressFix(
+        "adakv-fake-keys",
+        "all",
+        "AdaKV hides pruned keys by searching for a fake key that every query of a group scores -inf against; "
+        "when a multi-token question's queries are not all in one half-space the search raises `Could not find "
+        "fake keys` and the pipeline dies",
+        "pruned keys are removed through the attention mask, per head, exactly",
+    ),
 )
 
 _saved: list[tuple[Any, str, Any]] = []

@@ -197,11 +197,42 @@ def align_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tenso
     return F.pad(attention_mask, (key_len - mask_len, 0), value=fill)
 
 
+def mask_pruned_keys(
+    attention_mask: torch.Tensor | None, masked_key_indices: tuple, query: torch.Tensor, key: torch.Tensor
+) -> torch.Tensor:
+    """Fold AdaKV's head-wise pruned keys ``(batch, kv_head, seq)`` into the attention mask, exactly.
+
+    kvpress instead overwrites pruned keys with a "fake key" found by searching for a hyperplane that
+    all queries of a group lie behind; no such hyperplane exists once a multi-token question's queries
+    span the space, and the search raises.
+    """
+    bsz, num_heads, q_len, _ = query.shape
+    num_kv_heads, k_len = key.shape[1], key.shape[2]
+    batch_idx, head_idx, seq_idx = masked_key_indices
+    keep = torch.ones(bsz, num_kv_heads, k_len, dtype=torch.bool, device=key.device)
+    keep[batch_idx, head_idx, seq_idx] = False
+    keep = keep.repeat_interleave(num_heads // num_kv_heads, dim=1)[:, :, None, :]  # (b, heads, 1, k)
+    if attention_mask is None:
+        return keep.expand(bsz, num_heads, q_len, k_len)
+    if attention_mask.dtype == torch.bool:
+        return attention_mask & keep
+    return attention_mask.masked_fill(~keep, torch.finfo(attention_mask.dtype).min)
+
+
 def with_aligned_mask(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an attention function so its mask always matches the layer's key length."""
+    """Wrap an attention function so its mask matches the layer's key length and AdaKV's pruned keys."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        return func(module, query, key, value, align_mask(attention_mask, key.shape[-2]), *args, **kwargs)
+        attention_mask = align_mask(attention_mask, key.shape[-2])
+        masked = getattr(module, "masked_key_indices", None)
+        if masked is None or query.shape[2] == key.shape[2]:
+            return func(module, query, key, value, attention_mask, *args, **kwargs)
+        attention_mask = mask_pruned_keys(attention_mask, masked, query, key)
+        module.masked_key_indices = None  # the mask does it; skip kvpress's fake-key search
+        try:
+            return func(module, query, key, value, attention_mask, *args, **kwargs)
+        finally:
+            module.masked_key_indices = masked
 
     attention.__wrapped__ = func  # type: ignore[attr-defined]
     attention._pikvpress_aligned = True  # type: ignore[attr-defined]

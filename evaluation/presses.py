@@ -1,0 +1,76 @@
+"""Press registry: kvpress baselines under kvpress's evaluation names, plus every pikvpress press.
+
+Every call builds a fresh press, so no mutable state is shared between runs.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable
+
+from kvpress import (
+    AdaKVPress,
+    BasePress,
+    ExpectedAttentionPress,
+    KeyDiffPress,
+    KnormPress,
+    ObservedAttentionPress,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+
+from pikvpress.presses import PRESSES
+
+PressFactory = Callable[[float], BasePress]
+
+BASELINES: dict[str, PressFactory] = {
+    "knorm": lambda r: KnormPress(compression_ratio=r),
+    "snapkv": lambda r: SnapKVPress(compression_ratio=r),
+    "expected_attention": lambda r: ExpectedAttentionPress(compression_ratio=r),
+    "adakv_expected_attention": lambda r: AdaKVPress(ExpectedAttentionPress(compression_ratio=r)),
+    "streaming_llm": lambda r: StreamingLLMPress(compression_ratio=r),
+    "tova": lambda r: TOVAPress(compression_ratio=r),
+    "keydiff": lambda r: KeyDiffPress(compression_ratio=r),
+    "pyramidkv": lambda r: PyramidKVPress(compression_ratio=r),
+    "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
+    "random": lambda r: RandomPress(compression_ratio=r, seed=0),
+}
+
+#: presses that need ``attn_implementation="eager"`` (they read the attention weights)
+EAGER_PRESSES = frozenset({"observed_attention"})
+
+NO_PRESS = "no_press"
+
+
+def press_names() -> list[str]:
+    """Every name :func:`build_press` accepts."""
+    return [NO_PRESS, *BASELINES, *PRESSES]
+
+
+def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> BasePress | None:
+    """A fresh press called ``name`` at ``compression_ratio`` (``None`` for ``no_press``).
+
+    Raises
+    ------
+    ValueError
+        For an unknown name (the message lists the allowed ones) or a ratio outside [0, 1).
+    """
+    if name not in press_names():
+        raise ValueError(f"unknown press {name!r}; allowed: {', '.join(press_names())}")
+    if not isinstance(compression_ratio, (int, float)) or math.isnan(compression_ratio) or not (
+        0 <= compression_ratio < 1
+    ):
+        raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio!r}")
+    if name == NO_PRESS:
+        return None
+    if name in BASELINES:
+        press = BASELINES[name](float(compression_ratio))
+        for key, value in kwargs.items():
+            if not hasattr(press, key):
+                raise ValueError(f"press {name!r} has no field {key!r}")
+            setattr(press, key, value)
+        return press
+    return PRESSES[name](compression_ratio=compression_ratio, **kwargs)

@@ -1,0 +1,45 @@
+import os
+import sys
+
+import pytest
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+
+import pikvpress  # noqa: E402,F401  (applies the kvpress compatibility layer)
+from pikvpress.models import tiny_model, tiny_tokenizer  # noqa: E402
+
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+_MODELS: dict = {}
+
+
+def get_tiny_model(family: str, attn_implementation: str | None = None, case=None):
+    """Session-wide cache of tiny models (built once per family and attention implementation).
+
+    With a press ``case``, uses the case's attention implementation and skips combinations the press
+    cannot run (kvpress's AdaKV on eager-only models).
+    """
+    if case is not None:
+        attn_implementation = case.attn_implementation
+    key = (family, attn_implementation)
+    if key not in _MODELS:
+        _MODELS[key] = tiny_model(family, attn_implementation=attn_implementation)
+    model = _MODELS[key]
+    if case is not None and not case.eager_ok and model.config._attn_implementation == "eager":
+        pytest.skip(f"{case.name} does not support eager attention, the only one {family} has on CPU")
+    return model
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return tiny_tokenizer()
+
+
+@pytest.fixture
+def unpatched():
+    """Run a test body with plain kvpress 0.5.5 (the compatibility layer removed)."""
+    from pikvpress.compat import kvpress_fixes
+
+    with kvpress_fixes(False):
+        yield

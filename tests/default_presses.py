@@ -1,0 +1,103 @@
+"""Every press the conformance suite runs, the way kvpress's tests/default_presses.py lists them.
+
+A later press joins the suite by adding one ``PressCase`` here.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from kvpress import (
+    AdaKVPress,
+    BasePress,
+    ComposedPress,
+    ExpectedAttentionPress,
+    KeyDiffPress,
+    KnormPress,
+    ObservedAttentionPress,
+    PyramidKVPress,
+    RandomPress,
+    SnapKVPress,
+    StreamingLLMPress,
+    TOVAPress,
+)
+from kvpress.utils import compute_n_kept
+
+
+def uniform_kept(press: BasePress, layer_idx: int, k_len: int, ratio: float) -> int:
+    return compute_n_kept(k_len, ratio)
+
+
+@dataclass
+class PressCase:
+    """One press in the conformance suite.
+
+    Parameters
+    ----------
+    name : str
+        Test id.
+    make : callable
+        ``ratio -> press``: a fresh press removing ``ratio`` of the context.
+    kept : callable
+        ``(press, attention_module, k_len, ratio) -> tokens kept per head`` on a full-attention layer.
+    attn_implementation : str or None
+        Attention the model must run with (``"eager"`` for presses that read attention weights).
+    masks_instead_of_pruning : bool
+        The press masks keys (AdaKV) instead of shrinking the cache; lengths stay ``k_len``.
+    eager_ok : bool
+        Runs on eager-only models (GPT-OSS on CPU); kvpress's AdaKV asserts against eager attention.
+    deterministic : bool
+        Same input, same kept set (RandomPress with a seed is; batch composition may still change it).
+    bad_kwargs : list of dict
+        Constructor arguments that must be rejected.
+    """
+
+    name: str
+    make: Callable[[float], BasePress]
+    kept: Callable = uniform_kept
+    attn_implementation: str | None = None
+    masks_instead_of_pruning: bool = False
+    eager_ok: bool = True
+    deterministic: bool = True
+    bad_kwargs: list[dict] = field(default_factory=list)
+
+
+def _pyramid_kept(press, module, k_len, ratio):
+    return press.get_layer_budget(module, k_len)
+
+
+def _composed_kept(press, module, k_len, ratio):
+    n = k_len
+    for sub in press.presses:
+        n = compute_n_kept(n, sub.compression_ratio)
+    return n
+
+
+BAD_RATIOS = [{"compression_ratio": -0.1}, {"compression_ratio": 1.0}, {"compression_ratio": 1.5}]
+
+PRESS_CASES: list[PressCase] = [
+    PressCase("knorm", lambda r: KnormPress(r), bad_kwargs=BAD_RATIOS),
+    PressCase("snapkv", lambda r: SnapKVPress(r, window_size=4), bad_kwargs=BAD_RATIOS),
+    PressCase("expected_attention", lambda r: ExpectedAttentionPress(r, n_sink=2), bad_kwargs=BAD_RATIOS),
+    PressCase("tova", lambda r: TOVAPress(r), bad_kwargs=BAD_RATIOS),
+    PressCase("streaming_llm", lambda r: StreamingLLMPress(r, n_sink=2), bad_kwargs=BAD_RATIOS),
+    PressCase("keydiff", lambda r: KeyDiffPress(r), bad_kwargs=BAD_RATIOS),
+    PressCase("random", lambda r: RandomPress(r, seed=0), deterministic=False, bad_kwargs=BAD_RATIOS),
+    PressCase(
+        "observed_attention", lambda r: ObservedAttentionPress(r), attn_implementation="eager", bad_kwargs=BAD_RATIOS
+    ),
+    PressCase("pyramidkv", lambda r: PyramidKVPress(r, window_size=4), kept=_pyramid_kept, bad_kwargs=BAD_RATIOS),
+    PressCase(
+        "adakv_expected_attention",
+        lambda r: AdaKVPress(ExpectedAttentionPress(r, n_sink=2)),
+        masks_instead_of_pruning=True,
+        eager_ok=False,
+    ),
+    PressCase(
+        "composed_knorm_keydiff",
+        lambda r: ComposedPress([KnormPress(r / 2), KeyDiffPress(r / 2)]),
+        kept=_composed_kept,
+    ),
+    # pikvpress presses join here as they land (issues 4-7)
+]

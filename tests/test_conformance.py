@@ -1,0 +1,156 @@
+"""The conformance suite: every press in default_presses.py on a tiny model of every family."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from default_presses import PRESS_CASES, PressCase
+from transformers import DynamicCache, pipeline
+
+from conftest import get_tiny_model
+from pikvpress.models import TINY_FAMILIES, get_adapter
+
+CONTEXT_LEN = 40
+RATIO = 0.5
+NEW_TOKENS = 4
+
+case_ids = [case.name for case in PRESS_CASES]
+
+
+def random_ids(batch: int, length: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(3, 259, (batch, length), generator=gen)
+
+
+@torch.no_grad()
+def prefill(model, press, ids, attention_mask=None):
+    cache = DynamicCache(config=model.config)
+    context = press(model) if press is not None else torch.no_grad()
+    with context:
+        out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache)
+    return cache, out.logits
+
+
+@torch.no_grad()
+def greedy_continue(model, cache, last_logits, start: int, steps: int) -> list[int]:
+    """Greedy decoding from a (compressed) cache, one token at a time, positions continuing at ``start``."""
+    tokens = [int(last_logits[0, -1].argmax())]
+    for t in range(steps - 1):
+        out = model(
+            input_ids=torch.tensor([[tokens[-1]]]),
+            past_key_values=cache,
+            position_ids=torch.tensor([[start + t]]),
+        )
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
+def test_prefill_leaves_expected_lengths(case: PressCase, family: str):
+    model = get_tiny_model(family, case=case)
+    press = case.make(RATIO)
+    cache, _ = prefill(model, press, random_ids(1, CONTEXT_LEN))
+    for layer in get_adapter(model).layers:
+        stored = cache.layers[layer.layer_idx]
+        if layer.is_sliding:  # left as the model keeps it: the last window - 1 tokens, length tracked
+            assert stored.keys.shape[2] == min(CONTEXT_LEN, layer.sliding_window - 1)
+            assert stored.get_seq_length() == CONTEXT_LEN
+            continue
+        kept = CONTEXT_LEN if case.masks_instead_of_pruning else case.kept(press, layer.attention, CONTEXT_LEN, RATIO)
+        assert stored.keys.shape == (1, layer.num_kv_heads, kept, layer.key_dim)
+        assert stored.values.shape == (1, layer.num_kv_heads, kept, layer.value_dim)
+        if case.masks_instead_of_pruning:
+            batch_idx, head_idx, seq_idx = layer.attention.masked_key_indices
+            masked_per_head = torch.bincount(head_idx, minlength=layer.num_kv_heads)
+            assert int(masked_per_head.sum()) == layer.num_kv_heads * (CONTEXT_LEN - int(CONTEXT_LEN * (1 - RATIO)))
+            assert bool((masked_per_head < CONTEXT_LEN).all())  # every head keeps something
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
+def test_generate_continues_from_compressed_cache(case: PressCase, family: str):
+    model = get_tiny_model(family, case=case)
+    ids = random_ids(1, CONTEXT_LEN, seed=1)
+    with torch.no_grad(), case.make(RATIO)(model):
+        out = model.generate(
+            ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=DynamicCache(config=model.config)
+        )
+    cache, logits = prefill(model, case.make(RATIO), ids)
+    expected = greedy_continue(model, cache, logits, CONTEXT_LEN, NEW_TOKENS)
+    generated = out[0, CONTEXT_LEN:].tolist()
+    eos = model.generation_config.eos_token_id
+    # generate stops at EOS; up to there it must match decoding the compressed cache by hand
+    assert len(generated) == NEW_TOKENS or generated[-1] == eos
+    assert generated == expected[: len(generated)]
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
+def test_ratio_zero_is_bit_identical_to_no_press(case: PressCase, family: str):
+    model = get_tiny_model(family, case=case)
+    ids = random_ids(1, CONTEXT_LEN, seed=2)
+    ref_cache, ref_logits = prefill(model, None, ids)
+    cache, logits = prefill(model, case.make(0.0), ids)
+    assert torch.equal(logits, ref_logits)
+    step = torch.tensor([[7]])
+    with torch.no_grad():
+        ref_next = model(input_ids=step, past_key_values=ref_cache).logits
+        next_ = model(input_ids=step, past_key_values=cache).logits
+    assert torch.equal(next_, ref_next)
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+@pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
+def test_batch_of_two_with_left_padding(case: PressCase, family: str):
+    model = get_tiny_model(family, case=case)
+    long_row, short_row = random_ids(1, CONTEXT_LEN, seed=3), random_ids(1, CONTEXT_LEN - 10, seed=4)
+    pad = torch.zeros(1, 10, dtype=torch.long)
+    ids = torch.cat([long_row, torch.cat([pad, short_row], dim=1)])
+    mask = torch.ones_like(ids)
+    mask[1, :10] = 0
+    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    with torch.no_grad(), case.make(RATIO)(model):
+        batched = model.generate(ids, attention_mask=mask, **kwargs)
+    assert batched.sequences.shape[0] == 2 and batched.sequences.shape[1] > CONTEXT_LEN
+    assert all(torch.isfinite(score).all() for score in batched.scores)
+    if case.deterministic:  # the unpadded row continues exactly as it does alone
+        with torch.no_grad(), case.make(RATIO)(model):
+            alone = model.generate(long_row, **kwargs)
+        torch.testing.assert_close(batched.scores[0][0], alone.scores[0][0], rtol=1e-4, atol=1e-4)
+        row, single = batched.sequences[0].tolist(), alone.sequences[0].tolist()
+        assert row[: len(single)] == single
+        assert all(tok == model.generation_config.pad_token_id for tok in row[len(single) :])  # padded after EOS
+
+
+PIPELINE_FAMILIES = ("llama", "qwen3_moe", "gpt_oss", "deepseek_v3")
+
+
+@pytest.mark.parametrize("family", PIPELINE_FAMILIES)
+@pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
+def test_kvpress_pipeline_answers_and_removes_answers(case: PressCase, family: str, tokenizer):
+    model = get_tiny_model(family, case=case)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    context = "The quick brown fox jumps over the lazy dog. " * 2
+    questions = ["Who jumps?", "Over what?"]
+    cache = DynamicCache()
+    both = pipe(context, questions=questions, press=case.make(RATIO), max_new_tokens=NEW_TOKENS, cache=cache)
+    compressed_lengths = [layer.keys.shape[2] for layer in cache.layers]
+    # each answer is as if asked alone: the pipeline removed the previous answer from the cache
+    for question, answer in zip(questions, both["answers"]):
+        single = pipe(context, question=question, press=case.make(RATIO), max_new_tokens=NEW_TOKENS)
+        assert single["answer"] == answer
+    context_len = len(pipe.preprocess(context, [""], "", 10**6)["context_ids"][0])
+    for layer, length in zip(get_adapter(model).layers, compressed_lengths):
+        if case.masks_instead_of_pruning or layer.is_sliding:
+            assert length == context_len
+        else:
+            assert length == case.kept(case.make(RATIO), layer.attention, context_len, RATIO)
+
+
+@pytest.mark.parametrize("case", [c for c in PRESS_CASES if c.bad_kwargs], ids=lambda c: c.name)
+def test_bad_arguments_are_rejected(case: PressCase):
+    cls = type(case.make(0.1))
+    for bad in case.bad_kwargs:
+        with pytest.raises((AssertionError, ValueError), match="(?i)ratio"):
+            cls(**bad)
