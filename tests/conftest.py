@@ -1,6 +1,8 @@
 import os
 import sys
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may need the hub
+
 import pytest
 import torch
 

@@ -1,7 +1,9 @@
 """Tests for pikvpress.models.loader.
 
 One GGUF conversion (about 10-15 s on two CPU cores) is shared by the whole
-module through a module-scoped fixture that uses a temporary cache root.
+module through a module-scoped fixture that uses a temporary cache root. The
+tests that need it are marked ``slow``; ``-m "not slow"`` runs only the fast
+argument-checking tests.
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ def _chat_ids(tokenizer, question: str) -> dict:
     )
 
 
+@pytest.mark.slow
 def test_default_model_converts_once_then_loads_from_cache(loaded: dict) -> None:
     assert len(loaded["conversions"]) == 1, "second load must reuse the converted cache"
     assert loaded["cached_s"] < CACHED_LOAD_LIMIT_S, f"cached load took {loaded['cached_s']:.1f} s"
@@ -70,6 +73,7 @@ def test_default_model_converts_once_then_loads_from_cache(loaded: dict) -> None
     assert model.config.num_hidden_layers == 30
 
 
+@pytest.mark.slow
 def test_cache_dir_is_complete_and_has_no_temp_leftovers(loaded: dict) -> None:
     models_dir = loaded["cache_root"] / "models"
     assert sorted(p.name for p in models_dir.iterdir()) == [DEFAULT_MODEL]
@@ -81,6 +85,7 @@ def test_cache_dir_is_complete_and_has_no_temp_leftovers(loaded: dict) -> None:
     assert marker["source"]["gguf_size"] == gguf_path.stat().st_size
 
 
+@pytest.mark.slow
 def test_changed_gguf_invalidates_cache(loaded: dict) -> None:
     model_dir = loaded["model_dir"]
     marker = json.loads((model_dir / loader._MARKER_FILE).read_text())
@@ -91,6 +96,7 @@ def test_changed_gguf_invalidates_cache(loaded: dict) -> None:
     assert not loader._is_valid_conversion(model_dir.parent / "missing", marker["source"])
 
 
+@pytest.mark.slow
 def test_eos_pad_and_chat_template(loaded: dict) -> None:
     model, tokenizer = loaded["model"], loaded["tokenizer"]
     eos_id = tokenizer.convert_tokens_to_ids("<|im_end|>")
@@ -104,6 +110,7 @@ def test_eos_pad_and_chat_template(loaded: dict) -> None:
     assert prompt.endswith("<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
 
 
+@pytest.mark.slow
 def test_tokenizer_matches_smollm2_conventions(loaded: dict) -> None:
     tokenizer = loaded["tokenizer"]
     assert len(tokenizer) == loaded["model"].config.vocab_size
@@ -114,6 +121,7 @@ def test_tokenizer_matches_smollm2_conventions(loaded: dict) -> None:
     assert tokenizer.convert_ids_to_tokens(tokenizer(" 2024")["input_ids"]) == ["Ġ", "2", "0", "2", "4"]
 
 
+@pytest.mark.slow
 def test_greedy_generation_knows_paris(loaded: dict) -> None:
     model, tokenizer = loaded["model"], loaded["tokenizer"]
     inputs = _chat_ids(tokenizer, "What is the capital of France?")
@@ -123,6 +131,7 @@ def test_greedy_generation_knows_paris(loaded: dict) -> None:
     assert "Paris" in answer, answer
 
 
+@pytest.mark.slow
 def test_dtype_string_and_local_directory(loaded: dict) -> None:
     model, _ = load_model(str(loaded["model_dir"]), dtype="bfloat16")
     assert model.dtype == torch.bfloat16

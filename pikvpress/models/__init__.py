@@ -13,11 +13,7 @@ from pikvpress.models.adapter import (
     slice_positions,
 )
 from pikvpress.models.families import FAMILIES, SUPPORTED_FAMILIES, FamilySpec
-try:
-    from pikvpress.models.loader import DEFAULT_MODEL, load_model
-except ImportError:  # TEMP
-    DEFAULT_MODEL = 'x'
-    load_model = None
+from pikvpress.models.loader import DEFAULT_MODEL, load_model
 from pikvpress.models.tiny import MOE_FAMILIES, TINY_FAMILIES, tiny_config, tiny_model, tiny_tokenizer
 
 __all__ = [

