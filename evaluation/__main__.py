@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--model", default=DEFAULT_MODEL, help="default alias, HF id or local path")
     quick.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES))
     quick.add_argument("--compression-ratio", type=float, default=0.5)
-    quick.add_argument("--context-lengths", type=int, nargs="+", default=[1024, 2048])
+    quick.add_argument("--context-lengths", type=int, nargs="+", default=[512, 1024])
     quick.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
     quick.add_argument("--device", default="cpu")
     quick.add_argument("--seed", type=int, default=0)

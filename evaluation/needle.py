@@ -42,7 +42,13 @@ def make_sample(
     key = rng.choice(KEYS)
     value = str(rng.randint(1_000_000, 9_999_999))
     needle = NEEDLE.format(key=key, value=value)
-    essay_ids = tokenizer.encode(essays_text(), add_special_tokens=False)
+    text = essays_text()
+    chars = 8 * context_length  # English prose is ~4-5 characters a token: ample, without encoding it all
+    while True:
+        essay_ids = tokenizer.encode(text[:chars], add_special_tokens=False)
+        if len(essay_ids) >= context_length or chars >= len(text):
+            break
+        chars *= 2
     needle_len = len(tokenizer.encode(" " + needle, add_special_tokens=False))
     haystack = essay_ids[: max(0, context_length - needle_len)]
     text = tokenizer.decode(haystack)
