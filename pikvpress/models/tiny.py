@@ -15,6 +15,7 @@ TINY_FAMILIES: tuple[str, ...] = (
     "mistral",
     "qwen2",
     "qwen3",
+    "phi3",
     "qwen3_moe",
     "mixtral",
     "olmoe",
@@ -101,6 +102,7 @@ def tiny_config(family: str, **overrides) -> PretrainedConfig:
         "mistral": lambda: T.MistralConfig(**common, sliding_window=None),
         "qwen2": lambda: T.Qwen2Config(**common),
         "qwen3": lambda: T.Qwen3Config(**common, head_dim=16),
+        "phi3": lambda: T.Phi3Config(**common, partial_rotary_factor=0.5),
         "qwen3_moe": lambda: T.Qwen3MoeConfig(
             **common, **moe, head_dim=16, num_experts=4, moe_intermediate_size=32, norm_topk_prob=True
         ),
