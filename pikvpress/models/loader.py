@@ -86,7 +86,7 @@ _CHATML_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 
-# GGUF tensor names -> Hugging Face Llama parameter names.
+# from_pretrained keyword arguments that also apply to the tokenizer.
 _SHARED_HUB_KWARGS = (
     "revision",
     "token",
