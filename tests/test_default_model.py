@@ -7,7 +7,7 @@ import torch
 from default_presses import PRESS_CASES, PressCase
 from transformers import DynamicCache, pipeline
 
-from evaluation.needle import make_sample
+from evaluation.benchmarks.needle import make_sample
 from pikvpress.models import get_adapter, load_model
 from test_conformance import greedy_continue, prefill
 

@@ -1,0 +1,238 @@
+"""Runs a sweep: one directory per (dataset, model, press, ratio), resumable, with shared prefills.
+
+Each run directory holds ``config.yaml`` (the resolved run), ``predictions.jsonl`` (one line per
+sample, appended as it finishes) and, once every sample is done, ``metrics.json``. A run with
+``metrics.json`` is finished and never touched again; an interrupted run resumes after its last
+written prediction.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterator
+
+import pandas as pd
+import torch
+import yaml
+from tqdm.auto import tqdm
+from transformers import DynamicCache, pipeline
+
+from evaluation.config import EvalConfig
+from evaluation.datasets import load_rows, score_predictions
+from evaluation.prefill import can_reuse_prefill, capture_prefill, replay_press
+
+logger = logging.getLogger(__name__)
+
+PREDICTIONS = "predictions.jsonl"
+METRICS = "metrics.json"
+
+
+def cache_nbytes(cache) -> int:
+    """Bytes held by a cache's key and value tensors, from the tensors themselves."""
+    return int(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_") or "model"
+
+
+@dataclass
+class Run:
+    """One sweep point and where its results live."""
+
+    config: EvalConfig
+    press_name: str
+    compression_ratio: float
+    directory: Path
+    done: dict[int, dict] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return (self.directory / METRICS).exists()
+
+    def start(self) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        resolved = dict(self.config.to_dict(), press_name=self.press_name, compression_ratio=self.compression_ratio)
+        _atomic_write(self.directory / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
+        path = self.directory / PREDICTIONS
+        if path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:  # a line cut by an interruption: that sample reruns
+                    continue
+                self.done[int(record["index"])] = record
+
+    def record(self, index: int, predicted_answer: str, kv_bytes: int, seconds: float) -> None:
+        record = dict(index=index, predicted_answer=predicted_answer, kv_bytes=kv_bytes, seconds=seconds)
+        with open(self.directory / PREDICTIONS, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self.done[index] = record
+
+    def finish(self, rows: pd.DataFrame) -> dict[str, Any]:
+        predictions = pd.DataFrame([self.done[i] for i in rows.index]).set_index(rows.index)
+        scored = rows.assign(predicted_answer=predictions["predicted_answer"])
+        metrics = score_predictions(self.config.dataset, scored)
+        metrics.update(
+            dataset=self.config.dataset,
+            model=self.config.model,
+            press=self.press_name,
+            compression_ratio=self.compression_ratio,
+            num_samples=len(rows),
+            kv_bytes=float(predictions["kv_bytes"].mean()),
+            seconds=float(predictions["seconds"].sum()),
+        )
+        _atomic_write(self.directory / METRICS, json.dumps(metrics, indent=2))
+        return metrics
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def plan_runs(config: EvalConfig) -> list[Run]:
+    """The sweep's runs, each in ``output_dir/<dataset>/<model>/<press>__<ratio>``."""
+    base = Path(config.output_dir) / _slug(config.dataset) / _slug(config.model)
+    runs = []
+    for name, ratio in config.sweep():
+        runs.append(Run(config, name, ratio, base / f"{_slug(name)}__{ratio:.2f}"))
+    return runs
+
+
+@contextlib.contextmanager
+def _chat_template(tokenizer, enabled: bool) -> Iterator[None]:
+    """Hide the tokenizer's chat template for rows that are scored without one (LongBench's rule)."""
+    saved = tokenizer.chat_template
+    if not enabled:
+        tokenizer.chat_template = None
+    try:
+        yield
+    finally:
+        tokenizer.chat_template = saved
+
+
+class Evaluator:
+    """Runs every (press, ratio) of a config on every sample, sharing prefills where it can.
+
+    Parameters
+    ----------
+    config : EvalConfig
+        A validated configuration.
+    model, tokenizer : optional
+        Already loaded; otherwise loaded from ``config.model``.
+    """
+
+    def __init__(self, config: EvalConfig, model=None, tokenizer=None):
+        self.config = config
+        if model is None:
+            from pikvpress.models import load_model
+
+            model, tokenizer = load_model(config.model, device=config.device, **config.model_kwargs)
+        self.model, self.tokenizer = model, tokenizer
+        self.pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+        self.prefills = 0  # model prefills run (shared or not), for the speed-up report
+
+    # ---------------------------------------------------------------------------------------------
+    def _tokenize(self, row: pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
+        context, question = row["context"], row["question"]
+        if self.config.query_aware:
+            context, question = context + question, ""
+        max_len = self.config.max_context_length or int(1e10)
+        with _chat_template(self.tokenizer, bool(row.get("use_chat_template", True))):
+            inputs = self.pipe.preprocess(context, [question], row.get("answer_prefix", "") or "", max_len)
+        return inputs["context_ids"].to(self.model.device), inputs["questions_ids"][0].to(self.model.device)
+
+    def _max_new_tokens(self, row: pd.Series) -> int:
+        return int(self.config.max_new_tokens or row["max_new_tokens"])
+
+    @torch.no_grad()
+    def _answer(self, cache, context_ids, question_ids, row) -> str:
+        lengths = [cache.get_seq_length(i) for i in range(len(cache))]
+        answer = self.pipe.generate_answer(
+            question_ids=question_ids, cache=cache, context_length=context_ids.shape[1],
+            max_new_tokens=self._max_new_tokens(row),
+        )
+        self.pipe._remove_answer_from_cache(cache, lengths)
+        return answer
+
+    @torch.no_grad()
+    def _run_alone(self, run: Run, row: pd.Series, index: int) -> None:
+        """A plain kvpress pipeline call, with the press's own prefill."""
+        start = time.perf_counter()
+        context, question = row["context"], row["question"]
+        if self.config.query_aware:
+            context, question = context + question, ""
+        cache = DynamicCache()
+        with _chat_template(self.tokenizer, bool(row.get("use_chat_template", True))):
+            answer = self.pipe(
+                context,
+                question=question,
+                answer_prefix=row.get("answer_prefix", "") or "",
+                press=self.config.build_press(run.press_name, run.compression_ratio),
+                max_new_tokens=self._max_new_tokens(row),
+                max_context_length=self.config.max_context_length,
+                cache=cache,
+            )["answer"]
+        self.prefills += 1
+        run.record(index, answer, cache_nbytes(cache), time.perf_counter() - start)
+
+    # ---------------------------------------------------------------------------------------------
+    def run(self, rows: pd.DataFrame | None = None) -> list[dict[str, Any]]:
+        """Run (or resume) the sweep; return every run's metrics."""
+        rows = load_rows(self.config, self.tokenizer) if rows is None else rows
+        runs = [run for run in plan_runs(self.config)]
+        for run in runs:
+            if not run.finished:
+                run.start()
+        pending = [run for run in runs if not run.finished]
+        todo = sum(len(rows) - len(run.done) for run in pending)
+        progress = tqdm(total=todo, desc=f"{self.config.dataset} sweep", unit="run")
+        shared = [
+            run for run in pending
+            if self.config.prefill_reuse
+            and can_reuse_prefill(self.config.build_press(run.press_name, run.compression_ratio), self.model)
+        ]
+        alone = [run for run in pending if run not in shared]
+        for index, row in rows.iterrows():
+            waiting = [run for run in shared if index not in run.done]
+            if waiting:
+                self._run_shared(waiting, row, index, progress)
+            for run in alone:
+                if index not in run.done:
+                    self._run_alone(run, row, index)
+                    progress.update()
+        progress.close()
+        results = []
+        for run in runs:
+            if run.finished:
+                results.append(json.loads((run.directory / METRICS).read_text()))
+            else:
+                results.append(run.finish(rows))
+        return results
+
+    @torch.no_grad()
+    def _run_shared(self, runs: list[Run], row: pd.Series, index: int, progress) -> None:
+        start = time.perf_counter()
+        context_ids, question_ids = self._tokenize(row)
+        prefill = capture_prefill(self.model, context_ids)
+        self.prefills += 1
+        shared_seconds = (time.perf_counter() - start) / len(runs)
+        for run in runs:
+            start = time.perf_counter()
+            press = self.config.build_press(run.press_name, run.compression_ratio)
+            cache = replay_press(self.model, prefill, press)
+            kv_bytes = cache_nbytes(cache)
+            answer = self._answer(cache, context_ids, question_ids, row)
+            run.record(index, answer, kv_bytes, shared_seconds + time.perf_counter() - start)
+            progress.update()
