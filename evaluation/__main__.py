@@ -1,7 +1,12 @@
-"""``python -m evaluation``: the pikvpress evaluation harness.
+"""``python -m evaluation`` (or ``pikvpress-eval``): the pikvpress evaluation harness.
 
-For now one command: a quick needle-in-a-haystack comparison of kvpress presses on the default
-model (SmolLM2-135M-Instruct, offline), printed as a table.
+    python -m evaluation                              # = quick: the README's RULER sweep on the default model
+    python -m evaluation quick [key=value ...]
+    python -m evaluation run --config CONFIG.yaml [key=value ...]
+    python -m evaluation report RESULTS_DIR
+
+Overrides are ``field=value`` with YAML values (``compression_ratio=[0.25,0.5]``). Unknown fields,
+presses and datasets are rejected before any model is loaded.
 """
 
 from __future__ import annotations
@@ -9,59 +14,59 @@ from __future__ import annotations
 import argparse
 import logging
 import time
+from pathlib import Path
 
-DEFAULT_PRESSES = ("no_press", "knorm", "snapkv", "expected_attention", "streaming_llm", "tova")
+CONFIGS = Path(__file__).parent / "configs"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from pikvpress.models import DEFAULT_MODEL
-
     parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command")
-    quick = sub.add_parser("quick", help="needle-in-a-haystack comparison of presses at one ratio (default)")
-    quick.add_argument("--model", default=DEFAULT_MODEL, help="default alias, HF id or local path")
-    quick.add_argument("--presses", nargs="+", default=list(DEFAULT_PRESSES))
-    quick.add_argument("--compression-ratio", type=float, default=0.5)
-    quick.add_argument("--context-lengths", type=int, nargs="+", default=[512, 1024])
-    quick.add_argument("--depths", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0])
-    quick.add_argument("--device", default="cpu")
-    quick.add_argument("--seed", type=int, default=0)
-    quick.add_argument("--output", help="also write the per-run results to this CSV file")
+    quick = sub.add_parser("quick", help="the quick RULER sweep of the README (configs/quick.yaml)")
+    quick.add_argument("overrides", nargs="*", help="field=value")
+    run = sub.add_parser("run", help="run (or resume) a sweep, then write its report")
+    run.add_argument("--config", help="YAML config (see evaluation/configs/)")
+    run.add_argument("overrides", nargs="*", help="field=value")
+    report = sub.add_parser("report", help="aggregate finished runs into tables and plots")
+    report.add_argument("results_dir")
     return parser
 
 
-def quick(args: argparse.Namespace) -> None:
-    import torch
+def _print_report(path: Path) -> None:
+    text = [line for line in path.read_text().splitlines() if not line.startswith("![")]
+    print("\n".join(text))
+    print(f"\nreport: {path}  (tables: {path.with_suffix('.csv')}, plots: {path.parent}/*.png)")
 
-    from evaluation.needle import run_needle, summary_table
-    from evaluation.presses import build_press
-    from pikvpress.models import load_model
 
-    for name in args.presses:
-        build_press(name, args.compression_ratio)  # bad names and ratios fail before the model loads
-    torch.manual_seed(args.seed)
+def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
+    from evaluation.config import load_config
+
+    config = load_config(config_path, overrides)  # fails here, before any model loads
+    from evaluation.report import write_report
+    from evaluation.runner import Evaluator
+
     start = time.perf_counter()
-    model, tokenizer = load_model(args.model, device=args.device)
-    results = run_needle(
-        model, tokenizer, args.presses, args.compression_ratio, tuple(args.context_lengths), tuple(args.depths),
-        seed=args.seed,
-    )
-    if args.output:
-        results.to_csv(args.output, index=False)
-    table = summary_table(results)
-    print(f"\nNeedle in a haystack, {args.model}, compression ratio {args.compression_ratio}, "
-          f"{len(args.context_lengths)} lengths x {len(args.depths)} depths")
-    print(table.to_markdown(floatfmt=".3f"))
-    print(f"\n({time.perf_counter() - start:.0f} s)")
+    evaluator = Evaluator(config)
+    evaluator.run()
+    logging.getLogger("evaluation").info("sweep done in %.0f s", time.perf_counter() - start)
+    print(f"\nsweep: {len(config.sweep())} press configurations, {evaluator.prefills} prefills, "
+          f"{time.perf_counter() - start:.0f} s")
+    return write_report(config.output_dir)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    if args.command is None:
-        args = parser.parse_args(["quick", *(argv or [])])
-    quick(args)
+    args = build_parser().parse_args(argv)
+    command = args.command or "quick"
+    if command == "report":
+        from evaluation.report import write_report
+
+        _print_report(write_report(args.results_dir))
+        return
+    if command == "quick":
+        _print_report(run_sweep(CONFIGS / "quick.yaml", getattr(args, "overrides", [])))
+        return
+    _print_report(run_sweep(args.config, args.overrides))
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from evaluation.presses import build_press, press_names
+from evaluation.presses import EAGER_PRESSES, build_press, press_names
 
 DATASETS = ("ruler", "longbench", "longbench-e", "longbench-v2", "needle")
 
@@ -172,6 +172,12 @@ class EvalConfig:
             for component in components:
                 if not isinstance(component, dict) or "press" not in component:
                     raise ConfigError(f"composed_presses.{name}: each component needs a 'press' key")
+        eager = self.model_kwargs.get("attn_implementation") == "eager"
+        for name in self.press_names:
+            if name in EAGER_PRESSES and not eager:
+                raise ConfigError(
+                    f"press_name: {name!r} reads attention weights; set model_kwargs: {{attn_implementation: eager}}"
+                )
         for name, ratio in self.sweep():  # every press builds, with its fields
             try:
                 self.build_press(name, ratio)

@@ -96,13 +96,15 @@ def replay_press(model: nn.Module, prefill: CapturedPrefill, press: BasePress | 
     The press's own context manager registers its hooks; they are called on each layer's recorded
     inputs, in layer order, against a fresh cache holding that layer's uncompressed keys and values.
     """
+    modules = _attention_modules(model)
+    for module in modules:  # what a real prefill's attention does first (kvpress's head-wise masking state)
+        module.masked_key_indices = None
     cache = DynamicCache()
     for idx in sorted(prefill.layers):
         layer = prefill.layers[idx]
         cache.update(layer.keys, layer.values, idx)
     if press is None:
         return cache
-    modules = _attention_modules(model)
     before = [set(module._forward_hooks) for module in modules]
     with press(model):
         for idx in sorted(prefill.layers):

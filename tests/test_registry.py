@@ -1,4 +1,4 @@
-"""The press registry and the quick-comparison CLI reject bad input before any model is loaded."""
+"""The press registry and the harness CLI reject bad input before any model is loaded."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ def test_cli_fails_before_loading_a_model(monkeypatch):
         raise AssertionError("the model must not be loaded")
 
     monkeypatch.setattr(pikvpress.models, "load_model", no_loading)
-    with pytest.raises(ValueError, match="unknown press"):
-        main(["quick", "--presses", "no_press", "nonsense"])
+    with pytest.raises(ValueError, match="press_name: unknown 'nonsense'"):
+        main(["quick", "press_name=[no_press,nonsense]"])
     with pytest.raises(ValueError, match="compression_ratio"):
-        main(["quick", "--compression-ratio", "1.2"])
+        main(["run", "compression_ratio=1.2"])

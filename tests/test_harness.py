@@ -1,0 +1,190 @@
+"""The harness: config validation, prefill reuse (identical outputs, one prefill per sample), resume, report."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import get_tiny_model
+from evaluation.config import ConfigError, load_config
+from evaluation.report import write_report
+from evaluation.runner import PREDICTIONS, Evaluator, plan_runs
+from pikvpress.models import tiny_tokenizer
+
+SWEEP = [
+    "dataset=needle",
+    "context_length=[160, 240]",
+    "needle_depth=[0.5, 1.0]",
+    "press_name=[no_press, knorm, snapkv, expected_attention, streaming_llm, tova, pyramidkv, "
+    "adakv_expected_attention, snapkv_then_knorm]",
+    "compression_ratio=[0.25, 0.5]",
+    "composed_presses={snapkv_then_knorm: [{press: snapkv, window_size: 8}, {press: knorm, compression_ratio: 0.2}]}",
+]
+
+
+# --- configuration ---------------------------------------------------------------------------------
+
+
+def test_unknown_field_names_the_allowed_ones():
+    with pytest.raises(ConfigError, match="unknown field\\(s\\) press.*allowed: dataset, data_dir"):
+        load_config(None, ["press=snapkv"])
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("dataset=rulerr", "dataset: unknown 'rulerr'; allowed: ruler, longbench"),
+        ("press_name=[snapkv, snapkw]", "press_name: unknown 'snapkw'; allowed: no_press, knorm"),
+        ("compression_ratio=[0.5, 1.0]", "compression_ratio: 1.0 is outside"),
+        ("fraction=0", "fraction"),
+        ("needle_depth=[0.5, 2]", "needle_depth"),
+        ("max_new_tokens=-3", "max_new_tokens"),
+    ],
+)
+def test_bad_values_fail_before_any_model(override, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(None, [override])
+
+
+def test_bad_composed_press():
+    with pytest.raises(ConfigError, match="needs a 'press' key"):
+        load_config(None, ["press_name=c", "composed_presses={c: [{name: knorm}]}"])
+    with pytest.raises(ConfigError, match="no field 'windw'"):
+        load_config(None, ["press_name=c", "compression_ratio=0.5", "composed_presses={c: [{press: snapkv, windw: 3}]}"])
+
+
+def test_yaml_config_with_composed_press(tmp_path):
+    from kvpress import ComposedPress, KnormPress, SnapKVPress
+
+    path = Path(__file__).parents[1] / "evaluation" / "configs" / "composed.yaml"
+    config = load_config(path, [f"output_dir={tmp_path}"])
+    assert config.sweep() == [("no_press", 0.0), ("snapkv", 0.25), ("snapkv", 0.5),
+                              ("snapkv_then_knorm", 0.25), ("snapkv_then_knorm", 0.5)]
+    press = config.build_press("snapkv_then_knorm", 0.5)
+    assert isinstance(press, ComposedPress)
+    assert isinstance(press.presses[0], SnapKVPress) and press.presses[0].compression_ratio == 0.5
+    assert isinstance(press.presses[1], KnormPress) and press.presses[1].compression_ratio == 0.2
+    assert press is not config.build_press("snapkv_then_knorm", 0.5)  # fresh per run
+
+
+@pytest.mark.parametrize("name", ["quick.yaml", "needle.yaml", "composed.yaml"])
+def test_shipped_configs_validate(name):
+    load_config(Path(__file__).parents[1] / "evaluation" / "configs" / name)
+
+
+# --- prefill reuse ------------------------------------------------------------------------------------
+
+
+def count_prefills(model):
+    """Count forward passes of the decoder that start from an empty cache (prefills)."""
+    counter = {"n": 0}
+
+    def hook(module, args, kwargs):
+        cache = kwargs.get("past_key_values")
+        if cache is None or cache.get_seq_length() == 0:
+            counter["n"] += 1
+
+    return counter, model.model.register_forward_pre_hook(hook, with_kwargs=True)
+
+
+def run_sweep(model, output_dir, reuse: bool, extra=()):
+    config = load_config(None, [*SWEEP, f"output_dir={output_dir}", f"prefill_reuse={reuse}", *extra])
+    counter, handle = count_prefills(model)
+    try:
+        results = Evaluator(config, model, tiny_tokenizer()).run()
+    finally:
+        handle.remove()
+    return config, results, counter["n"]
+
+
+def predictions(config):
+    return {
+        run.directory.name: [json.loads(line) for line in (run.directory / PREDICTIONS).read_text().splitlines()]
+        for run in plan_runs(config)
+    }
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "deepseek_v3"])
+def test_prefill_reuse_is_identical_and_prefills_once_per_sample(family, tmp_path):
+    model = get_tiny_model(family)
+    shared_cfg, shared, shared_prefills = run_sweep(model, tmp_path / "shared", reuse=True)
+    alone_cfg, alone, alone_prefills = run_sweep(model, tmp_path / "alone", reuse=False)
+    n_samples, n_runs = 4, len(shared_cfg.sweep())
+    assert alone_prefills == n_samples * n_runs
+    assert shared_prefills == n_samples
+    a, b = predictions(shared_cfg), predictions(alone_cfg)
+    assert a.keys() == b.keys() and len(a) == n_runs
+    for run in a:
+        assert [r["predicted_answer"] for r in a[run]] == [r["predicted_answer"] for r in b[run]], run
+        assert [r["kv_bytes"] for r in a[run]] == [r["kv_bytes"] for r in b[run]], run
+    assert [r["score"] for r in shared] == [r["score"] for r in alone]
+    kv = {(r["press"], r["compression_ratio"]): r["kv_bytes"] for r in shared}
+    assert kv[("knorm", 0.5)] < kv[("knorm", 0.25)] < kv[("no_press", 0.0)]
+
+
+def test_prefill_runs_once_per_sample_when_every_press_can_share(tmp_path):
+    model = get_tiny_model("llama")
+    config, _, prefills = run_sweep(
+        model, tmp_path, reuse=True, extra=["press_name=[no_press, knorm, snapkv, tova, pyramidkv]"]
+    )
+    assert prefills == 4  # 2 lengths x 2 depths, whatever the number of presses
+
+
+def test_eager_presses_need_eager_attention_and_run_on_their_own(tmp_path):
+    with pytest.raises(ConfigError, match="observed_attention.*attn_implementation: eager"):
+        load_config(None, ["press_name=observed_attention", "compression_ratio=0.5"])
+    model = get_tiny_model("llama", "eager")
+    extra = ["press_name=[no_press, observed_attention, knorm]", "model_kwargs={attn_implementation: eager}"]
+    config, results, prefills = run_sweep(model, tmp_path, reuse=True, extra=extra)
+    assert prefills == 4 * len(config.sweep())  # eager: every run has its own prefill
+    kv = {(r["press"], r["compression_ratio"]): r["kv_bytes"] for r in results}
+    assert kv[("observed_attention", 0.5)] < kv[("no_press", 0.0)]
+
+
+# --- resume -------------------------------------------------------------------------------------------
+
+
+def test_interrupted_sweep_resumes_without_redoing_finished_work(tmp_path):
+    model = get_tiny_model("llama")
+    extra = ["press_name=[no_press, knorm, snapkv]"]
+    config, first, _ = run_sweep(model, tmp_path, reuse=True, extra=extra)
+    runs = plan_runs(config)
+    finished, interrupted = runs[0], runs[2]
+    finished_mtime = (finished.directory / "metrics.json").stat().st_mtime_ns
+    # interrupt one run: no metrics, one complete prediction and a line cut in half
+    (interrupted.directory / "metrics.json").unlink()
+    lines = (interrupted.directory / PREDICTIONS).read_text().splitlines()
+    (interrupted.directory / PREDICTIONS).write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    _, second, prefills = run_sweep(model, tmp_path, reuse=True, extra=extra)
+    assert prefills == 3  # only the 3 missing samples of the interrupted run
+    assert (finished.directory / "metrics.json").stat().st_mtime_ns == finished_mtime
+    assert [r["score"] for r in second] == [r["score"] for r in first]
+    assert len((interrupted.directory / PREDICTIONS).read_text().splitlines()) >= 4
+
+
+# --- report -------------------------------------------------------------------------------------------
+
+
+def test_report_tables_and_plots(tmp_path):
+    model = get_tiny_model("llama")
+    run_sweep(model, tmp_path, reuse=True, extra=["press_name=[no_press, knorm, snapkv]"])
+    report = write_report(tmp_path)
+    text = report.read_text()
+    assert "| no_press" in text and "| knorm" in text and "0.25" in text and "0.50" in text
+    assert "x no_press" in text  # KV bytes against the baseline
+    csv = (tmp_path / "report.csv").read_text()
+    assert "no_press" in csv and "snapkv" in csv
+    pngs = sorted(p.name for p in tmp_path.glob("*.png"))
+    assert any(p.startswith("scores_needle") for p in pngs)
+    assert any(p.startswith("needle_knorm_0.50") for p in pngs)
+    for png in tmp_path.glob("*.png"):
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_without_runs(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no finished run"):
+        write_report(tmp_path)
