@@ -25,8 +25,9 @@ import json
 import logging
 import math
 import re
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Literal, Sequence
+from typing import Any, Literal
 
 import numpy as np
 import pandas as pd
@@ -49,40 +50,40 @@ from evaluation.benchmarks.longbench_metrics import (
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "LONGBENCH_TASKS",
-    "LONGBENCH_E_TASKS",
-    "DATASET2PROMPT",
     "DATASET2MAXLEN",
     "DATASET2METRIC",
-    "NO_CHAT_TEMPLATE_TASKS",
+    "DATASET2PROMPT",
     "FIRST_LINE_TASKS",
-    "LONGBENCH_E_BUCKETS",
-    "LONGBENCH_V2_TEMPLATE",
-    "LONGBENCH_V2_MAX_NEW_TOKENS",
     "HUB_LONGBENCH",
     "HUB_LONGBENCH_V2",
+    "LONGBENCH_E_BUCKETS",
+    "LONGBENCH_E_TASKS",
+    "LONGBENCH_TASKS",
+    "LONGBENCH_V2_MAX_NEW_TOKENS",
+    "LONGBENCH_V2_TEMPLATE",
+    "NO_CHAT_TEMPLATE_TASKS",
     "build_prompt",
     "build_prompt_v2",
+    "classification_score",
+    "code_sim_score",
+    "count_score",
+    "extract_answer_v2",
     "load_longbench",
     "load_longbench_v2",
-    "truncate_middle",
-    "truncate_prompt",
-    "score_sample",
-    "sample_scores",
-    "score_longbench",
-    "extract_answer_v2",
-    "score_longbench_v2",
     "normalize_answer",
     "normalize_zh_answer",
     "qa_f1_score",
     "qa_f1_zh_score",
-    "rouge_score",
-    "rouge_zh_score",
-    "classification_score",
     "retrieval_score",
     "retrieval_zh_score",
-    "count_score",
-    "code_sim_score",
+    "rouge_score",
+    "rouge_zh_score",
+    "sample_scores",
+    "score_longbench",
+    "score_longbench_v2",
+    "score_sample",
+    "truncate_middle",
+    "truncate_prompt",
 ]
 
 #: The 21 LongBench v1 tasks (LongBench's ``pred.py`` order).
@@ -191,7 +192,9 @@ DATASET2PROMPT: dict[str, str] = {
         "Answer the question based on the given passage. Only give me the answer and do not output any other "
         "words. The following are some examples.\n\n{context}\n\n{input}"
     ),
-    "samsum": "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}",
+    "samsum": (
+        "Summarize the dialogue into a few short sentences. The following are some examples.\n\n{context}\n\n{input}"
+    ),
     "lsht": "请判断给定新闻的类别，下面是一些例子。\n\n{context}\n{input}",
     "passage_count": (
         "There are some paragraphs below sourced from Wikipedia. Some of them may be duplicates. Please carefully "
@@ -353,21 +356,21 @@ def _row(task: str, context: str, question: str, record: dict[str, Any], e: bool
     if answers is None:
         raise ValueError(f"a {task} record has no answers")
     length = record.get("length")
-    return dict(
-        context=context,
-        question=question,
-        answer_prefix="",
-        answer=[str(a) for a in answers],
-        max_new_tokens=DATASET2MAXLEN[task],
-        task=task,
-        use_chat_template=task not in NO_CHAT_TEMPLATE_TASKS,
-        all_classes=_as_list(record.get("all_classes")),
-        length=None if length is None else int(length),
-        language=record.get("language"),
-        _id=record.get("_id"),
-        dataset=record.get("dataset") or (f"{task}_e" if e else task),
-        longbench_e=e,
-    )
+    return {
+        "context": context,
+        "question": question,
+        "answer_prefix": "",
+        "answer": [str(a) for a in answers],
+        "max_new_tokens": DATASET2MAXLEN[task],
+        "task": task,
+        "use_chat_template": task not in NO_CHAT_TEMPLATE_TASKS,
+        "all_classes": _as_list(record.get("all_classes")),
+        "length": None if length is None or pd.isna(length) else int(length),
+        "language": record.get("language"),
+        "_id": record.get("_id"),
+        "dataset": record.get("dataset") or (f"{task}_e" if e else task),
+        "longbench_e": e,
+    }
 
 
 def _row_from_raw(task: str, record: dict[str, Any], e: bool) -> dict[str, Any]:
@@ -470,9 +473,7 @@ def _tasks(tasks: str | Iterable[str] | None, e: bool) -> list[str]:
     return selected
 
 
-def load_longbench(
-    source: str | Path, tasks: str | Iterable[str] | None = None, *, e: bool = False
-) -> pd.DataFrame:
+def load_longbench(source: str | Path, tasks: str | Iterable[str] | None = None, *, e: bool = False) -> pd.DataFrame:
     """LongBench (or LongBench-E) rows in kvpress's format.
 
     Parameters
@@ -775,7 +776,9 @@ def score_sample(
         ``max(metric(prediction, reference))``, 0 without references.
     """
     task = _base_task(task)
-    prediction = "" if prediction is None or (isinstance(prediction, float) and math.isnan(prediction)) else str(prediction)
+    prediction = (
+        "" if prediction is None or (isinstance(prediction, float) and math.isnan(prediction)) else str(prediction)
+    )
     if task in FIRST_LINE_TASKS:
         prediction = prediction.lstrip("\n").split("\n")[0]
     metric = DATASET2METRIC[task]

@@ -18,30 +18,29 @@ import re
 import string
 import warnings
 from collections import Counter
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "DATASET2METRIC",
+    "classification_score",
+    "code_sim_score",
+    "count_score",
     "normalize_answer",
     "normalize_zh_answer",
-    "token_f1",
     "qa_f1_score",
     "qa_f1_zh_score",
-    "rouge_score",
-    "rouge_zh_score",
-    "classification_score",
     "retrieval_score",
     "retrieval_zh_score",
-    "count_score",
-    "code_sim_score",
-    "DATASET2METRIC",
+    "rouge_score",
+    "rouge_zh_score",
+    "token_f1",
 ]
 
 # The Chinese punctuation LongBench strips in ``normalize_zh_answer`` (string data, kept verbatim).
-_CN_PUNCTUATION = (
-    "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
-)
+_CN_PUNCTUATION = "！？｡。＂＃＄％＆＇（）＊＋，－／：；＜＝＞＠［＼］＾＿｀｛｜｝～｟｠｢｣､、〃》「」『』【】〔〕〖〗〘〙〚〛〜〝〞〟〰〾〿–—‘’‛“”„‟…‧﹏."
 _EN_PUNCTUATION = frozenset(string.punctuation)
 _ALL_PUNCTUATION = frozenset(string.punctuation + _CN_PUNCTUATION)
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -201,7 +200,7 @@ def rouge_score(prediction: str, ground_truth: str, **kwargs: Any) -> float:
     """
     try:
         scores = _rouge().get_scores([prediction], [ground_truth], avg=True)
-    except Exception as error:  # LongBench scores any failure (empty text, ...) as 0
+    except Exception as error:  # noqa: BLE001 - LongBench scores any failure (empty text, ...) as 0
         logger.debug("rouge could not score the pair (%s): scored 0", error)
         return 0.0
     return float(scores["rouge-l"]["f"])
