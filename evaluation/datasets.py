@@ -41,7 +41,21 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
         rows = load_longbench_v2(_require_data_dir(config))
     if config.fraction < 1:
         rows = rows.sample(frac=config.fraction, random_state=config.seed).sort_index()
+    if config.dataset.startswith("longbench") and config.max_context_length:
+        rows = _truncate_longbench(rows, tokenizer, config)
     return rows.reset_index(drop=True)
+
+
+def _truncate_longbench(rows: pd.DataFrame, tokenizer, config: EvalConfig) -> pd.DataFrame:
+    """LongBench's rule: prompts longer than the limit lose their middle (not their end)."""
+    from evaluation.benchmarks.longbench import truncate_prompt
+
+    rule = "v2" if config.dataset == "longbench-v2" else "v1"
+    pairs = [
+        truncate_prompt(c, q, tokenizer, int(config.max_context_length), rule=rule)
+        for c, q in zip(rows["context"], rows["question"])
+    ]
+    return rows.assign(context=[c for c, _ in pairs], question=[q for _, q in pairs])
 
 
 def score_predictions(dataset: str, df: pd.DataFrame) -> dict[str, Any]:

@@ -188,3 +188,29 @@ def test_report_tables_and_plots(tmp_path):
 def test_report_without_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="no finished run"):
         write_report(tmp_path)
+
+
+# --- datasets end to end --------------------------------------------------------------------------------
+
+
+def test_longbench_from_a_local_directory_end_to_end(tmp_path):
+    """Fixture records in LongBench's raw format (made up here; not LongBench data or scores)."""
+    data = tmp_path / "data"
+    data.mkdir()
+    record = dict(context="Paris is the capital of France. " * 6, input="What is the capital of France?",
+                  answers=["Paris"], length=40, dataset="hotpotqa", language="en", all_classes=None, _id="a")
+    (data / "hotpotqa.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(dict(record, _id="b")) + "\n")
+    count = dict(record, dataset="passage_count", input="", answers=["3"], _id="c")
+    (data / "passage_count.jsonl").write_text(json.dumps(count) + "\n")
+    config = load_config(None, [
+        "dataset=longbench", f"data_dir={data}", "tasks=[hotpotqa, passage_count]",
+        "press_name=[no_press, knorm]", "compression_ratio=0.5",
+        f"output_dir={tmp_path / 'out'}", "max_new_tokens=4", "max_context_length=120",
+    ])
+    results = Evaluator(config, get_tiny_model("llama"), tiny_tokenizer()).run()
+    assert [(r["press"], r["num_samples"]) for r in results] == [("no_press", 3), ("knorm", 3)]
+    for result in results:
+        assert {"hotpotqa", "passage_count", "average"} <= set(result)
+        assert 0 <= result["score"] <= 100
+    report = write_report(tmp_path / "out").read_text()
+    assert "longbench" in report and "hotpotqa" in report
