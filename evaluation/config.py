@@ -172,6 +172,10 @@ class EvalConfig:
             for component in components:
                 if not isinstance(component, dict) or "press" not in component:
                     raise ConfigError(f"composed_presses.{name}: each component needs a 'press' key")
+        known_tasks = _dataset_tasks(self.dataset)
+        for task in self.tasks or []:
+            if known_tasks is not None and task not in known_tasks:
+                raise ConfigError(f"tasks: unknown {self.dataset} task {task!r}; allowed: {', '.join(known_tasks)}")
         eager = self.model_kwargs.get("attn_implementation") == "eager"
         for name in self.press_names:
             if name in EAGER_PRESSES and not eager:
@@ -184,6 +188,23 @@ class EvalConfig:
             except (ValueError, TypeError, AssertionError) as err:
                 raise ConfigError(f"press {name!r} at ratio {ratio}: {err}") from err
         return self
+
+
+def _dataset_tasks(dataset: str) -> tuple[str, ...] | None:
+    """The task names a dataset accepts (None: the dataset has no task subsets)."""
+    if dataset == "ruler":
+        from evaluation.benchmarks.ruler import RULER_TASKS
+
+        return RULER_TASKS
+    if dataset == "longbench":
+        from evaluation.benchmarks.longbench import LONGBENCH_TASKS
+
+        return tuple(LONGBENCH_TASKS)
+    if dataset == "longbench-e":
+        from evaluation.benchmarks.longbench import LONGBENCH_E_TASKS
+
+        return tuple(LONGBENCH_E_TASKS)
+    return None
 
 
 _FIELDS = {f.name: f for f in dataclasses.fields(EvalConfig)}

@@ -31,6 +31,8 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
             for length in config.context_lengths
         ]
         rows = pd.concat(frames, ignore_index=True)
+        # RULER's prompt is context + "\n" + question; the kvpress pipeline joins them with nothing
+        rows["context"] = rows["context"] + "\n"
     elif config.dataset in ("longbench", "longbench-e"):
         from evaluation.benchmarks.longbench import load_longbench
 

@@ -14,6 +14,7 @@ from kvpress import (
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
+    KVzipPress,
     ObservedAttentionPress,
     PyramidKVPress,
     RandomPress,
@@ -37,6 +38,7 @@ BASELINES: dict[str, PressFactory] = {
     "pyramidkv": lambda r: PyramidKVPress(compression_ratio=r),
     "observed_attention": lambda r: ObservedAttentionPress(compression_ratio=r),
     "random": lambda r: RandomPress(compression_ratio=r, seed=0),
+    "kvzip": lambda r: KVzipPress(compression_ratio=r),
 }
 
 #: presses that need ``attn_implementation="eager"`` (they read the attention weights)

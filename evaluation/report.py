@@ -31,21 +31,30 @@ def collect(results_dir: str | Path) -> pd.DataFrame:
 
 
 def score_table(runs: pd.DataFrame, value: str = "score") -> pd.DataFrame:
-    """Rows = presses (no_press first), columns = compression ratios; cells = ``value``."""
+    """Rows = presses (no_press first), columns = compression ratios; cells = ``value``.
+
+    The no-compression baseline runs once, at ratio 0; its row repeats it under every ratio so each
+    column reads against it.
+    """
     table = runs.pivot_table(index="press", columns="compression_ratio", values=value, aggfunc="mean")
+    if "no_press" in table.index and len(table.columns) > 1:
+        baseline = table.loc["no_press"].dropna().iloc[0]
+        pressed = table.drop(index="no_press")
+        if 0.0 in table.columns and pressed[0.0].isna().all():
+            table = table.drop(columns=0.0)
+        table.loc["no_press"] = baseline
     table.columns = [f"{c:.2f}" for c in table.columns]
     order = (["no_press"] if "no_press" in table.index else []) + sorted(p for p in table.index if p != "no_press")
     return table.loc[order]
 
 
 def kv_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean KV-cache bytes after prefill, in MiB, and as a fraction of no_press."""
-    table = score_table(runs, "kv_bytes") / 2**20
-    if "no_press" in table.index:
-        baseline = table.loc["no_press"].dropna()
-        fraction = table / float(baseline.iloc[0])
-        table = pd.concat({"MiB": table, "x no_press": fraction}, axis=1)
-    return table
+    """Mean KV-cache bytes after prefill: ``MiB (fraction of no_press)`` per press and ratio."""
+    mib = score_table(runs, "kv_bytes") / 2**20
+    if "no_press" not in mib.index:
+        return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB")
+    baseline = float(mib.loc["no_press"].dropna().iloc[0])
+    return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB ({v / baseline:.2f}x)")
 
 
 def task_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -118,7 +127,7 @@ def write_report(results_dir: str | Path) -> Path:
         scores, kv, tasks = score_table(group), kv_table(group), task_table(group)
         sections += [f"## {title}", "", "Score (0-100; rows = presses, columns = compression ratio)", "",
                      scores.to_markdown(floatfmt=".1f"), "", "KV cache after prefill", "",
-                     kv.to_markdown(floatfmt=".3f"), ""]
+                     kv.to_markdown(), ""]
         if not tasks.empty:
             sections += ["Per task", "", tasks.to_markdown(floatfmt=".1f"), ""]
         slug = f"{dataset}_{Path(str(model)).name}".replace("/", "_")

@@ -43,6 +43,7 @@ def test_unknown_field_names_the_allowed_ones():
         ("fraction=0", "fraction"),
         ("needle_depth=[0.5, 2]", "needle_depth"),
         ("max_new_tokens=-3", "max_new_tokens"),
+        ("tasks=[niah_single_1, niah_single_9]", "tasks: unknown ruler task 'niah_single_9'; allowed: niah_single_1"),
     ],
 )
 def test_bad_values_fail_before_any_model(override, message):
@@ -175,7 +176,7 @@ def test_report_tables_and_plots(tmp_path):
     report = write_report(tmp_path)
     text = report.read_text()
     assert "| no_press" in text and "| knorm" in text and "0.25" in text and "0.50" in text
-    assert "x no_press" in text  # KV bytes against the baseline
+    assert "MiB (1.00x)" in text and "MiB (0.50x)" in text  # KV bytes against the baseline
     csv = (tmp_path / "report.csv").read_text()
     assert "no_press" in csv and "snapkv" in csv
     pngs = sorted(p.name for p in tmp_path.glob("*.png"))
