@@ -191,7 +191,7 @@ class Evaluator:
     def run(self, rows: pd.DataFrame | None = None) -> list[dict[str, Any]]:
         """Run (or resume) the sweep; return every run's metrics."""
         rows = load_rows(self.config, self.tokenizer) if rows is None else rows
-        runs = [run for run in plan_runs(self.config)]
+        runs = plan_runs(self.config)
         for run in runs:
             if not run.finished:
                 run.start()

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import pytest
-import torch
 
 from conftest import get_tiny_model
 from evaluation.config import ConfigError, load_config
@@ -55,7 +53,9 @@ def test_bad_composed_press():
     with pytest.raises(ConfigError, match="needs a 'press' key"):
         load_config(None, ["press_name=c", "composed_presses={c: [{name: knorm}]}"])
     with pytest.raises(ConfigError, match="no field 'windw'"):
-        load_config(None, ["press_name=c", "compression_ratio=0.5", "composed_presses={c: [{press: snapkv, windw: 3}]}"])
+        load_config(
+            None, ["press_name=c", "compression_ratio=0.5", "composed_presses={c: [{press: snapkv, windw: 3}]}"]
+        )
 
 
 def test_yaml_config_with_composed_press(tmp_path):
