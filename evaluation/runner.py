@@ -144,13 +144,18 @@ class Evaluator:
         self.prefills = 0  # model prefills run (shared or not), for the speed-up report
 
     # ---------------------------------------------------------------------------------------------
-    def _tokenize(self, row: pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
+    def _texts(self, row: pd.Series) -> tuple[str, str, str]:
+        """(context, question, answer_prefix); query-aware runs compress the question with the context."""
         context, question = row["context"], row["question"]
         if self.config.query_aware:
             context, question = context + question, ""
+        return context, question, row.get("answer_prefix", "") or ""
+
+    def _tokenize(self, row: pd.Series) -> tuple[torch.Tensor, torch.Tensor]:
+        context, question, answer_prefix = self._texts(row)
         max_len = self.config.max_context_length or int(1e10)
         with _chat_template(self.tokenizer, bool(row.get("use_chat_template", True))):
-            inputs = self.pipe.preprocess(context, [question], row.get("answer_prefix", "") or "", max_len)
+            inputs = self.pipe.preprocess(context, [question], answer_prefix, max_len)
         return inputs["context_ids"].to(self.model.device), inputs["questions_ids"][0].to(self.model.device)
 
     def _max_new_tokens(self, row: pd.Series) -> int:
@@ -170,15 +175,13 @@ class Evaluator:
     def _run_alone(self, run: Run, row: pd.Series, index: int) -> None:
         """A plain kvpress pipeline call, with the press's own prefill."""
         start = time.perf_counter()
-        context, question = row["context"], row["question"]
-        if self.config.query_aware:
-            context, question = context + question, ""
+        context, question, answer_prefix = self._texts(row)
         cache = DynamicCache()
         with _chat_template(self.tokenizer, bool(row.get("use_chat_template", True))):
             answer = self.pipe(
                 context,
                 question=question,
-                answer_prefix=row.get("answer_prefix", "") or "",
+                answer_prefix=answer_prefix,
                 press=self.config.build_press(run.press_name, run.compression_ratio),
                 max_new_tokens=self._max_new_tokens(row),
                 max_context_length=self.config.max_context_length,

@@ -215,3 +215,20 @@ def test_longbench_from_a_local_directory_end_to_end(tmp_path):
         assert 0 <= result["score"] <= 100
     report = write_report(tmp_path / "out").read_text()
     assert "longbench" in report and "hotpotqa" in report
+
+
+def test_query_aware_compresses_the_question_with_the_context(tmp_path):
+    """Both paths (shared prefill and the plain pipeline) see the question inside the compressed context."""
+    model = get_tiny_model("llama")
+    extra = ["press_name=[no_press, snapkv]", "compression_ratio=0.5", "query_aware=true"]
+    shared_cfg, shared, _ = run_sweep(model, tmp_path / "shared", reuse=True, extra=extra)
+    alone_cfg, _, _ = run_sweep(model, tmp_path / "alone", reuse=False, extra=extra)
+    a, b = predictions(shared_cfg), predictions(alone_cfg)
+    for run in a:
+        assert [(r["predicted_answer"], r["kv_bytes"]) for r in a[run]] == [
+            (r["predicted_answer"], r["kv_bytes"]) for r in b[run]
+        ]
+    _, plain, _ = run_sweep(model, tmp_path / "plain", reuse=True, extra=extra[:2])
+    with_question = {r["press"]: r["kv_bytes"] for r in shared}
+    without = {r["press"]: r["kv_bytes"] for r in plain}
+    assert with_question["no_press"] > without["no_press"]  # the question's tokens are in the cache
