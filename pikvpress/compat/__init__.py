@@ -71,7 +71,8 @@ KVPRESS_FIXES: tuple[KVPressFix, ...] = (
         "mla-head-dims",
         "DeepSeek-V2/V3",
         "every press fails with `no attribute head_dim`; pruning gathers values with the key head dim",
-        "MLA layers expose head_dim = qk_head_dim while hooked; ScorerPress/PyramidKV gather keys and values "
+        "a press attaches head_dim = qk_head_dim to MLA attention modules (as kvpress attaches rotary_emb); "
+        "ScorerPress/PyramidKV gather keys and values "
         "with their own head dims",
     ),
     KVPressFix(
