@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import itertools
 import math
-import os
 from collections.abc import Sequence
 
 import torch
 
+from pikvpress.kernels.lazy_jit import LazyKernels, next_pow2
 from pikvpress.kernels.quantize import QuantizedTensor, _use_triton, dequantize_reference
 
 try:  # Triton is optional on CPU-only installs; the references need only torch.
@@ -377,27 +377,15 @@ def _packed_decode_kernel(
 
 
 _KERNEL_FNS = {"packed_decode": _packed_decode_kernel}
-_JITTED: dict[tuple[str, bool], object] = {}
+_kernel = LazyKernels(_KERNEL_FNS)
 
 #: Number of Triton launches made by this module (tests read it to prove the kernel ran).
 LAUNCHES = {"count": 0}
 
 
-def _kernel(name: str):
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-    key = (name, interpret)
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(_KERNEL_FNS[name])
-    return _JITTED[key]
-
-
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """Allocate a kernel output (tests replace this to poison outputs before each launch)."""
     return torch.empty(shape, dtype=dtype, device=device)
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
 
 
 def _partial_triton(
@@ -414,7 +402,7 @@ def _partial_triton(
     per_k, per_v = 8 // kq.bits, 8 // vq.bits
     nbk, nbv = d * kq.bits // 8, dv * vq.bits // 8
     longest = max(hi - lo for lo, hi in itertools.pairwise(bounds))
-    block_t = max(16, min(64, _next_pow2(max(1, longest))))
+    block_t = max(16, min(64, next_pow2(max(1, longest))))
     n_tiles = -(-longest // block_t)
     bounds_t = torch.tensor(bounds, dtype=torch.int32, device=q.device)
     _kernel("packed_decode")[(b * hq, ns)](
@@ -447,8 +435,8 @@ def _partial_triton(
         PER_V=per_v,
         GV=vq.group_size,
         BLOCK_T=block_t,
-        BLOCK_NBK=_next_pow2(nbk),
-        BLOCK_NBV=_next_pow2(nbv),
+        BLOCK_NBK=next_pow2(nbk),
+        BLOCK_NBV=next_pow2(nbv),
     )
     LAUNCHES["count"] += 1
     return out, lse

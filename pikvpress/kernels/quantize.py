@@ -30,6 +30,8 @@ from typing import Literal
 
 import torch
 
+from pikvpress.kernels.lazy_jit import LazyKernels, next_pow2
+
 try:  # Triton is optional on CPU-only installs; the references need only torch.
     import triton
     import triton.language as tl
@@ -393,18 +395,10 @@ _KERNEL_FNS = {
     "quantize_per_token": _quantize_per_token_kernel,
     "dequantize": _dequantize_kernel,
 }
-_JITTED: dict[tuple[str, bool], object] = {}
+_kernel = LazyKernels(_KERNEL_FNS)
 
 #: Number of Triton launches made by this module (tests read it to prove the kernels ran).
 LAUNCHES = {"count": 0}
-
-
-def _kernel(name: str):
-    interpret = os.environ.get("TRITON_INTERPRET", "0") not in ("", "0", "false", "False")
-    key = (name, interpret)
-    if key not in _JITTED:
-        _JITTED[key] = triton.jit(_KERNEL_FNS[name])
-    return _JITTED[key]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -412,19 +406,15 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
     return torch.empty(shape, dtype=dtype, device=device)
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def _rows_per_block(elems_per_row: int, rows: int, target: int = 4096) -> int:
-    return max(1, min(_next_pow2(rows), _next_pow2(max(1, target // elems_per_row))))
+    return max(1, min(next_pow2(rows), next_pow2(max(1, target // elems_per_row))))
 
 
 def _quantize_triton(x: torch.Tensor, bits: int, g: int, stats_dtype: torch.dtype, layout: Layout) -> QuantizedTensor:
     b, h, t, d = x.shape
     x2 = x.contiguous()
     r, per, nb = b * h * t, 8 // bits, d * bits // 8
-    block_nb = _next_pow2(nb)
+    block_nb = next_pow2(nb)
     packed = _empty((b, h, t, nb), torch.uint8, x.device)
     stats_shape = (b, h, t // g, d) if layout == "per_channel" else (b, h, t, d // g)
     scale = _empty(stats_shape, stats_dtype, x.device)
@@ -447,7 +437,7 @@ def _quantize_triton(x: torch.Tensor, bits: int, g: int, stats_dtype: torch.dtyp
             )
         else:
             # the padded width BLOCK_NB * PER must hold whole groups
-            block_nb = max(block_nb, _next_pow2(max(1, g // per)))
+            block_nb = max(block_nb, next_pow2(max(1, g // per)))
             block_r = _rows_per_block(block_nb * per, r)
             _kernel("quantize_per_token")[(triton.cdiv(r, block_r),)](
                 x2,
@@ -474,7 +464,7 @@ def _dequantize_triton(qt: QuantizedTensor, dtype: torch.dtype) -> torch.Tensor:
     r, per, nb = b * h * t, 8 // qt.bits, d * qt.bits // 8
     out = _empty((b, h, t, d), dtype, qt.packed.device)
     if r > 0:
-        block_nb = _next_pow2(nb)
+        block_nb = next_pow2(nb)
         block_r = _rows_per_block(block_nb * per, r)
         _kernel("dequantize")[(triton.cdiv(r, block_r),)](
             qt.packed.contiguous(),
