@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from evaluation.presses import EAGER_PRESSES, build_press, press_names
+from evaluation.presses import EAGER_PRESSES, build_press, press_names, takes_ratio
 
 DATASETS = ("ruler", "longbench", "longbench-e", "longbench-v2", "needle")
 
@@ -117,11 +117,20 @@ class EvalConfig:
         """Every (press, ratio) pair to run; ``no_press`` once, at ratio 0."""
         pairs: list[tuple[str, float]] = []
         for name in self.press_names:
-            if name == "no_press":
+            if not self.takes_ratio(name):
                 pairs.append((name, 0.0))
             else:
                 pairs.extend((name, ratio) for ratio in self.ratios)
         return list(dict.fromkeys(pairs))
+
+    def takes_ratio(self, name: str) -> bool:
+        """Whether the sweep's ratios apply to ``name`` (a composed press: to any of its components)."""
+        if name in self.composed_presses:
+            return any(
+                "compression_ratio" not in component and takes_ratio(component["press"])
+                for component in self.composed_presses[name]
+            )
+        return name in press_names() and takes_ratio(name)
 
     def build_press(self, name: str, ratio: float):
         """A fresh press for one sweep point (composed presses included)."""
@@ -132,7 +141,7 @@ class EvalConfig:
             for component in self.composed_presses[name]:
                 spec = dict(component)
                 part_name = spec.pop("press")
-                part_ratio = spec.pop("compression_ratio", ratio)
+                part_ratio = spec.pop("compression_ratio", ratio if takes_ratio(part_name) else 0.0)
                 parts.append(build_press(part_name, part_ratio, **spec))
             return ComposedPress([p for p in parts if p is not None])
         return build_press(name, ratio)

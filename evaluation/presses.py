@@ -5,6 +5,8 @@ Every call builds a fresh press, so no mutable state is shared between runs.
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 from typing import Any, Callable
 
@@ -52,6 +54,21 @@ def press_names() -> list[str]:
     return [NO_PRESS, *BASELINES, *PRESSES]
 
 
+def takes_ratio(name: str) -> bool:
+    """Whether the press called ``name`` has a token ``compression_ratio`` (``QuantizationPress``
+    removes no token and has none; the sweep runs such presses once)."""
+    if name == NO_PRESS:
+        return False
+    if name in BASELINES:
+        return True
+    factory = PRESSES.get(name)
+    if factory is None:  # unknown: build_press names the allowed presses
+        return True
+    if dataclasses.is_dataclass(factory):
+        return any(f.name == "compression_ratio" and f.init for f in dataclasses.fields(factory))
+    return "compression_ratio" in inspect.signature(factory).parameters
+
+
 def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> BasePress | None:
     """A fresh press called ``name`` at ``compression_ratio`` (``None`` for ``no_press``).
 
@@ -75,4 +92,8 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
                 raise ValueError(f"press {name!r} has no field {key!r}")
             setattr(press, key, value)
         return press
+    if not takes_ratio(name):
+        if compression_ratio:
+            raise ValueError(f"press {name!r} removes no tokens; its compression_ratio must be 0, got {compression_ratio}")
+        return PRESSES[name](**kwargs)
     return PRESSES[name](compression_ratio=compression_ratio, **kwargs)

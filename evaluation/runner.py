@@ -27,16 +27,12 @@ from transformers import DynamicCache, pipeline
 from evaluation.config import EvalConfig
 from evaluation.datasets import load_rows, score_predictions
 from evaluation.prefill import can_reuse_prefill, capture_prefill, replay_press
+from pikvpress.cache import cache_nbytes
 
 logger = logging.getLogger(__name__)
 
 PREDICTIONS = "predictions.jsonl"
 METRICS = "metrics.json"
-
-
-def cache_nbytes(cache) -> int:
-    """Bytes held by a cache's key and value tensors, from the tensors themselves."""
-    return int(sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers))
 
 
 def _slug(text: str) -> str:

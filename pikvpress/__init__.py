@@ -6,6 +6,8 @@ every supported family (set ``PIKVPRESS_KVPRESS_FIXES=0`` in the environment to 
 
 import os as _os
 
+from pikvpress.attention import disable_packed_attention, enable_packed_attention
+from pikvpress.cache import PackedKVLayer, PackedKVView, cache_nbytes
 from pikvpress.compat import (
     KVPRESS_FIXES,
     apply_kvpress_fixes,
@@ -26,7 +28,7 @@ from pikvpress.models import (
     tiny_model,
     tiny_tokenizer,
 )
-from pikvpress.presses import PRESSES
+from pikvpress.presses import PRESSES, QuantizationPress
 
 __version__ = "0.1.0"
 
@@ -40,10 +42,16 @@ __all__ = [
     "ModelAdapter",
     "MoERouter",
     "PRESSES",
+    "PackedKVLayer",
+    "PackedKVView",
+    "QuantizationPress",
     "RoutingResult",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
     "apply_kvpress_fixes",
+    "cache_nbytes",
+    "disable_packed_attention",
+    "enable_packed_attention",
     "get_adapter",
     "kvpress_fixes",
     "kvpress_fixes_applied",

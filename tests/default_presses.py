@@ -24,6 +24,8 @@ from kvpress import (
 )
 from kvpress.utils import compute_n_kept
 
+from pikvpress import QuantizationPress
+
 
 def uniform_kept(press: BasePress, layer_idx: int, k_len: int, ratio: float) -> int:
     return compute_n_kept(k_len, ratio)
@@ -51,6 +53,9 @@ class PressCase:
         Same input, same kept set (RandomPress with a seed is; batch composition may still change it).
     bad_kwargs : list of dict
         Constructor arguments that must be rejected.
+    lossless : bool
+        Decoding from the compressed cache is exact (pruning presses). Lossy presses (quantization)
+        are instead held to decoding that equals dense attention over their dequantized cache.
     """
 
     name: str
@@ -61,6 +66,7 @@ class PressCase:
     eager_ok: bool = True
     deterministic: bool = True
     bad_kwargs: list[dict] = field(default_factory=list)
+    lossless: bool = True
 
 
 def _pyramid_kept(press, module, k_len, ratio):
@@ -99,5 +105,19 @@ PRESS_CASES: list[PressCase] = [
         lambda r: ComposedPress([KnormPress(r / 2), KeyDiffPress(r / 2)]),
         kept=_composed_kept,
     ),
-    # pikvpress presses join here as they land (issues 4-7)
+    # pikvpress presses (issues 4-7); tiny models have head dims 16 (DeepSeek: keys 24, values 12)
+    PressCase(
+        "quantization_int4",
+        lambda r: ComposedPress([KnormPress(r), QuantizationPress(bits=4, group_size=4, key_group_size=8, residual_length=4)]),
+        kept=_composed_kept,
+        lossless=False,
+    ),
+    PressCase(
+        "quantization_int2_per_token",
+        lambda r: ComposedPress(
+            [SnapKVPress(r, window_size=4), QuantizationPress(bits=2, group_size=4, key_group_size=4, residual_length=0, layout="per_token")]
+        ),
+        kept=_composed_kept,
+        lossless=False,
+    ),
 ]

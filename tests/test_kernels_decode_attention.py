@@ -5,6 +5,8 @@ Fresh random inputs every run; kernel outputs are poisoned with NaN before each 
 the kernel never writes cannot pass.
 """
 
+import dataclasses
+import itertools
 import random
 
 import pytest
@@ -203,7 +205,7 @@ def test_bad_arguments():
     q, k, v = _inputs(1, 4, 2, 64, 16, 16)
     kq, vq = _pack(k, v, 4, 4)
     f = A.packed_decode_attention_partial
-    with pytest.raises(ValueError, match="num_splits sizes must be multiples of the key group size 16"):
+    with pytest.raises(ValueError, match="num_splits sizes must be multiples of the token group size 16"):
         f(q, kq, vq, 0.25, [8, 56])
     with pytest.raises(ValueError, match="num_splits sizes must sum"):
         f(q, kq, vq, 0.25, [16, 16])
@@ -211,10 +213,14 @@ def test_bad_arguments():
         f(q, kq, vq, 0.25, 0)
     with pytest.raises(ValueError, match=r"q heads \(3\) must be a multiple of k_packed heads \(2\)"):
         f(q[:, :3], kq, vq, 0.25, 1)
-    with pytest.raises(ValueError, match="k_packed.layout must be 'per_channel'"):
-        f(q, Q.quantize_values_reference(k, 4, 16), vq, 0.25, 1)
-    with pytest.raises(ValueError, match="v_packed.layout must be 'per_token'"):
-        f(q, kq, Q.quantize_keys_reference(v, 4, 16), 0.25, 1)
+    with pytest.raises(ValueError, match="k_packed.layout must be 'per_channel' or 'per_token'"):
+        f(q, dataclasses.replace(kq, layout="per_head"), vq, 0.25, 1)
+    with pytest.raises(ValueError, match=r"k_packed.scale must be floating point of shape \(1, 2, 64, 4\)"):
+        f(q, dataclasses.replace(kq, layout="per_token", group_size=4), vq, 0.25, 1)  # per-channel stats
+    with pytest.raises(ValueError, match="v_packed.packed must be uint8 of shape"):
+        f(q, kq, dataclasses.replace(vq, packed=vq.packed[:, :, :, :4]), 0.25, 1)
+    with pytest.raises(ValueError, match="v_packed.group_size 32 must divide the dim 16"):
+        f(q, kq, dataclasses.replace(vq, group_size=32), 0.25, 1)
     with pytest.raises(ValueError, match="k_packed must be a QuantizedTensor"):
         f(q, k, vq, 0.25, 1)
     with pytest.raises(ValueError, match="q must be a 3-d tensor"):
@@ -229,3 +235,293 @@ def test_bad_arguments():
         A.dense_decode_attention_partial(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), 0.25, 1)
     with pytest.raises(ValueError, match="outs shape"):
         A.merge_attention_states(torch.randn(2, 3), torch.randn(2, 3), dim=1)
+
+
+# --------------------------------------------------------------------------------------------------
+# kv_mask and key/value layouts
+# --------------------------------------------------------------------------------------------------
+
+#: (key layout, value layout); the first is KIVI's.
+LAYOUTS = [
+    ("per_channel", "per_token"),
+    ("per_token", "per_token"),
+    ("per_channel", "per_channel"),
+    ("per_token", "per_channel"),
+]
+#: group size per (operand, layout): per-channel values get a larger token group than keys, so the
+#: split alignment must take the larger one.
+GROUPS = {("k", "per_channel"): 16, ("k", "per_token"): 8, ("v", "per_channel"): 32, ("v", "per_token"): 8}
+
+
+def _quantize(x, operand, layout, bits):
+    """Per-channel packing is what quantize_keys does, per-token what quantize_values does, for
+    either operand."""
+    g = GROUPS[(operand, layout)]
+    if layout == "per_channel":
+        return Q.quantize_keys_reference(x, bits, g)
+    return Q.quantize_values_reference(x, bits, g)
+
+
+def _pack_layouts(k, v, layouts, bits=None):
+    kbits, vbits = bits or (random.choice((2, 4, 8)), random.choice((2, 4, 8)))
+    return _quantize(k, "k", layouts[0], kbits), _quantize(v, "v", layouts[1], vbits)
+
+
+def _splits_for(layouts):
+    """Explicit split sizes (with an empty split) aligned as the layouts require, for T = 96."""
+    if "per_channel" in layouts:
+        return [32, 0, 64]
+    return [5, 0, 52, 39]  # no per-channel operand: any boundaries, tiles cut mid-way
+
+
+def _mask(kind, b, hkv, t):
+    """Random kv_mask of the given kind, about 30% dropped."""
+    if kind == "none":
+        return None
+    if kind == "per_head":
+        return torch.rand(b, hkv, t) > 0.3
+    if kind == "broadcast":
+        return torch.rand(b, 1, t) > 0.3
+    if kind == "strided":  # non-contiguous view: token stride 2, head stride 4T
+        return (torch.rand(b, 2 * hkv, 2 * t) > 0.3)[:, ::2, ::2]
+    if kind == "left_pad":  # batch left padding, broadcast over heads
+        m = torch.ones(b, 1, t, dtype=torch.bool)
+        for i in range(b):
+            m[i, :, : random.randint(0, t // 2)] = False
+        return m
+    raise AssertionError(kind)
+
+
+def _align(layouts):
+    """Split alignment: the largest token group of the per-channel operands, 1 if none."""
+    return max((GROUPS[(o, lay)] for o, lay in zip("kv", layouts) if lay == "per_channel"), default=1)
+
+
+def _bounds(t, num_splits, align):
+    if isinstance(num_splits, int):
+        return A.split_bounds(t, num_splits, align)
+    return [0, *itertools.accumulate(num_splits)]
+
+
+def _expected_partial(q, k, v, scale, bounds, kv_mask):
+    """Independent float32 per-split attention over dense K/V with the mask applied: repeat kv heads
+    per query head, drop masked logits, softmax; a split with no kept token gives (0, -inf)."""
+    b, hq, _ = q.shape
+    hkv, t = k.shape[1], k.shape[2]
+    group = hq // hkv
+    k = k.float().repeat_interleave(group, dim=1)
+    v = v.float().repeat_interleave(group, dim=1)
+    keep = torch.ones(b, hkv, t, dtype=torch.bool) if kv_mask is None else kv_mask.expand(b, hkv, t)
+    keep = keep.repeat_interleave(group, dim=1)
+    logits = torch.einsum("bhd,bhtd->bht", q.float(), k) * scale
+    outs, lses = [], []
+    for lo, hi in itertools.pairwise(bounds):
+        lg = logits[..., lo:hi].masked_fill(~keep[..., lo:hi], float("-inf"))
+        lses.append(torch.logsumexp(lg, dim=-1))
+        p = torch.nan_to_num(torch.softmax(lg, dim=-1), nan=0.0)  # all-dropped rows: NaN -> 0
+        outs.append(torch.einsum("bht,bhtd->bhd", p, v[:, :, lo:hi]))
+    return torch.stack(outs, dim=2), torch.stack(lses, dim=2)
+
+
+@pytest.mark.parametrize("mask_kind", ("none", "per_head", "broadcast"))
+@pytest.mark.parametrize("layouts", LAYOUTS, ids="-".join)
+def test_kernel_layouts_and_mask_match_reference(triton_mode, poison, layouts, mask_kind):
+    """Each key/value layout pair, with and without kv_mask; Hq/Hkv = 3, D != Dv, odd split sizes or
+    T not a multiple of the tile; one split of one head fully dropped must be exactly (0, -inf)."""
+    b, hq, hkv, t, d, dv = 1, 6, 2, 96, 24, 40
+    dtype = random.choice((torch.float32, torch.float16, torch.bfloat16))
+    q, k, v = _inputs(b, hq, hkv, t, d, dv, dtype)
+    kq, vq = _pack_layouts(k, v, layouts)
+    kv_mask = _mask(mask_kind, b, hkv, t)
+    # one split: 2 tiles of 64, the last half full; with a per-head mask its dropped split is a whole row
+    num_splits = 1 if mask_kind == "per_head" else _splits_for(layouts)
+    bounds = _bounds(t, num_splits, _align(layouts))
+    dropped = None
+    if kv_mask is not None:
+        s = max(range(len(bounds) - 1), key=lambda i: bounds[i + 1] - bounds[i])  # the longest split
+        mh = random.randrange(kv_mask.shape[1])
+        kv_mask[0, mh, bounds[s] : bounds[s + 1]] = False
+        # query heads reading the dropped mask row: one kv head's group, or all of them if broadcast
+        heads = range(hq) if kv_mask.shape[1] == 1 else range(mh * 3, mh * 3 + 3)
+        dropped = (s, list(heads))
+    scale = d**-0.5
+    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+
+    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    assert triton_mode() == 1
+    ns = len(bounds) - 1
+    assert out.shape == (b, hq, ns, dv) and out.dtype == torch.float32
+    assert lse.shape == (b, hq, ns) and lse.dtype == torch.float32
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    if dropped is not None:
+        s, heads = dropped
+        assert torch.equal(lse[0, heads, s], torch.full((len(heads),), float("-inf")))
+        assert torch.equal(out[0, heads, s], torch.zeros(len(heads), dv))
+    for lo, hi in itertools.pairwise(bounds):  # empty splits stay empty
+        if hi == lo:
+            assert torch.isneginf(lse[:, :, bounds.index(lo)]).all()
+
+
+@pytest.mark.parametrize("mask_kind", ("strided", "left_pad"))
+def test_kernel_mask_strides_and_fully_masked_rows(triton_mode, poison, mask_kind):
+    """A non-contiguous mask is read through its strides; a kv head (or, broadcast, a batch row) with
+    every token dropped gives lse -inf / out 0 in every split and a merged output of 0."""
+    b, hq, hkv, t, d, dv = 2, 6, 2, 48, 16, 24
+    q, k, v = _inputs(b, hq, hkv, t, d, dv)
+    kq, vq = _pack_layouts(k, v, LAYOUTS[0], (4, 4))
+    kv_mask = _mask(mask_kind, b, hkv, t)
+    kv_mask[1, -1] = False  # batch 1: last mask row fully dropped
+    heads = range(3, 6) if kv_mask.shape[1] == hkv else range(hq)
+    out, lse = A.packed_decode_attention_partial(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    assert triton_mode() == 1
+    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    assert torch.isneginf(lse[1, heads]).all() and torch.equal(out[1, heads], torch.zeros_like(out[1, heads]))
+    merged = A.packed_decode_attention(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    assert triton_mode() == 2
+    assert torch.equal(merged[1, heads], torch.zeros_like(merged[1, heads]))
+    assert torch.isfinite(merged).all()
+
+
+def test_kernel_broadcast_mask_equals_expanded_mask(triton_mode, poison):
+    """(B, 1, T) gives the same result as the same mask expanded to (B, Hkv, T)."""
+    q, k, v = _inputs(1, 6, 2, 48, 16, 16)
+    kq, vq = _pack_layouts(k, v, LAYOUTS[0], (8, 8))
+    m = torch.rand(1, 1, 48) > 0.5
+    o1, l1 = A.packed_decode_attention_partial(q, kq, vq, 0.25, 2, kv_mask=m)
+    o2, l2 = A.packed_decode_attention_partial(q, kq, vq, 0.25, 2, kv_mask=m.expand(1, 2, 48).clone())
+    assert triton_mode() == 2
+    torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+    torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+
+
+# reference path (CPU) against independent dense attention --------------------------------------------
+
+
+@pytest.mark.parametrize("mask_kind", ("none", "per_head", "broadcast", "strided", "left_pad"))
+@pytest.mark.parametrize("layouts", LAYOUTS, ids="-".join)
+def test_reference_matches_dense_over_dequantized_with_mask(layouts, mask_kind):
+    b, hq, hkv, t = 2, 6, 2, 96
+    d, dv = random.choice(((32, 16), (24, 40)))
+    q, k, v = _inputs(b, hq, hkv, t, d, dv, random.choice((torch.float32, torch.bfloat16)))
+    kq, vq = _pack_layouts(k, v, layouts)
+    kd, vd = Q.dequantize_reference(kq, torch.float32), Q.dequantize_reference(vq, torch.float32)
+    kv_mask = _mask(mask_kind, b, hkv, t)
+    if kv_mask is not None:
+        kv_mask[0, -1, : t // 2] = False  # half a row (a whole split when cut at T / 2)
+        kv_mask[1, 0] = False  # a fully dropped row
+    scale = d**-0.5
+    for num_splits in (1, 2, _splits_for(layouts)):
+        bounds = _bounds(t, num_splits, _align(layouts))
+        expect_out, expect_lse = _expected_partial(q, kd, vd, scale, bounds, kv_mask)
+        for fn in (A.packed_decode_attention_partial, A.packed_decode_attention_partial_reference):
+            out, lse = fn(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+            torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(lse, expect_lse, rtol=1e-5, atol=1e-5)
+        # dense K/V have no token groups: an int split count cuts at multiples of 1
+        expect_out, expect_lse = _expected_partial(q, kd, vd, scale, _bounds(t, num_splits, 1), kv_mask)
+        out, lse = A.dense_decode_attention_partial(q, kd, vd, scale, num_splits, kv_mask=kv_mask)
+        torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(lse, expect_lse, rtol=1e-5, atol=1e-5)
+    # merged over the whole sequence: one split of the expectation
+    expect, _ = _expected_partial(q, kd, vd, scale, [0, t], kv_mask)
+    full = A.packed_decode_attention(q, kq, vq, scale, _splits_for(layouts), kv_mask=kv_mask)
+    torch.testing.assert_close(full.float(), expect[:, :, 0].to(q.dtype).float(), rtol=1e-2, atol=1e-2)
+    merged, _ = A.merge_attention_states(
+        *A.packed_decode_attention_partial(q, kq, vq, scale, 3, kv_mask=kv_mask), dim=2
+    )
+    torch.testing.assert_close(merged, expect[:, :, 0], rtol=1e-5, atol=1e-5)
+
+
+def test_mask_all_true_equals_no_mask():
+    q, k, v = _inputs(2, 6, 2, 64, 16, 16)
+    kq, vq = _pack(k, v, 4, 2)
+    for s in (1, 2):
+        o1, l1 = A.packed_decode_attention_partial(q, kq, vq, 0.3, s)
+        o2, l2 = A.packed_decode_attention_partial(q, kq, vq, 0.3, s, kv_mask=torch.ones(2, 1, 64, dtype=torch.bool))
+        torch.testing.assert_close(o1, o2, rtol=0, atol=0)
+        torch.testing.assert_close(l1, l2, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("stats_dtype", (torch.float16, torch.bfloat16), ids=str)
+@pytest.mark.parametrize("bits", (2, 4, 8))
+def test_reference_dequantize_is_bit_exact(bits, stats_dtype):
+    """The reference's own float32 dequantization equals dequantize_reference bit for bit."""
+    x = torch.randn(2, 3, 32, 24) * 3 + torch.randn(24)
+    for qt in (
+        Q.quantize_keys_reference(x, bits, 8, stats_dtype),
+        Q.quantize_values_reference(x, bits, 8, stats_dtype),
+    ):
+        got = A._dequantize_f32(qt)
+        assert got.dtype == torch.float32
+        assert torch.equal(got, Q.dequantize_reference(qt, torch.float32))
+
+
+def test_split_alignment_follows_per_channel_operands():
+    q, k, v = _inputs(1, 2, 1, 64, 16, 16)
+    f = A.packed_decode_attention_partial
+    kpt, vpt = Q.quantize_values_reference(k, 4, 8), Q.quantize_values_reference(v, 4, 8)
+    kpc, vpc = Q.quantize_keys_reference(k, 4, 8), Q.quantize_keys_reference(v, 4, 32)
+    f(q, kpt, vpt, 0.3, [3, 61])  # no per-channel operand: any boundaries
+    f(q, kpc, vpt, 0.3, [8, 56])
+    with pytest.raises(ValueError, match="multiples of the token group size 8"):
+        f(q, kpc, vpt, 0.3, [4, 60])
+    with pytest.raises(ValueError, match="multiples of the token group size 32"):
+        f(q, kpc, vpc, 0.3, [8, 56])  # the larger of the two per-channel groups
+    assert A.split_bounds(64, 3, 32) == [0, 32, 64, 64]
+    _, lse = f(q, kpt, vpc, 0.3, 3)
+    assert torch.isneginf(lse[:, :, 2]).all() and torch.isfinite(lse[:, :, :2]).all()
+
+
+def test_bad_kv_mask():
+    q, k, v = _inputs(2, 4, 2, 32, 16, 16)
+    kq, vq = _pack(k, v, 4, 4)
+    good = torch.ones(2, 2, 32, dtype=torch.bool)
+    calls = [
+        lambda m: A.packed_decode_attention_partial(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.packed_decode_attention_partial_reference(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.packed_decode_attention(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.dense_decode_attention_partial(q, k, v, 0.25, 1, kv_mask=m),
+    ]
+    bad = [
+        (good.to(torch.uint8), "kv_mask must be a bool tensor"),
+        (good.float(), "kv_mask must be a bool tensor"),
+        (good.tolist(), "kv_mask must be a bool tensor or None, got list"),
+        (good[:, :, :31], r"kv_mask must have shape \(B, Hkv, T\) = \(2, 2, 32\) or \(B, 1, T\) = \(2, 1, 32\)"),
+        (torch.ones(2, 3, 32, dtype=torch.bool), "kv_mask must have shape"),
+        (torch.ones(1, 1, 32, dtype=torch.bool), "kv_mask must have shape"),
+        (good[:, 0], "kv_mask must have shape"),
+        (good[..., None], "kv_mask must have shape"),
+        (torch.ones(2, 2, 32, dtype=torch.bool, device="meta"), "kv_mask must be on q's device"),
+    ]
+    for call in calls:
+        for m, msg in bad:
+            with pytest.raises(ValueError, match=msg):
+                call(m)
+    with pytest.raises(TypeError):  # keyword only
+        A.packed_decode_attention_partial(q, kq, vq, 0.25, 1, good)
+
+
+# --------------------------------------------------------------------------------------------------
+# the CPU path (plane-order unpacking, folded value scales) against the plain reference
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", (2, 4, 8))
+@pytest.mark.parametrize("k_layout", ("per_channel", "per_token"))
+@pytest.mark.parametrize("v_layout", ("per_token", "per_channel"))
+@pytest.mark.parametrize("v_group", (1, 8, 16))  # below a byte's slots / two per token / one per token (folded)
+@pytest.mark.parametrize("splits", (1, [16, 32]))
+@pytest.mark.parametrize("masked", (False, True))
+def test_cpu_path_matches_reference(bits, k_layout, v_layout, v_group, splits, masked):
+    q, k, v = _inputs(2, 6, 2, 48, 24, 16)
+    kq = Q.quantize_keys_reference(k, bits, 16) if k_layout == "per_channel" else Q.quantize_values_reference(k, bits, 4)
+    vq = Q.quantize_values_reference(v, bits, v_group) if v_layout == "per_token" else Q.quantize_keys_reference(v, bits, 16)
+    kv_mask = (torch.rand(2, 2, 48) > 0.3) if masked else None
+    got = A.packed_decode_attention_partial(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
+    want = A.packed_decode_attention_partial_reference(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
+    for g, w in zip(got, want):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)

@@ -9,20 +9,27 @@ log-sum-exp ``l_s`` of its scaled logits; :func:`merge_attention_states` combine
 
 An empty split has ``l_s = -inf`` and ``o_s = 0`` and drops out of the merge.
 
-Keys come packed per channel (:func:`pikvpress.kernels.quantize.quantize_keys`), values packed per
-token (:func:`pikvpress.kernels.quantize.quantize_values`). Grouped-query attention: query head
-``h`` reads kv head ``h // (Hq // Hkv)``.
+Keys and values are :class:`~pikvpress.kernels.quantize.QuantizedTensor` objects of either layout:
+``"per_channel"`` (groups of consecutive tokens share a scale and zero per channel, what
+:func:`~pikvpress.kernels.quantize.quantize_keys` makes; KIVI keys) or ``"per_token"`` (groups of
+consecutive channels of one token, what :func:`~pikvpress.kernels.quantize.quantize_values` makes;
+KIVI values). Grouped-query attention: query head ``h`` reads kv head ``h // (Hq // Hkv)``.
+
+An optional boolean ``kv_mask`` ``(B, Hkv, T)`` or ``(B, 1, T)`` (broadcast over kv heads) keeps the
+tokens where it is True and drops the others (their logits are ``-inf``): left padding in a batch,
+per-head eviction. A split whose tokens are all dropped is an empty split.
 
 Splits: ``num_splits`` is either an int ``S`` (each split then holds
-``ceil((T // G) / S) * G`` tokens, ``G`` the key group size, the last ones possibly fewer or none)
-or a sequence of per-split token counts, each a multiple of ``G``, summing to ``T``.
+``ceil((T // G) / S) * G`` tokens, the last ones possibly fewer or none) or a sequence of per-split
+token counts, each a multiple of ``G``, summing to ``T``. ``G`` is the largest token-group size of
+the per-channel operands (1 when neither is per-channel), so no split cuts a token group.
 
 The Triton kernel runs one program per (batch, query head, split): it walks its chunk in tiles,
 loads the packed key bytes and key stats of a tile, unpacks and dequantizes them in registers,
 computes the logits, keeps an online softmax, and accumulates the unpacked, dequantized values;
 the dequantized cache is never written to memory. The kernel runs when ``q`` is on CUDA or when
-``PIKVPRESS_FORCE_TRITON=1``; the pure-torch reference (dequantize, then float32 attention per
-split) runs otherwise.
+``PIKVPRESS_FORCE_TRITON=1``; the pure-torch reference runs otherwise (it dequantizes the cache
+once to float32, then does float32 attention with one batched matmul per kv head group).
 """
 
 from __future__ import annotations
@@ -34,7 +41,7 @@ from collections.abc import Sequence
 import torch
 
 from pikvpress.kernels.lazy_jit import LazyKernels, next_pow2
-from pikvpress.kernels.quantize import QuantizedTensor, _use_triton, dequantize_reference
+from pikvpress.kernels.quantize import ALLOWED_BITS, QuantizedTensor, _use_triton, dequantize_reference
 
 try:  # Triton is optional on CPU-only installs; the references need only torch.
     import triton
@@ -45,12 +52,15 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 __all__ = [
     "dense_decode_attention_partial",
+    "packed_attention_with_residual",
     "merge_attention_states",
     "packed_decode_attention",
     "packed_decode_attention_partial",
     "packed_decode_attention_partial_reference",
     "split_bounds",
 ]
+
+_LAYOUTS = ("per_channel", "per_token")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -70,7 +80,8 @@ def split_bounds(num_tokens: int, num_splits: int | Sequence[int], align: int = 
         splits may be short or empty), or the token count of every split (each a non-negative
         multiple of ``align``, summing to ``T``).
     align : int
-        Every boundary must be a multiple of this (the key group size).
+        Every boundary must be a multiple of this (the token-group size of the per-channel
+        operands).
     """
     if isinstance(num_splits, bool):
         raise ValueError(f"num_splits must be a positive int or a sequence of split sizes, got {num_splits!r}")  # noqa: TRY004
@@ -86,8 +97,8 @@ def split_bounds(num_tokens: int, num_splits: int | Sequence[int], align: int = 
         raise ValueError(f"num_splits sizes must be non-negative ints, got {sizes}")
     if any(n % align for n in sizes):
         raise ValueError(
-            f"num_splits sizes must be multiples of the key group size {align} so split boundaries "
-            f"align to key groups, got {sizes}"
+            f"num_splits sizes must be multiples of the token group size {align} (the largest group size "
+            f"of the per-channel keys/values) so split boundaries align to token groups, got {sizes}"
         )
     if sum(sizes) != num_tokens:
         raise ValueError(f"num_splits sizes must sum to the number of tokens {num_tokens}, got {sizes}")
@@ -124,19 +135,74 @@ def _check_shapes(q: torch.Tensor, kshape: tuple, vshape: tuple, kname: str, vna
     return hq // hkv
 
 
+def _check_quantized(qt: QuantizedTensor, name: str, device: torch.device) -> None:
+    """Layout, bits, group size, and the shapes / devices of packed bytes and stats (the kernel
+    addresses them as raw contiguous buffers, so a mismatch must not reach it)."""
+    if qt.layout not in _LAYOUTS:
+        raise ValueError(f"{name}.layout must be 'per_channel' or 'per_token', got {qt.layout!r}")
+    if isinstance(qt.bits, bool) or not isinstance(qt.bits, int) or qt.bits not in ALLOWED_BITS:
+        raise ValueError(f"{name}.bits must be one of {ALLOWED_BITS}, got {qt.bits!r}")
+    g = qt.group_size
+    if isinstance(g, bool) or not isinstance(g, int) or g < 1 or (g & (g - 1)):
+        raise ValueError(f"{name}.group_size must be a positive power of two, got {g!r}")
+    b, h, t, d = qt.shape
+    if qt.layout == "per_channel" and t % g:
+        raise ValueError(f"{name}.group_size {g} must divide the tokens {t} for layout 'per_channel'")
+    if qt.layout == "per_token" and d % g:
+        raise ValueError(f"{name}.group_size {g} must divide the dim {d} for layout 'per_token'")
+    if (d * qt.bits) % 8:
+        raise ValueError(f"{name}: dim * bits must be a multiple of 8, got dim={d}, bits={qt.bits}")
+    for part in (qt.packed, qt.scale, qt.zero):
+        if not isinstance(part, torch.Tensor) or part.device != device:
+            raise ValueError(f"{name} (packed, scale and zero) must be tensors on q's device {device}")
+    packed_shape = (b, h, t, d * qt.bits // 8)
+    if qt.packed.dtype != torch.uint8 or tuple(qt.packed.shape) != packed_shape:
+        raise ValueError(
+            f"{name}.packed must be uint8 of shape {packed_shape}, got {qt.packed.dtype} {tuple(qt.packed.shape)}"
+        )
+    stats_shape = (b, h, t // g, d) if qt.layout == "per_channel" else (b, h, t, d // g)
+    for sname, st in (("scale", qt.scale), ("zero", qt.zero)):
+        if tuple(st.shape) != stats_shape or not st.is_floating_point():
+            raise ValueError(
+                f"{name}.{sname} must be floating point of shape {stats_shape} for layout {qt.layout!r}, "
+                f"got {st.dtype} {tuple(st.shape)}"
+            )
+
+
 def _check_packed(q: torch.Tensor, k_packed: QuantizedTensor, v_packed: QuantizedTensor, scale: float) -> int:
     _check_q_scale(q, scale)
     if not isinstance(k_packed, QuantizedTensor):
         raise ValueError(f"k_packed must be a QuantizedTensor, got {type(k_packed).__name__}")  # noqa: TRY004
     if not isinstance(v_packed, QuantizedTensor):
         raise ValueError(f"v_packed must be a QuantizedTensor, got {type(v_packed).__name__}")  # noqa: TRY004
-    if k_packed.layout != "per_channel":
-        raise ValueError(f"k_packed.layout must be 'per_channel' (keys), got {k_packed.layout!r}")
-    if v_packed.layout != "per_token":
-        raise ValueError(f"v_packed.layout must be 'per_token' (values), got {v_packed.layout!r}")
-    if k_packed.packed.device != q.device or v_packed.packed.device != q.device:
-        raise ValueError("k_packed and v_packed must be on q's device")
-    return _check_shapes(q, k_packed.shape, v_packed.shape, "k_packed", "v_packed")
+    group = _check_shapes(q, k_packed.shape, v_packed.shape, "k_packed", "v_packed")
+    _check_quantized(k_packed, "k_packed", q.device)
+    _check_quantized(v_packed, "v_packed", q.device)
+    return group
+
+
+def _token_align(*operands: QuantizedTensor) -> int:
+    """Split alignment: the largest token-group size of the per-channel operands (1 if none).
+    Group sizes are powers of two, so the largest is a multiple of every other one."""
+    return max((qt.group_size for qt in operands if qt.layout == "per_channel"), default=1)
+
+
+def _check_kv_mask(kv_mask: torch.Tensor | None, q: torch.Tensor, kv_shape: tuple) -> None:
+    """``kv_mask``: None, or bool ``(B, Hkv, T)`` / ``(B, 1, T)`` on q's device."""
+    if kv_mask is None:
+        return
+    b, hkv, t = kv_shape[:3]
+    if not isinstance(kv_mask, torch.Tensor):
+        raise ValueError(f"kv_mask must be a bool tensor or None, got {type(kv_mask).__name__}")  # noqa: TRY004
+    if kv_mask.dtype != torch.bool:
+        raise ValueError(f"kv_mask must be a bool tensor (True = attend), got dtype {kv_mask.dtype}")
+    if kv_mask.ndim != 3 or kv_mask.shape[0] != b or kv_mask.shape[1] not in (1, hkv) or kv_mask.shape[2] != t:
+        raise ValueError(
+            f"kv_mask must have shape (B, Hkv, T) = {(b, hkv, t)} or (B, 1, T) = {(b, 1, t)}, "
+            f"got {tuple(kv_mask.shape)}"
+        )
+    if kv_mask.device != q.device:
+        raise ValueError(f"kv_mask must be on q's device {q.device}, got {kv_mask.device}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,27 +258,178 @@ def merge_attention_states(
 # Pure-torch references
 # --------------------------------------------------------------------------------------------------
 
+def _codes_f32(packed: torch.Tensor, bits: int) -> torch.Tensor:
+    """Unpack uint8 ``(..., NB)`` into float32 codes ``(..., NB * 8 // bits)`` (a fresh tensor).
+
+    One shift-and-mask per slot of a byte, converted to float32 as it is copied into that slot's
+    strided positions of the output.
+    """
+    if bits == 8:
+        return packed.float()
+    per = 8 // bits
+    m = (1 << bits) - 1
+    out = torch.empty((*packed.shape, per), dtype=torch.float32, device=packed.device)
+    for j in range(per):
+        out[..., j] = (packed >> (j * bits)) & m if j else packed & m
+    return out.flatten(-2)
+
+
+def _dequantize_f32(qt: QuantizedTensor) -> torch.Tensor:
+    """float32 ``q * scale + zero`` of ``qt`` ``(B, H, T, D)``: the stats broadcast over their groups
+    (never repeated) and fused in place into the unpacked codes with one ``addcmul``."""
+    b, h, t, d = qt.shape
+    g = qt.group_size
+    x = _codes_f32(qt.packed, qt.bits)
+    s, z = qt.scale.float(), qt.zero.float()
+    if qt.layout == "per_channel":
+        xv, s, z = x.view(b, h, t // g, g, d), s.unsqueeze(3), z.unsqueeze(3)
+    else:
+        xv, s, z = x.view(b, h, t, d // g, g), s.unsqueeze(4), z.unsqueeze(4)
+    torch.addcmul(z, xv, s, out=xv)
+    return x
+
+
+def _folds_values(vq: QuantizedTensor) -> bool:
+    """Values per token with one channel group per token: their scale and zero fold into the weights."""
+    return vq.layout == "per_token" and vq.group_size == vq.shape[3]
+
+
+def _weighted_values(p: torch.Tensor, vq: QuantizedTensor) -> torch.Tensor:
+    """``p @ dequantize(vq)`` for weights ``p`` ``(B, H, M, T)``; folds the value stats when it can,
+    ``(p * s) @ codes + p @ zero``, so the values are never dequantized."""
+    if _folds_values(vq):
+        return torch.matmul(p * vq.scale.float().transpose(-1, -2), _codes_f32(vq.packed, vq.bits)).add_(
+            torch.matmul(p, vq.zero.float())
+        )
+    return torch.matmul(p, _dequantize_f32(vq))
+
+
+def _softmax_av(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` (..., T) float32, ``v`` (..., T, Dv) float32 -> (softmax(logits) @ v, logsumexp);
+    a row of only ``-inf`` logits (every token masked, or T = 0) gives 0 and ``-inf``."""
+    lse = torch.logsumexp(logits, dim=-1)
+    out = torch.matmul(torch.softmax(logits, dim=-1), v)
+    return out.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0), lse
+
 
 def _partial_reference(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, bounds: list[int], group: int
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    bounds: list[int],
+    kv_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 per-split attention of ``q`` (B, Hq, D) over ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv)."""
-    b, hq, _ = q.shape
-    dv = v.shape[-1]
-    k = k.float().repeat_interleave(group, dim=1)
-    v = v.float().repeat_interleave(group, dim=1)
-    qf = q.float()
+    """float32 per-split attention of ``q`` (B, Hq, D) over ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv).
+
+    The query heads of one kv head are batched as rows of one matmul against that head's keys (no
+    copy of K/V per query head); the logits of all splits come from that one matmul.
+    """
+    b, hq, d = q.shape
+    hkv, dv = k.shape[1], v.shape[-1]
+    group = hq // hkv
     ns = len(bounds) - 1
-    out = torch.zeros((b, hq, ns, dv), dtype=torch.float32, device=q.device)
-    lse = torch.full((b, hq, ns), float("-inf"), dtype=torch.float32, device=q.device)
-    for s in range(ns):
-        lo, hi = bounds[s], bounds[s + 1]
-        if hi <= lo:
-            continue
-        logits = torch.einsum("bhd,bhtd->bht", qf, k[:, :, lo:hi]) * scale
-        lse[:, :, s] = torch.logsumexp(logits, dim=-1)
-        out[:, :, s] = torch.einsum("bht,bhtd->bhd", torch.softmax(logits, dim=-1), v[:, :, lo:hi])
-    return out, lse
+    k, v = k.float(), v.float()
+    logits = torch.matmul(q.float().reshape(b, hkv, group, d), k.transpose(-1, -2))  # (B, Hkv, G, T)
+    logits.mul_(scale)
+    if kv_mask is not None:  # (B, Hkv or 1, T) -> (B, Hkv or 1, 1, T), broadcast over G (and Hkv)
+        logits.masked_fill_(~kv_mask.unsqueeze(2), float("-inf"))
+    if ns == 1:  # the whole sequence; no per-split slicing or copies
+        out, lse = _softmax_av(logits, v)
+        return out.reshape(b, hq, 1, dv), lse.reshape(b, hq, 1)
+    out = torch.zeros((b, hkv, group, ns, dv), dtype=torch.float32, device=q.device)
+    lse = torch.full((b, hkv, group, ns), float("-inf"), dtype=torch.float32, device=q.device)
+    for s, (lo, hi) in enumerate(itertools.pairwise(bounds)):
+        if hi > lo:
+            out[:, :, :, s], lse[:, :, :, s] = _softmax_av(logits[..., lo:hi], v[:, :, lo:hi])
+    return out.view(b, hq, ns, dv), lse.view(b, hq, ns)
+
+
+def _partial_cpu(
+    q: torch.Tensor,
+    kq: QuantizedTensor,
+    vq: QuantizedTensor,
+    scale: float,
+    bounds: list[int],
+    kv_mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CPU path: the reference's float32 math, with the codes unpacked by shifts and the value
+    stats folded into the weights when values are per token in one group (the KIVI default)."""
+    if len(bounds) == 2 and _folds_values(vq):
+        b, hq, d = q.shape
+        hkv = kq.shape[1]
+        logits = torch.matmul(q.float().reshape(b, hkv, hq // hkv, d), _dequantize_f32(kq).transpose(-1, -2))
+        logits.mul_(scale)
+        if kv_mask is not None:
+            logits.masked_fill_(~kv_mask.unsqueeze(2), float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        finite = torch.isfinite(lse)
+        p = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+        out = _weighted_values(p, vq).masked_fill_(~finite.unsqueeze(-1), 0.0)
+        return out.reshape(b, hq, 1, -1), lse.reshape(b, hq, 1)
+    return _partial_reference(q, _dequantize_f32(kq), _dequantize_f32(vq), scale, bounds, kv_mask)
+
+
+def packed_attention_with_residual(
+    q: torch.Tensor,
+    k_packed: QuantizedTensor | None,
+    v_packed: QuantizedTensor | None,
+    k_residual: torch.Tensor,
+    v_residual: torch.Tensor,
+    scale: float,
+    keep: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``q`` over packed tokens followed by full-precision tokens, one softmax (CPU).
+
+    The pure-torch path pikvpress's attention function takes off CUDA: the packed keys are unpacked
+    and dequantized for the duration of the call (one layer at a time), the value stats fold into
+    the weights, and packed and residual logits share one softmax, so a decode step costs a few dozen
+    tensor ops per layer. On CUDA the attention function uses the split Triton kernel and
+    :func:`merge_attention_states` instead; both equal dense attention over the dequantized cache.
+
+    Parameters
+    ----------
+    q : torch.Tensor
+        ``(B, Hq, Lq, D)``.
+    k_packed, v_packed : QuantizedTensor or None
+        ``(B, Hkv, P, D)`` / ``(B, Hkv, P, Dv)``, or None when nothing is packed yet.
+    k_residual, v_residual : torch.Tensor
+        ``(B, Hkv, R, D)`` / ``(B, Hkv, R, Dv)``, the tokens after the packed ones.
+    scale : float
+        Softmax scale.
+    keep : torch.Tensor, optional
+        bool, broadcastable to ``(B, Hq, Lq, P + R)``; False drops a token for that query.
+    sinks : torch.Tensor, optional
+        ``(Hq,)`` per-head sink logits joining the softmax with no value (GPT-OSS).
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, Hq, Lq, Dv)`` float32; 0 for a query that keeps no token.
+    """
+    b, hq, lq, d = q.shape
+    hkv = k_residual.shape[1]
+    m = (hq // hkv) * lq
+    p_len = 0 if k_packed is None else k_packed.shape[2]
+    n = p_len + k_residual.shape[2]
+    qf = q.float().reshape(b, hkv, m, d)
+    logits = torch.matmul(qf, k_residual.float().transpose(-1, -2))
+    if p_len:
+        logits = torch.cat([torch.matmul(qf, _dequantize_f32(k_packed).transpose(-1, -2)), logits], dim=-1)
+    logits = logits.mul_(scale).view(b, hq, lq, n)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    if sinks is not None:
+        logits = torch.cat([logits, sinks.float().view(1, hq, 1, 1).expand(b, hq, lq, 1)], dim=-1)
+    p = torch.softmax(logits, dim=-1)
+    if keep is not None:
+        p = p.nan_to_num_(0.0)  # a query that keeps nothing
+    p = p[..., :n].reshape(b, hkv, m, n)
+    out = torch.matmul(p[..., p_len:], v_residual.float())
+    if p_len:
+        out = out.add_(_weighted_values(p[..., :p_len], v_packed))
+    return out.view(b, hq, lq, -1)
 
 
 def packed_decode_attention_partial_reference(
@@ -221,17 +438,26 @@ def packed_decode_attention_partial_reference(
     v_packed: QuantizedTensor,
     scale: float,
     num_splits: int | Sequence[int] = 1,
+    *,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pure-torch reference of :func:`packed_decode_attention_partial` (dequantizes the whole cache)."""
-    group = _check_packed(q, k_packed, v_packed, scale)
-    bounds = split_bounds(k_packed.shape[2], num_splits, k_packed.group_size)
-    k = dequantize_reference(k_packed, torch.float32)
-    v = dequantize_reference(v_packed, torch.float32)
-    return _partial_reference(q, k, v, float(scale), bounds, group)
+    """Pure-torch reference of :func:`packed_decode_attention_partial` (dequantizes the whole cache
+    once to float32, then float32 attention)."""
+    _check_packed(q, k_packed, v_packed, scale)
+    _check_kv_mask(kv_mask, q, k_packed.shape)
+    bounds = split_bounds(k_packed.shape[2], num_splits, _token_align(k_packed, v_packed))
+    k, v = dequantize_reference(k_packed, torch.float32), dequantize_reference(v_packed, torch.float32)
+    return _partial_reference(q, k, v, float(scale), bounds, kv_mask)
 
 
 def dense_decode_attention_partial(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, num_splits: int | Sequence[int] = 1
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float,
+    num_splits: int | Sequence[int] = 1,
+    *,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split decode attention over dense (unpacked) K/V, same contract as
     :func:`packed_decode_attention_partial` (reference implementation on every device).
@@ -246,6 +472,8 @@ def dense_decode_attention_partial(
         Softmax scale.
     num_splits : int or sequence of int
         As in :func:`split_bounds` with ``align=1``.
+    kv_mask : torch.Tensor, optional
+        bool ``(B, Hkv, T)`` or ``(B, 1, T)``; False drops the token.
 
     Returns
     -------
@@ -256,9 +484,10 @@ def dense_decode_attention_partial(
     for name, x in (("k", k), ("v", v)):
         if not isinstance(x, torch.Tensor) or not x.is_floating_point():
             raise ValueError(f"{name} must be a floating-point tensor")
-    group = _check_shapes(q, tuple(k.shape), tuple(v.shape), "k", "v")
+    _check_shapes(q, tuple(k.shape), tuple(v.shape), "k", "v")
+    _check_kv_mask(kv_mask, q, tuple(k.shape))
     bounds = split_bounds(k.shape[2], num_splits, 1)
-    return _partial_reference(q, k, v, float(scale), bounds, group)
+    return _partial_reference(q, k, v, float(scale), bounds, kv_mask)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -267,8 +496,10 @@ def dense_decode_attention_partial(
 # As in quantize.py: the body is a plain function jitted on first use (triton.jit reads
 # TRITON_INTERPRET when it decorates), and reductions use tl.reduce with triton.language.standard's
 # combine functions, which the interpreter can run after a late switch-on.
-# Addressing: q (B*Hq, D); packed keys (B*Hkv*T, NBK) bytes, key stats (B*Hkv*T//GK, D); packed
-# values (B*Hkv*T, NBV) bytes, value stats (B*Hkv*T, DV//GV); channel = byte * PER + slot.
+# Addressing: q (B*Hq, D); packed keys (B*Hkv*T, NBK) bytes, packed values (B*Hkv*T, NBV) bytes,
+# channel = byte * PER + slot. Stats of an operand with group size G over rows R = B*Hkv*T:
+# per channel (R // G, D) (row r in stats row r // G), per token (R, D // G) (channel c in column
+# c // G). kv_mask: bytes at b * MSB + hk * MSH + t * MST (MSH = 0 when broadcast over kv heads).
 # --------------------------------------------------------------------------------------------------
 
 
@@ -280,6 +511,7 @@ def _packed_decode_kernel(
     vp_ptr,
     vs_ptr,
     vz_ptr,
+    mask_ptr,
     bounds_ptr,
     out_ptr,
     lse_ptr,
@@ -291,16 +523,23 @@ def _packed_decode_kernel(
     DV,
     NBK,
     NBV,
+    NGK,
     NGV,
+    MSB,
+    MSH,
+    MST,
     NUM_SPLITS,
     N_TILES,
     KV_GROUP,
     BITS_K: tl.constexpr,
     PER_K: tl.constexpr,
     GK: tl.constexpr,
+    K_PER_TOKEN: tl.constexpr,
     BITS_V: tl.constexpr,
     PER_V: tl.constexpr,
     GV: tl.constexpr,
+    V_PER_CHANNEL: tl.constexpr,
+    HAS_MASK: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_NBK: tl.constexpr,
     BLOCK_NBV: tl.constexpr,
@@ -317,6 +556,7 @@ def _packed_decode_kernel(
     start = tl.load(bounds_ptr + sp).to(tl.int64)
     end = tl.load(bounds_ptr + sp + 1).to(tl.int64)
     kv_row0 = (b * HKV + hk) * T  # first token row of this kv head
+    mask_row = mask_ptr + b * MSB + hk * MSH  # this kv head's kv_mask row (unused without a mask)
 
     kbyte = tl.arange(0, BLOCK_NBK)
     kslot = tl.arange(0, PER_K)
@@ -336,6 +576,9 @@ def _packed_decode_kernel(
     for i in range(N_TILES):
         t = start + i * BLOCK_T + offs_t  # [BLOCK_T] token index within the kv head
         tmask = t < end
+        if HAS_MASK:  # dropped tokens are treated like tokens past the split: never loaded, p = 0
+            keep = tl.load(mask_row + t * MST, mask=tmask, other=0)
+            tmask = tmask & (keep != 0)
         rows = kv_row0 + t
         # keys: unpack and dequantize in registers
         kb = tl.load(
@@ -343,7 +586,10 @@ def _packed_decode_kernel(
         ).to(tl.int32)
         kq = ((kb[:, :, None] >> (kslot * BITS_K)[None, None, :]) & MASK_K).to(tl.float32)
         kmask = tmask[:, None, None] & kcmask[None, :, :]
-        ksoff = ((kv_row0 // GK) + t // GK)[:, None, None] * D + kcol[None, :, :]
+        if K_PER_TOKEN:
+            ksoff = rows[:, None, None] * NGK + (kcol // GK)[None, :, :]
+        else:
+            ksoff = (rows // GK)[:, None, None] * D + kcol[None, :, :]
         ks = tl.load(ks_ptr + ksoff, mask=kmask, other=0.0).to(tl.float32)
         kz = tl.load(kz_ptr + ksoff, mask=kmask, other=0.0).to(tl.float32)
         kx = kq * ks + kz  # [BLOCK_T, BLOCK_NBK, PER_K]
@@ -361,7 +607,10 @@ def _packed_decode_kernel(
         ).to(tl.int32)
         vq = ((vb[:, :, None] >> (vslot * BITS_V)[None, None, :]) & MASK_V).to(tl.float32)
         vmask = tmask[:, None, None] & vcmask[None, :, :]
-        vsoff = rows[:, None, None] * NGV + (vcol // GV)[None, :, :]
+        if V_PER_CHANNEL:
+            vsoff = (rows // GV)[:, None, None] * DV + vcol[None, :, :]
+        else:
+            vsoff = rows[:, None, None] * NGV + (vcol // GV)[None, :, :]
         vs = tl.load(vs_ptr + vsoff, mask=vmask, other=0.0).to(tl.float32)
         vz = tl.load(vz_ptr + vsoff, mask=vmask, other=0.0).to(tl.float32)
         vx = vq * vs + vz  # [BLOCK_T, BLOCK_NBV, PER_V]
@@ -389,7 +638,13 @@ def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> 
 
 
 def _partial_triton(
-    q: torch.Tensor, kq: QuantizedTensor, vq: QuantizedTensor, scale: float, bounds: list[int], group: int
+    q: torch.Tensor,
+    kq: QuantizedTensor,
+    vq: QuantizedTensor,
+    scale: float,
+    bounds: list[int],
+    group: int,
+    kv_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     b, hq, d = q.shape
     _, hkv, t, _ = kq.shape
@@ -405,6 +660,12 @@ def _partial_triton(
     block_t = max(16, min(64, next_pow2(max(1, longest))))
     n_tiles = -(-longest // block_t)
     bounds_t = torch.tensor(bounds, dtype=torch.int32, device=q.device)
+    if kv_mask is None:
+        mask_arg, msb, msh, mst = bounds_t, 0, 0, 0  # never read (HAS_MASK=False)
+    else:  # the bool bytes in place, strided; a broadcast head axis gets stride 0
+        mask_arg = kv_mask.view(torch.uint8)
+        msb, mst = kv_mask.stride(0), kv_mask.stride(2)
+        msh = 0 if kv_mask.shape[1] == 1 else kv_mask.stride(1)
     _kernel("packed_decode")[(b * hq, ns)](
         q.contiguous(),
         kq.packed.contiguous(),
@@ -413,6 +674,7 @@ def _partial_triton(
         vq.packed.contiguous(),
         vq.scale.contiguous(),
         vq.zero.contiguous(),
+        mask_arg,
         bounds_t,
         out,
         lse,
@@ -424,16 +686,23 @@ def _partial_triton(
         dv,
         nbk,
         nbv,
-        dv // vq.group_size,
+        d // kq.group_size if kq.layout == "per_token" else 0,
+        dv // vq.group_size if vq.layout == "per_token" else 0,
+        msb,
+        msh,
+        mst,
         ns,
         n_tiles,
         group,
         BITS_K=kq.bits,
         PER_K=per_k,
         GK=kq.group_size,
+        K_PER_TOKEN=kq.layout == "per_token",
         BITS_V=vq.bits,
         PER_V=per_v,
         GV=vq.group_size,
+        V_PER_CHANNEL=vq.layout == "per_channel",
+        HAS_MASK=kv_mask is not None,
         BLOCK_T=block_t,
         BLOCK_NBK=next_pow2(nbk),
         BLOCK_NBV=next_pow2(nbv),
@@ -453,6 +722,8 @@ def packed_decode_attention_partial(
     v_packed: QuantizedTensor,
     scale: float,
     num_splits: int | Sequence[int] = 1,
+    *,
+    kv_mask: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Split decode attention over packed K/V: (output, log-sum-exp) per split.
 
@@ -461,28 +732,34 @@ def packed_decode_attention_partial(
     q : torch.Tensor
         ``(B, Hq, D)``, one decode query per head; float16, bfloat16 or float32.
     k_packed : QuantizedTensor
-        Keys, layout ``"per_channel"``, shape ``(B, Hkv, T, D)``; ``Hq % Hkv == 0``.
+        Keys, layout ``"per_channel"`` (KIVI, :func:`~pikvpress.kernels.quantize.quantize_keys`) or
+        ``"per_token"``, shape ``(B, Hkv, T, D)``; ``Hq % Hkv == 0``.
     v_packed : QuantizedTensor
-        Values, layout ``"per_token"``, shape ``(B, Hkv, T, Dv)``.
+        Values, layout ``"per_token"`` (KIVI, :func:`~pikvpress.kernels.quantize.quantize_values`)
+        or ``"per_channel"``, shape ``(B, Hkv, T, Dv)``.
     scale : float
         Softmax scale applied to ``q . k``.
     num_splits : int or sequence of int
-        Splits of the T axis, aligned to ``k_packed.group_size``; see :func:`split_bounds`.
+        Splits of the T axis, aligned to the largest token-group size of the per-channel operands
+        (1 if none); see :func:`split_bounds`.
+    kv_mask : torch.Tensor, optional
+        bool ``(B, Hkv, T)``, or ``(B, 1, T)`` broadcast over kv heads, on ``q``'s device; True
+        attends to the token, False drops it (logit ``-inf``). Any strides; it is read in place.
 
     Returns
     -------
     (torch.Tensor, torch.Tensor)
         ``out`` ``(B, Hq, S, Dv)`` float32, each split's softmax-normalised output (0 for an empty
         split), and ``lse`` ``(B, Hq, S)`` float32, natural-log log-sum-exp of the split's scaled
-        logits (``-inf`` for an empty split).
+        logits (``-inf`` for an empty split). A split whose tokens are all dropped by ``kv_mask``
+        is empty.
     """
     group = _check_packed(q, k_packed, v_packed, scale)
-    bounds = split_bounds(k_packed.shape[2], num_splits, k_packed.group_size)
+    _check_kv_mask(kv_mask, q, k_packed.shape)
+    bounds = split_bounds(k_packed.shape[2], num_splits, _token_align(k_packed, v_packed))
     if _use_triton(q):
-        return _partial_triton(q, k_packed, v_packed, float(scale), bounds, group)
-    k = dequantize_reference(k_packed, torch.float32)
-    v = dequantize_reference(v_packed, torch.float32)
-    return _partial_reference(q, k, v, float(scale), bounds, group)
+        return _partial_triton(q, k_packed, v_packed, float(scale), bounds, group, kv_mask)
+    return _partial_cpu(q, k_packed, v_packed, float(scale), bounds, kv_mask)
 
 
 def packed_decode_attention(
@@ -491,9 +768,12 @@ def packed_decode_attention(
     v_packed: QuantizedTensor,
     scale: float,
     num_splits: int | Sequence[int] = 1,
+    *,
+    kv_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Decode attention over packed K/V: :func:`packed_decode_attention_partial`, then
-    :func:`merge_attention_states`. Returns ``(B, Hq, Dv)`` in ``q``'s dtype."""
-    out, lse = packed_decode_attention_partial(q, k_packed, v_packed, scale, num_splits)
+    :func:`merge_attention_states`. Returns ``(B, Hq, Dv)`` in ``q``'s dtype (0 for a query whose
+    tokens are all dropped by ``kv_mask``)."""
+    out, lse = packed_decode_attention_partial(q, k_packed, v_packed, scale, num_splits, kv_mask=kv_mask)
     merged, _ = merge_attention_states(out, lse, dim=2)
     return merged.to(q.dtype)

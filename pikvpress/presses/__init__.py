@@ -7,6 +7,10 @@ adaptive scheduling, quantization, the chained ``PiKVPress``) register here as t
 
 from kvpress.presses.base_press import BasePress
 
-PRESSES: dict[str, type[BasePress]] = {}
+from pikvpress.presses.quantization_press import QuantizationPress
 
-__all__ = ["PRESSES"]
+PRESSES: dict[str, type[BasePress]] = {
+    "quantization": QuantizationPress,
+}
+
+__all__ = ["PRESSES", "QuantizationPress"]

@@ -1,0 +1,136 @@
+"""QuantizationPress: store each layer's KV cache bit-packed (int8 / int4 / int2) after the prefill."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kvpress.presses.base_press import BasePress, is_prefilling
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from pikvpress.attention import enable_packed_attention
+from pikvpress.cache import PackedKVLayer, cache_nbytes
+from pikvpress.cache.packed_layer import Layout, check_head_dims, check_packing_args
+from pikvpress.models.adapter import language_model, layer_adapter
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class QuantizationPress(BasePress):
+    """Pack the KV cache: keys and values quantized to ``bits`` and stored as packed bytes.
+
+    After the prefill (and any token-pruning press placed before it in a ``ComposedPress``), each
+    full-attention layer's cache becomes a :class:`~pikvpress.cache.PackedKVLayer`: the older tokens
+    quantized and packed (KIVI layout by default: keys per channel over groups of
+    ``key_group_size`` tokens, values per token over groups of ``group_size`` channels; scales and
+    zero points in ``stats_dtype``), the most recent ``residual_length`` or more tokens kept in full
+    precision. Decoding appends to the residual and packs it a key group at a time. The model reads
+    packed layers through pikvpress's attention function (``pikv_<base>``), which attends to the
+    packed bytes without materialising the dequantized cache on GPU. Sliding-window layers (bounded
+    already) stay dense. No token is removed: ``compression_ratio`` is 0.
+
+    Bytes per element, overheads included: ``bits/8 + 2 * stats_bytes / group`` for each of keys
+    (group ``key_group_size``) and values (group ``group_size``), plus the residual in full precision.
+
+    Parameters
+    ----------
+    bits : int
+        8, 4 or 2.
+    group_size : int
+        Channels sharing one scale and zero point (values; keys too in the ``"per_token"`` layout).
+        A power of two dividing every layer's key and value head dims.
+    key_group_size : int
+        Tokens sharing one key scale and zero point per channel (``"kivi"`` layout), and the number
+        of tokens packed at a time. A power of two.
+    residual_length : int
+        Most recent tokens kept in full precision (>= 0); the residual holds between
+        ``residual_length`` and ``residual_length + key_group_size - 1`` tokens.
+    stats_dtype : torch.dtype
+        torch.float16 or torch.bfloat16.
+    layout : {"kivi", "per_token"}
+        ``"kivi"`` (keys per channel, values per token) or ``"per_token"`` (both per token).
+
+    Examples
+    --------
+    >>> press = ComposedPress([SnapKVPress(compression_ratio=0.5), QuantizationPress(bits=4)])
+    >>> with press(model):
+    ...     model(context_ids, past_key_values=cache)      # prune, then pack
+    >>> cache_nbytes(cache)                                # bytes held, scales included
+    """
+
+    bits: int = 4
+    group_size: int = 64
+    key_group_size: int = 128
+    residual_length: int = 128
+    stats_dtype: torch.dtype = torch.float16
+    layout: Layout = "kivi"
+    compression_ratio: float = field(default=0.0, init=False)
+
+    def __post_init__(self) -> None:
+        check_packing_args(
+            self.bits, self.group_size, self.key_group_size, self.residual_length, self.stats_dtype, self.layout
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    def post_init_from_model(self, model: nn.Module) -> None:
+        """Check every layer's head dims against ``group_size`` and switch on packed attention."""
+        self.__post_init__()
+        for layer in language_model(model).layers:
+            attention = layer.self_attn
+            adapter = layer_adapter(attention)
+            if adapter is not None:
+                if adapter.is_sliding:
+                    continue
+                key_dim, value_dim = adapter.key_dim, adapter.value_dim
+            else:
+                key_dim = value_dim = int(getattr(attention, "head_dim"))
+            check_head_dims(self.group_size, self.bits, key_dim, value_dim, f" of layer {attention.layer_idx}")
+        enable_packed_attention(model)
+
+    def _check_cache(self, cache: Any) -> None:
+        """Raise before anything is converted if ``cache`` is not a cache this press can pack."""
+        if not isinstance(cache, DynamicCache):
+            raise ValueError(
+                f"QuantizationPress packs a DynamicCache (past_key_values), got {type(cache).__name__}; "
+                "pass DynamicCache() or let the model create one"
+            )
+        for idx, layer in enumerate(cache.layers):
+            if not isinstance(layer, (DynamicLayer, PackedKVLayer)):
+                raise ValueError(
+                    f"QuantizationPress cannot pack cache layer {idx} of type {type(layer).__name__}; "
+                    "supported: DynamicLayer (sliding-window layers are left dense)"
+                )
+
+    def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
+        hidden_states = kwargs["hidden_states"]
+        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+            return output
+        cache = kwargs["past_key_values"]
+        self._check_cache(cache)
+        idx = module.layer_idx
+        layer = cache.layers[idx]
+        if isinstance(layer, PackedKVLayer) or getattr(layer, "is_sliding", False):
+            return output
+        keys, values = layer.keys, layer.values
+        cache.layers[idx] = PackedKVLayer.from_dense(
+            keys,
+            values,
+            bits=self.bits,
+            group_size=self.group_size,
+            key_group_size=self.key_group_size,
+            residual_length=self.residual_length,
+            stats_dtype=self.stats_dtype,
+            layout=self.layout,
+            config=module.config,
+        )
+        return output
+
+    @staticmethod
+    def cache_nbytes(cache: Any) -> int:
+        """Bytes ``cache`` holds (packed codes, scales, zero points, residuals, dense layers)."""
+        return cache_nbytes(cache)
