@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="model name or path (default: SmolLM2-135M-Instruct)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096])
-    parser.add_argument("--steps", type=int, default=32, help="decode steps per configuration")
+    parser.add_argument("--steps", type=int, default=24, help="decode steps per configuration")
     parser.add_argument("--rounds", type=int, default=4, help="interleaved rounds the steps are split into")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
