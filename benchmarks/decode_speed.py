@@ -36,9 +36,15 @@ def packed_copy(model, dense: DynamicCache, press: QuantizationPress) -> Dynamic
         if getattr(layer, "is_sliding", False):
             continue
         cache.layers[idx] = PackedKVLayer.from_dense(
-            layer.keys, layer.values, bits=press.bits, group_size=press.group_size,
-            key_group_size=press.key_group_size, residual_length=press.residual_length,
-            stats_dtype=press.stats_dtype, layout=press.layout, config=model.config,
+            layer.keys,
+            layer.values,
+            bits=press.bits,
+            group_size=press.group_size,
+            key_group_size=press.key_group_size,
+            residual_length=press.residual_length,
+            stats_dtype=press.stats_dtype,
+            layout=press.layout,
+            config=model.config,
         )
     return cache
 
@@ -106,8 +112,10 @@ def main(argv: list[str] | None = None) -> None:
             mib = f"{nbytes[name] / 2**20:.2f}" if nbytes[name] is not None else "n/a"
             rows.append([tokens, name, f"{med * 1e3:.1f}", f"{med / base:.2f}x", mib])
         logger.info("prefill of %d tokens: %.1f s", tokens, prefill_s)
-    print(f"Decode time per token, {model.config.name_or_path}, {model.dtype}, {torch.get_num_threads()} threads, "
-          f"median of {args.rounds * per_round} steps, interleaved")
+    print(
+        f"Decode time per token, {model.config.name_or_path}, {model.dtype}, {torch.get_num_threads()} threads, "
+        f"median of {args.rounds * per_round} steps, interleaved"
+    )
     print(tabulate(rows, headers=["context", "cache", "ms / token", "vs dense", "KV MiB"], tablefmt="github"))
 
 

@@ -23,6 +23,7 @@ from pikvpress.kernels.decode_attention import (
     merge_attention_states,
     packed_decode_attention_partial,
     packed_decode_attention_partial_reference,
+    programs_per_split,
 )
 from pikvpress.kernels.quantize import (
     dequantize,
@@ -77,12 +78,23 @@ def bandwidth() -> list[list]:
     copy_s = cuda_time(lambda: x.clone())
     copy_bw = 2 * x.numel() * x.element_size() / copy_s
     for bits in (8, 4, 2):
-        for name, fn in (("keys", lambda: quantize_keys(x, bits, 128)), ("values", lambda: quantize_values(x, bits, 64))):
+        for name, fn in (
+            ("keys", lambda bits=bits: quantize_keys(x, bits, 128)),
+            ("values", lambda bits=bits: quantize_values(x, bits, 64)),
+        ):
             qt = fn()
             moved = x.numel() * x.element_size() + qt.nbytes
             s = cuda_time(fn)
             bw = moved / s
-            rows.append([f"int{bits} {name}", f"{s * 1e6:.0f}", f"{bw / 1e9:.0f}", f"{copy_bw / 1e9:.0f}", f"{bw / copy_bw:.0%}"])
+            rows.append(
+                [
+                    f"int{bits} {name}",
+                    f"{s * 1e6:.0f}",
+                    f"{bw / 1e9:.0f}",
+                    f"{copy_bw / 1e9:.0f}",
+                    f"{bw / copy_bw:.0%}",
+                ]
+            )
     return rows
 
 
@@ -95,13 +107,14 @@ def decode(lengths: list[int]) -> list[list]:
         v = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16)
         q = torch.randn(1, hq, d, device="cuda", dtype=torch.bfloat16)
         kq, vq = quantize_keys(k, 4, 128), quantize_values(v, 4, 64)
-        splits = max(1, min(-(-2 * sms // hq), t // 256))
+        programs = programs_per_split(1, hq, hkv, d, d)
+        splits = max(1, min(-(-2 * sms // programs), t // 256))
 
-        def packed():
+        def packed(q=q, kq=kq, vq=vq, splits=splits):
             out, lse = packed_decode_attention_partial(q, kq, vq, d**-0.5, splits)
             return merge_attention_states(out, lse, dim=2)
 
-        def dense():
+        def dense(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)
 
         tp, td = cuda_time(packed), cuda_time(dense)
@@ -119,13 +132,23 @@ def main(argv: list[str] | None = None) -> int:
     print(f"device: {torch.cuda.get_device_name(0)}")
     print("\nCorrectness on the device (fresh random inputs)")
     rows = check_correctness()
-    print(tabulate(rows, headers=["bits", "packed bytes == ref", "dequant err", "attn out err", "lse err", ""],
-                   tablefmt="github"))
+    print(
+        tabulate(
+            rows,
+            headers=["bits", "packed bytes == ref", "dequant err", "attn out err", "lse err", ""],
+            tablefmt="github",
+        )
+    )
     print("\nQuantize kernel bandwidth, bf16 (1, 8, 131072, 128)")
     print(tabulate(bandwidth(), headers=["kernel", "us", "GB/s", "copy GB/s", "of copy"], tablefmt="github"))
     print("\nDecode attention, 1 query, 32 q heads / 8 kv heads x 128: bf16 SDPA vs packed int4 (Triton)")
-    print(tabulate(decode(args.lengths), headers=["tokens", "splits", "SDPA us", "packed int4 us", "speed-up"],
-                   tablefmt="github"))
+    print(
+        tabulate(
+            decode(args.lengths),
+            headers=["tokens", "splits", "SDPA us", "packed int4 us", "speed-up"],
+            tablefmt="github",
+        )
+    )
     return 1 if any(r[-1] == "FAIL" for r in rows) else 0
 
 

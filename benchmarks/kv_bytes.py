@@ -21,15 +21,21 @@ from pikvpress.cache import PackedKVLayer
 TARGETS = {8: 0.53, 4: 0.28, 2: 0.16}
 
 
-def measure(bits: int, tokens: int, kv_heads: int, head_dim: int, group_size: int, key_group_size: int,
-            residual_length: int) -> tuple[float, float]:
+def measure(
+    bits: int, tokens: int, kv_heads: int, head_dim: int, group_size: int, key_group_size: int, residual_length: int
+) -> tuple[float, float]:
     """(whole layer / bf16, packed part per token / bf16 per token)."""
     gen = torch.Generator().manual_seed(tokens + bits)
     k = torch.randn(1, kv_heads, tokens, head_dim, generator=gen).to(torch.bfloat16)
     v = torch.randn(1, kv_heads, tokens, head_dim, generator=gen).to(torch.bfloat16)
     layer = PackedKVLayer.from_dense(
-        k, v, bits=bits, group_size=group_size, key_group_size=key_group_size,
-        residual_length=residual_length, stats_dtype=torch.bfloat16,
+        k,
+        v,
+        bits=bits,
+        group_size=group_size,
+        key_group_size=key_group_size,
+        residual_length=residual_length,
+        stats_dtype=torch.bfloat16,
     )
     dense_per_token = 2 * kv_heads * head_dim * 2  # keys + values, bf16
     packed_bytes = layer.packed_keys.nbytes + layer.packed_values.nbytes if layer.packed_keys is not None else 0
@@ -51,8 +57,9 @@ def main(argv: list[str] | None = None) -> None:
         row = [f"int{bits}", f"<= {TARGETS[bits]:.2f}x"]
         per_token = None
         for tokens in args.tokens:
-            whole, per_token = measure(bits, tokens, args.kv_heads, args.head_dim, args.group_size,
-                                       args.key_group_size, args.residual_length)
+            whole, per_token = measure(
+                bits, tokens, args.kv_heads, args.head_dim, args.group_size, args.key_group_size, args.residual_length
+            )
             row.append(f"{whole:.3f}x")
         row.append(f"{per_token:.3f}x")
         rows.append(row)

@@ -150,7 +150,7 @@ class EvalConfig:
         return dataclasses.asdict(self)
 
     # ---------------------------------------------------------------------------------------------
-    def validate(self) -> "EvalConfig":
+    def validate(self) -> EvalConfig:
         """Raise :class:`ConfigError` naming the field and the allowed values; return self."""
         if self.dataset not in DATASETS:
             raise ConfigError(f"dataset: unknown {self.dataset!r}; allowed: {', '.join(DATASETS)}")

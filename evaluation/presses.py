@@ -8,7 +8,8 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from kvpress import (
     AdaKVPress,
@@ -79,8 +80,10 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
     """
     if name not in press_names():
         raise ValueError(f"unknown press {name!r}; allowed: {', '.join(press_names())}")
-    if not isinstance(compression_ratio, (int, float)) or math.isnan(compression_ratio) or not (
-        0 <= compression_ratio < 1
+    if (
+        not isinstance(compression_ratio, (int, float))
+        or math.isnan(compression_ratio)
+        or not (0 <= compression_ratio < 1)
     ):
         raise ValueError(f"compression_ratio must be in [0, 1), got {compression_ratio!r}")
     if name == NO_PRESS:
@@ -94,6 +97,8 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
         return press
     if not takes_ratio(name):
         if compression_ratio:
-            raise ValueError(f"press {name!r} removes no tokens; its compression_ratio must be 0, got {compression_ratio}")
+            raise ValueError(
+                f"press {name!r} removes no tokens; its compression_ratio must be 0, got {compression_ratio}"
+            )
         return PRESSES[name](**kwargs)
     return PRESSES[name](compression_ratio=compression_ratio, **kwargs)

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -38,6 +39,7 @@ from pikvpress.kernels.decode_attention import (
     merge_attention_states,
     packed_attention_with_residual,
     packed_decode_attention_partial,
+    programs_per_split,
 )
 from pikvpress.kernels.quantize import _use_triton
 from pikvpress.models.adapter import language_model
@@ -60,7 +62,14 @@ _RESTORE_ATTR = "_pikv_restore_attn_implementation"
 
 
 def _keep(
-    attention_mask: torch.Tensor | None, module: nn.Module, b: int, hq: int, hkv: int, lq: int, p: int, n: int,
+    attention_mask: torch.Tensor | None,
+    module: nn.Module,
+    b: int,
+    hq: int,
+    hkv: int,
+    lq: int,
+    p: int,
+    n: int,
     device: torch.device,
 ) -> torch.Tensor | None:
     """Which of the ``n = p + r`` cached tokens each query attends to, as bool broadcastable to
@@ -129,12 +138,13 @@ def _dense_partial(
     return out, lse
 
 
-def _num_splits(q: torch.Tensor, rows: int, packed_len: int) -> int:
-    """Sequence splits for the packed kernel: enough programs to fill the GPU, >= 256 tokens each."""
+def _num_splits(q: torch.Tensor, programs: int, packed_len: int) -> int:
+    """Sequence splits for the packed kernel: enough programs (``programs`` per split) to fill the
+    GPU twice over, >= 256 tokens each."""
     if not q.is_cuda:
         return 1
     sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    want = math.ceil(2 * sms / max(1, rows))
+    want = math.ceil(2 * sms / max(1, programs))
     return max(1, min(want, math.ceil(packed_len / 256)))
 
 
@@ -176,7 +186,8 @@ def packed_layer_attention(
     if p > 0:
         kv_mask = _packed_kv_mask(keep, b, hq, hkv, p)
         q2 = query.reshape(b, hq * lq, d)  # (h, l) rows: row // (Hq*Lq/Hkv) is the kv head
-        splits = _num_splits(query, b * hq * lq, p)
+        kq, vq = layer.packed_keys, layer.packed_values
+        splits = _num_splits(query, programs_per_split(b, hq * lq, hkv, kq.shape[3], vq.shape[3]), p)
         out_p, lse_p = packed_decode_attention_partial(
             q2, layer.packed_keys, layer.packed_values, scale, splits, kv_mask=kv_mask
         )

@@ -5,8 +5,8 @@ A later press joins the suite by adding one ``PressCase`` here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from kvpress import (
     AdaKVPress,
@@ -108,14 +108,19 @@ PRESS_CASES: list[PressCase] = [
     # pikvpress presses (issues 4-7); tiny models have head dims 16 (DeepSeek: keys 24, values 12)
     PressCase(
         "quantization_int4",
-        lambda r: ComposedPress([KnormPress(r), QuantizationPress(bits=4, group_size=4, key_group_size=8, residual_length=4)]),
+        lambda r: ComposedPress(
+            [KnormPress(r), QuantizationPress(bits=4, group_size=4, key_group_size=8, residual_length=4)]
+        ),
         kept=_composed_kept,
         lossless=False,
     ),
     PressCase(
         "quantization_int2_per_token",
         lambda r: ComposedPress(
-            [SnapKVPress(r, window_size=4), QuantizationPress(bits=2, group_size=4, key_group_size=4, residual_length=0, layout="per_token")]
+            [
+                SnapKVPress(r, window_size=4),
+                QuantizationPress(bits=2, group_size=4, key_group_size=4, residual_length=0, layout="per_token"),
+            ]
         ),
         kept=_composed_kept,
         lossless=False,

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import get_tiny_model
 from default_presses import PRESS_CASES, PressCase
 from transformers import DynamicCache, pipeline
 
-from conftest import get_tiny_model
 from pikvpress.cache import PackedKVLayer
 from pikvpress.models import TINY_FAMILIES, get_adapter
 
@@ -75,7 +75,7 @@ def test_prefill_leaves_expected_lengths(case: PressCase, family: str):
         assert stored.keys.shape == (1, layer.num_kv_heads, kept, layer.key_dim)
         assert stored.values.shape == (1, layer.num_kv_heads, kept, layer.value_dim)
         if case.masks_instead_of_pruning:
-            batch_idx, head_idx, seq_idx = layer.attention.masked_key_indices
+            _batch_idx, head_idx, _seq_idx = layer.attention.masked_key_indices
             masked_per_head = torch.bincount(head_idx, minlength=layer.num_kv_heads)
             assert int(masked_per_head.sum()) == layer.num_kv_heads * (CONTEXT_LEN - int(CONTEXT_LEN * (1 - RATIO)))
             assert bool((masked_per_head < CONTEXT_LEN).all())  # every head keeps something
@@ -128,7 +128,7 @@ def test_batch_of_two_with_left_padding(case: PressCase, family: str):
     ids = torch.cat([long_row, torch.cat([pad, short_row], dim=1)])
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
-    kwargs = dict(max_new_tokens=NEW_TOKENS, do_sample=False, output_scores=True, return_dict_in_generate=True)
+    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
     with torch.no_grad(), case.make(RATIO)(model):
         batched = model.generate(ids, attention_mask=mask, **kwargs)
     assert batched.sequences.shape[0] == 2 and batched.sequences.shape[1] > CONTEXT_LEN

@@ -525,3 +525,110 @@ def test_cpu_path_matches_reference(bits, k_layout, v_layout, v_group, splits, m
     want = A.packed_decode_attention_partial_reference(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
+
+
+# --------------------------------------------------------------------------------------------------
+# grouped-query attention: one program per (batch, kv head, split) serves the whole group
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def grids(monkeypatch):
+    """Record the launch grid of every kernel launch."""
+    seen = []
+    lazy = A._kernel
+
+    class _Recorder:
+        def __call__(self, name):
+            kernel = lazy(name)
+
+            class _Launch:
+                def __getitem__(self, grid):
+                    seen.append(tuple(grid))
+                    return kernel[grid]
+
+            return _Launch()
+
+    monkeypatch.setattr(A, "_kernel", _Recorder())
+    return seen
+
+
+@pytest.mark.parametrize(
+    ("group", "hkv"),
+    [(1, 3), (3, 2), (4, 2), (8, 2), (40, 1), (72, 1)],  # 40: 8 query heads x 5 flattened query tokens
+    ids=lambda x: str(x),
+)
+@pytest.mark.parametrize("layouts", [LAYOUTS[0], LAYOUTS[1]], ids="-".join)
+def test_kernel_group_sizes_match_reference(triton_mode, poison, grids, group, hkv, layouts):
+    """Every group size (a power of two or not, one row block or, above 64, two), with a per-head
+    kv_mask that drops a whole split of one kv head and uneven splits: the outputs of every query
+    head match the reference, the dropped split is (0, -inf) for the whole group, and the grid has
+    one program per (batch, kv head, row block) per split, not one per query head."""
+    b, t, d, dv = 2, 96, 24, 40
+    hq = group * hkv
+    dtype = random.choice((torch.float32, torch.float16, torch.bfloat16))
+    q, k, v = _inputs(b, hq, hkv, t, d, dv, dtype)
+    kq, vq = _pack_layouts(k, v, layouts)
+    kv_mask = _mask("per_head", b, hkv, t)
+    num_splits = _splits_for(layouts)  # uneven, with an empty split
+    bounds = _bounds(t, num_splits, _align(layouts))
+    s = max(range(len(bounds) - 1), key=lambda i: bounds[i + 1] - bounds[i])
+    mh = random.randrange(hkv)
+    kv_mask[1, mh, bounds[s] : bounds[s + 1]] = False
+    scale = d**-0.5
+    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+
+    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    assert triton_mode() == 1
+    ns = len(bounds) - 1
+    row_blocks = {40: 3, 72: 5}.get(group, 1)  # at most 16 rows per program for dims 24 / 40
+    assert grids == [(b * hkv * row_blocks, ns)]
+    assert A.programs_per_split(b, hq, hkv, d, dv) == b * hkv * row_blocks
+    assert out.shape == (b, hq, ns, dv) and lse.shape == (b, hq, ns)
+    assert not out.isnan().any() and not lse.isnan().any()
+    torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
+    heads = list(range(mh * group, (mh + 1) * group))
+    assert torch.equal(lse[1, heads, s], torch.full((group,), float("-inf")))
+    assert torch.equal(out[1, heads, s], torch.zeros(group, dv))
+    for i, (lo, hi) in enumerate(itertools.pairwise(bounds)):  # empty splits stay empty
+        if hi == lo:
+            assert torch.isneginf(lse[:, :, i]).all() and torch.equal(out[:, :, i], torch.zeros_like(out[:, :, i]))
+
+
+def test_kernel_flattened_query_tokens_match_per_token_calls(triton_mode, poison):
+    """8 query heads x 5 query tokens flattened into 40 rows over 1 kv head (what the attention
+    function passes) equals 5 separate calls of 8 heads each."""
+    b, hq, lq, t, d = 1, 8, 5, 64, 32
+    q4 = torch.randn(b, hq, lq, d)
+    _, k, v = _inputs(b, 1, 1, t, d, d)
+    kq, vq = _pack(k, v, 4, 2)
+    kv_mask = torch.rand(b, 1, t) > 0.2
+    out, lse = A.packed_decode_attention_partial(q4.reshape(b, hq * lq, d), kq, vq, 0.2, 2, kv_mask=kv_mask)
+    out, lse = out.view(b, hq, lq, 2, d), lse.view(b, hq, lq, 2)
+    for j in range(lq):
+        o1, l1 = A.packed_decode_attention_partial(q4[:, :, j].contiguous(), kq, vq, 0.2, 2, kv_mask=kv_mask)
+        torch.testing.assert_close(out[:, :, j], o1, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse[:, :, j], l1, rtol=1e-5, atol=1e-6)
+    assert triton_mode() == 1 + lq
+
+
+def test_block_config_shrinks_tile_with_group():
+    """(BLOCK_G, row blocks, BLOCK_T, num_warps): the whole group in one program while it fits the
+    register budget (8 rows at D = 128, 4 at 256, 16 at 64), the token tile shrinking as the rows grow."""
+    for group, want in [
+        (1, (1, 1, 64, 4)),
+        (2, (2, 1, 64, 8)),
+        (3, (4, 1, 32, 8)),
+        (8, (8, 1, 16, 8)),
+        (16, (8, 2, 16, 8)),
+        (40, (8, 5, 16, 8)),
+    ]:
+        assert A._block_config(group, 4096, 128, 128) == want
+    assert A._block_config(1, 4096, 256, 256) == (1, 1, 32, 4)
+    assert A._block_config(8, 4096, 256, 256) == (4, 2, 16, 8)
+    assert A._block_config(16, 4096, 64, 64) == (16, 1, 16, 8)
+    assert A._block_config(40, 4096, 128, 64) == (8, 5, 16, 8)  # the larger dim decides
+    assert A._block_config(200, 4096, 16, 16) == (64, 4, 16, 8)  # never more than 64 rows
+    assert A._block_config(1, 20, 128, 128)[2] == 32 and A._block_config(1, 0, 128, 128)[2] == 16  # short splits
+    assert A.programs_per_split(2, 32, 8, 128, 128) == 16 and A.programs_per_split(1, 40, 1, 128, 128) == 5

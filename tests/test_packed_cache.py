@@ -70,8 +70,9 @@ def test_int4_bytes_per_element_below_target_for_long_contexts():
     """The README's targets, overheads included, for the default group sizes (64 channels, 128 tokens)."""
     for bits, target in ((8, 0.53), (4, 0.28), (2, 0.16)):
         k = torch.randn(1, 1, 32768 + 128, 128, dtype=torch.bfloat16)
-        layer = PackedKVLayer.from_dense(k, k.clone(), bits=bits, group_size=64, key_group_size=128,
-                                         residual_length=128, stats_dtype=torch.bfloat16)
+        layer = PackedKVLayer.from_dense(
+            k, k.clone(), bits=bits, group_size=64, key_group_size=128, residual_length=128, stats_dtype=torch.bfloat16
+        )
         dense = 2 * k.numel() * k.element_size()
         assert layer.nbytes / dense <= target, (bits, layer.nbytes / dense)
 
@@ -99,7 +100,7 @@ def test_appending_keeps_residual_bounded_and_contents_exact():
 
 
 def test_update_returns_dense_when_pikv_attention_is_off():
-    layer, k, v = make_layer(t=30)
+    layer, _k, _v = make_layer(t=30)
     nk, nv = rand(2, 3, 1, 16), rand(2, 3, 1, 8)
     keys, values = layer.update(nk, nv)
     assert keys.shape == (2, 3, 31, 16) and values.shape == (2, 3, 31, 8)
@@ -111,7 +112,7 @@ def test_update_returns_tagged_residual_when_pikv_attention_is_on():
     class Config:
         _attn_implementation = "pikv_sdpa"
 
-    layer, k, v = make_layer(t=30)
+    layer, _k, _v = make_layer(t=30)
     layer.config = Config()
     keys, values = layer.update(rand(2, 3, 1, 16), rand(2, 3, 1, 8))
     assert keys.shape[2] == layer.residual_length_now
@@ -120,7 +121,7 @@ def test_update_returns_tagged_residual_when_pikv_attention_is_on():
 
 @pytest.mark.parametrize("n", [30, 21, 16, 13, 3, 0])
 def test_pipeline_style_crop_through_views(n):
-    layer, k, v = make_layer(t=30, res=4)
+    layer, _k, _v = make_layer(t=30, res=4)
     before_k, before_v = layer.dequantized()
     view = layer.keys[:, :, :n]
     assert isinstance(view, PackedKVView) and view.shape[2] == n
@@ -181,10 +182,19 @@ def test_cache_nbytes_mixes_dense_and_packed_layers():
     assert cache_nbytes(cache) == 2 * k.numel() * 4 + packed.nbytes
 
 
-@pytest.mark.parametrize("bad", [
-    dict(bits=3), dict(bits=True), dict(group_size=6), dict(group_size=0), dict(key_group_size=12),
-    dict(residual_length=-1), dict(stats_dtype=torch.float32), dict(layout="kiwi"),
-])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"bits": 3},
+        {"bits": True},
+        {"group_size": 6},
+        {"group_size": 0},
+        {"key_group_size": 12},
+        {"residual_length": -1},
+        {"stats_dtype": torch.float32},
+        {"layout": "kiwi"},
+    ],
+)
 def test_bad_layer_arguments(bad):
     name = next(iter(bad))
     with pytest.raises(ValueError, match=name):
@@ -245,7 +255,7 @@ def test_packed_attention_equals_dense_attention_over_dequantized(bits, lq, layo
     res_v = torch.cat([layer.residual_values, new_v], dim=2)
     n = full_k.shape[2] + lq
     keep = torch.ones(b, 1, lq, n, dtype=torch.bool)
-    keep[..., n - lq:] = torch.ones(lq, lq, dtype=torch.bool).tril()  # causal among the new tokens
+    keep[..., n - lq :] = torch.ones(lq, lq, dtype=torch.bool).tril()  # causal among the new tokens
     ref = dense_attention(q, torch.cat([full_k, new_k], 2), torch.cat([full_v, new_v], 2), 0.3, keep)
     out = packed_layer_attention(_Module(), q, res_k, res_v, None, layer, scaling=0.3)
     assert out.shape == (b, lq, hq, dv)

@@ -5,16 +5,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import get_tiny_model
 from kvpress import ComposedPress, SnapKVPress
 from transformers import DynamicCache, QuantizedCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
 
-from conftest import get_tiny_model
 from pikvpress import PackedKVLayer, QuantizationPress, cache_nbytes, disable_packed_attention
 from pikvpress.models import get_adapter
 
 FAMILIES = ("llama", "qwen3_moe", "mixtral", "gpt_oss", "deepseek_v3")
-SMALL = dict(group_size=4, key_group_size=8, residual_length=4)
+SMALL = {"group_size": 4, "key_group_size": 8, "residual_length": 4}
 
 
 def ids_(length: int, seed: int = 0, batch: int = 1) -> torch.Tensor:
@@ -87,8 +87,9 @@ def test_packing_continues_while_generating():
     press = QuantizationPress(bits=4, **SMALL)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
-        out = model.generate(ids_(40, seed=2), max_new_tokens=20, min_new_tokens=20, do_sample=False,
-                             past_key_values=cache)
+        out = model.generate(
+            ids_(40, seed=2), max_new_tokens=20, min_new_tokens=20, do_sample=False, past_key_values=cache
+        )
     assert out.shape[1] == 60
     layer = cache.layers[0]
     assert isinstance(layer, PackedKVLayer)
@@ -98,13 +99,13 @@ def test_packing_continues_while_generating():
 
 def test_generate_outside_the_press_context_uses_packed_attention(monkeypatch):
     """kvpress's pipeline decodes after leaving the press context; packed attention must still run."""
-    import pikvpress.attention as attention
+    from pikvpress import attention
 
     calls = []
     real = attention.packed_layer_attention
     monkeypatch.setattr(attention, "packed_layer_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
     model = get_tiny_model("qwen3_moe")
-    cache, logits = packed_prefill(model, QuantizationPress(bits=4, **SMALL), ids_(40))
+    cache, _logits = packed_prefill(model, QuantizationPress(bits=4, **SMALL), ids_(40))
     with torch.no_grad():
         model(input_ids=torch.tensor([[5]]), past_key_values=cache)
     assert len(calls) == model.config.num_hidden_layers
@@ -152,12 +153,19 @@ def test_composes_after_a_pruning_press():
     assert cache_nbytes(cache) < cache_nbytes(pruned)
 
 
-@pytest.mark.parametrize("bad, match", [
-    (dict(bits=3), "bits"), (dict(bits=16), "bits"), (dict(group_size=3), "group_size"),
-    (dict(group_size=0), "group_size"), (dict(key_group_size=6), "key_group_size"),
-    (dict(residual_length=-1), "residual_length"), (dict(stats_dtype=torch.float32), "stats_dtype"),
-    (dict(layout="per_channel"), "layout"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        ({"bits": 3}, "bits"),
+        ({"bits": 16}, "bits"),
+        ({"group_size": 3}, "group_size"),
+        ({"group_size": 0}, "group_size"),
+        ({"key_group_size": 6}, "key_group_size"),
+        ({"residual_length": -1}, "residual_length"),
+        ({"stats_dtype": torch.float32}, "stats_dtype"),
+        ({"layout": "per_channel"}, "layout"),
+    ],
+)
 def test_bad_arguments_are_rejected(bad, match):
     with pytest.raises(ValueError, match=match):
         QuantizationPress(**bad)
@@ -167,9 +175,8 @@ def test_group_size_not_dividing_the_head_dim_fails_before_any_forward():
     model = get_tiny_model("deepseek_v3")  # key dim 24, value dim 12
     press = QuantizationPress(bits=4, group_size=8, key_group_size=8)
     cache = DynamicCache(config=model.config)
-    with pytest.raises(ValueError, match="group_size=8 does not divide the value head dim 12"):
-        with press(model):
-            model(input_ids=ids_(20), past_key_values=cache)
+    with pytest.raises(ValueError, match="group_size=8 does not divide the value head dim 12"), press(model):
+        model(input_ids=ids_(20), past_key_values=cache)
     assert cache.get_seq_length() == 0
 
 
@@ -183,9 +190,12 @@ def test_unsupported_cache_types_are_rejected_without_conversion(make_cache):
         pytest.importorskip("optimum.quanto")
         cache = QuantizedCache(backend="quanto", config=model.config)
         layer_type = type(cache.layers[0])
-    with pytest.raises(ValueError, match="past_key_values|cannot pack"):
-        with torch.no_grad(), QuantizationPress(bits=4, **SMALL)(model):
-            model(input_ids=ids_(20), past_key_values=cache)
+    with (
+        pytest.raises(ValueError, match="past_key_values|cannot pack"),
+        torch.no_grad(),
+        QuantizationPress(bits=4, **SMALL)(model),
+    ):
+        model(input_ids=ids_(20), past_key_values=cache)
     assert all(isinstance(layer, layer_type) for layer in cache.layers)
 
 
@@ -205,8 +215,12 @@ def test_harness_registry_runs_quantization_once_per_sweep():
         composed_presses={"snapkv_int4": [{"press": "snapkv"}, {"press": "quantization", "bits": 4}]},
     ).validate()
     assert config.sweep() == [
-        ("no_press", 0.0), ("quantization", 0.0), ("snapkv", 0.5), ("snapkv", 0.75),
-        ("snapkv_int4", 0.5), ("snapkv_int4", 0.75),
+        ("no_press", 0.0),
+        ("quantization", 0.0),
+        ("snapkv", 0.5),
+        ("snapkv", 0.75),
+        ("snapkv_int4", 0.5),
+        ("snapkv_int4", 0.75),
     ]
     composed = config.build_press("snapkv_int4", 0.75)
     assert composed.presses[0].compression_ratio == 0.75 and composed.presses[1].bits == 4

@@ -94,7 +94,7 @@ class PackedKVView:
     ``TypeError`` that says what to do instead.
     """
 
-    def __init__(self, layer: "PackedKVLayer", which: Literal["keys", "values"], length: int):
+    def __init__(self, layer: PackedKVLayer, which: Literal["keys", "values"], length: int):
         self.layer = layer
         self.which = which
         self.length = length
@@ -129,7 +129,7 @@ class PackedKVView:
         """The dense ``(B, H, length, D)`` tensor (packed tokens dequantized, residual as stored)."""
         return self.layer._dense(self.which)[:, :, : self.length]
 
-    def __getitem__(self, index: Any) -> "PackedKVView":
+    def __getitem__(self, index: Any) -> PackedKVView:
         if not isinstance(index, tuple):
             index = (index,)
         if index and index[0] is Ellipsis:  # [..., :n, :] or [..., :n]
@@ -219,14 +219,14 @@ class PackedKVLayer(CacheLayerMixin):
     # construction
     # ----------------------------------------------------------------------------------------------
     @classmethod
-    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, **kwargs: Any) -> "PackedKVLayer":
+    def from_dense(cls, keys: torch.Tensor, values: torch.Tensor, **kwargs: Any) -> PackedKVLayer:
         """A layer holding ``keys`` ``(B, Hkv, T, Dk)`` and ``values`` ``(B, Hkv, T, Dv)``, packed.
 
         All checks run before anything is stored; the inputs are not modified.
         """
         layer = cls(**kwargs)
         if not isinstance(keys, torch.Tensor) or not isinstance(values, torch.Tensor):
-            raise ValueError("keys and values must be tensors")
+            raise ValueError("keys and values must be tensors")  # noqa: TRY004
         if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
             raise ValueError(
                 f"keys and values must be (batch, kv_heads, tokens, dim) with equal first three dims, got "
@@ -385,8 +385,9 @@ class PackedKVLayer(CacheLayerMixin):
         self.residual_values = torch.cat([self.residual_values, value_states.to(self.dtype)], dim=2)
         self._flush()
         if self.packed_attention_active():
-            keys, values = self.residual_keys.view_as(self.residual_keys), self.residual_values.view_as(
-                self.residual_values
+            keys, values = (
+                self.residual_keys.view_as(self.residual_keys),
+                self.residual_values.view_as(self.residual_values),
             )
             setattr(keys, LAYER_TAG, self)
             setattr(values, LAYER_TAG, self)

@@ -24,12 +24,16 @@ Splits: ``num_splits`` is either an int ``S`` (each split then holds
 token counts, each a multiple of ``G``, summing to ``T``. ``G`` is the largest token-group size of
 the per-channel operands (1 when neither is per-channel), so no split cuts a token group.
 
-The Triton kernel runs one program per (batch, query head, split): it walks its chunk in tiles,
-loads the packed key bytes and key stats of a tile, unpacks and dequantizes them in registers,
-computes the logits, keeps an online softmax, and accumulates the unpacked, dequantized values;
-the dequantized cache is never written to memory. The kernel runs when ``q`` is on CUDA or when
-``PIKVPRESS_FORCE_TRITON=1``; the pure-torch reference runs otherwise (it dequantizes the cache
-once to float32, then does float32 attention with one batched matmul per kv head group).
+The Triton kernel runs one program per (batch, kv head, split) serving all ``Hq // Hkv`` query heads
+of that kv head (a group too large for one program's registers, more than 8 query heads at head
+dim 128, is cut into a few row blocks, see ``_block_config``): it walks its chunk in tiles, loads
+the packed key bytes and key stats of a tile once, unpacks and dequantizes them in registers,
+computes the logits of every query head of the group, keeps one online softmax per query head, and
+accumulates the unpacked, dequantized values; each packed byte is read once per split and row
+block (not once per query head) and the dequantized cache is never written to memory. The kernel
+runs when ``q`` is on CUDA or when ``PIKVPRESS_FORCE_TRITON=1``; the pure-torch reference runs
+otherwise (it dequantizes the cache once to float32, then does float32 attention with one batched
+matmul per kv head group).
 """
 
 from __future__ import annotations
@@ -52,11 +56,12 @@ except ImportError:  # pragma: no cover - exercised only without triton
 
 __all__ = [
     "dense_decode_attention_partial",
-    "packed_attention_with_residual",
     "merge_attention_states",
+    "packed_attention_with_residual",
     "packed_decode_attention",
     "packed_decode_attention_partial",
     "packed_decode_attention_partial_reference",
+    "programs_per_split",
     "split_bounds",
 ]
 
@@ -257,6 +262,7 @@ def merge_attention_states(
 # --------------------------------------------------------------------------------------------------
 # Pure-torch references
 # --------------------------------------------------------------------------------------------------
+
 
 def _codes_f32(packed: torch.Tensor, bits: int) -> torch.Tensor:
     """Unpack uint8 ``(..., NB)`` into float32 codes ``(..., NB * 8 // bits)`` (a fresh tensor).
@@ -496,10 +502,25 @@ def dense_decode_attention_partial(
 # As in quantize.py: the body is a plain function jitted on first use (triton.jit reads
 # TRITON_INTERPRET when it decorates), and reductions use tl.reduce with triton.language.standard's
 # combine functions, which the interpreter can run after a late switch-on.
-# Addressing: q (B*Hq, D); packed keys (B*Hkv*T, NBK) bytes, packed values (B*Hkv*T, NBV) bytes,
-# channel = byte * PER + slot. Stats of an operand with group size G over rows R = B*Hkv*T:
-# per channel (R // G, D) (row r in stats row r // G), per token (R, D // G) (channel c in column
-# c // G). kv_mask: bytes at b * MSB + hk * MSH + t * MST (MSH = 0 when broadcast over kv heads).
+# Addressing: q (B*Hq, D), query head h of batch b in row b * Hq + h = (b * Hkv + hk) * GROUP + g
+# for kv head hk = h // GROUP and row g = h % GROUP of its group; packed keys (B*Hkv*T, NBK) bytes,
+# packed values (B*Hkv*T, NBV) bytes, channel = byte * PER + slot. Stats of an operand with group
+# size G over rows R = B*Hkv*T: per channel (R // G, D) (row r in stats row r // G), per token
+# (R, D // G) (channel c in column c // G). kv_mask: bytes at b * MSB + hk * MSH + t * MST (MSH = 0
+# when broadcast over kv heads).
+#
+# Grouped-query attention: one program serves a block of BLOCK_G query heads (rows) of ONE kv head,
+# all GROUP of them unless the group is larger than the row cap of _block_config, so every packed
+# K/V byte and stat of a split is read and dequantized once per (kv head, split, row block), not
+# once per query head. The rows share each dequantized tile:
+# - logits (BLOCK_G, BLOCK_T): broadcast product (BLOCK_G, BLOCK_T, D) summed over the channels
+#   with tl.reduce (the channels spread over the lanes, so no thread holds a whole q or k row);
+# - values: tl.dot (BLOCK_G, BLOCK_T) x (BLOCK_T, Dv) with input_precision "ieee", exact float32
+#   FMA products like the reference (tensor-core "tf32" would lose ~3 decimal digits). Its
+#   reduction axis is the short token tile, which Triton's FMA dot keeps whole in each thread; the
+#   same dot for the logits (reduction over D) did so for all of D and spilled at D = 256, while a
+#   broadcast product for the values spilled more than the dot (ptxas for sm_90).
+# The interpreter runs tl.dot as a numpy float32 matmul.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -516,7 +537,6 @@ def _packed_decode_kernel(
     out_ptr,
     lse_ptr,
     sm_scale,
-    HQ,
     HKV,
     T,
     D,
@@ -531,6 +551,7 @@ def _packed_decode_kernel(
     NUM_SPLITS,
     N_TILES,
     KV_GROUP,
+    ROW_BLOCKS,
     BITS_K: tl.constexpr,
     PER_K: tl.constexpr,
     GK: tl.constexpr,
@@ -540,89 +561,132 @@ def _packed_decode_kernel(
     GV: tl.constexpr,
     V_PER_CHANNEL: tl.constexpr,
     HAS_MASK: tl.constexpr,
+    BLOCK_G: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_NBK: tl.constexpr,
     BLOCK_NBV: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
-    """One program per (batch * query head, split); grid ``(B * HQ, NUM_SPLITS)``."""
-    bh = tl.program_id(0).to(tl.int64)
+    """One program per (batch, kv head, row block, split); grid ``(B * HKV * ROW_BLOCKS, NUM_SPLITS)``.
+
+    Row block ``rb`` holds the query heads ``rb * BLOCK_G ..`` of the kv head's group (rows past
+    ``KV_GROUP`` are masked: query 0, never stored).
+    """
+    pid = tl.program_id(0).to(tl.int64)
     sp = tl.program_id(1).to(tl.int64)
-    b = bh // HQ
-    h = bh % HQ
-    hk = h // KV_GROUP
+    rb = pid % ROW_BLOCKS
+    bhk = pid // ROW_BLOCKS  # b * HKV + hk
+    b = bhk // HKV
+    hk = bhk % HKV
     MASK_K: tl.constexpr = (1 << BITS_K) - 1
     MASK_V: tl.constexpr = (1 << BITS_V) - 1
+    BLOCK_D: tl.constexpr = BLOCK_NBK * PER_K
+    BLOCK_DV: tl.constexpr = BLOCK_NBV * PER_V
 
     start = tl.load(bounds_ptr + sp).to(tl.int64)
     end = tl.load(bounds_ptr + sp + 1).to(tl.int64)
-    kv_row0 = (b * HKV + hk) * T  # first token row of this kv head
+    kv_row0 = bhk * T  # first token row of this kv head
     mask_row = mask_ptr + b * MSB + hk * MSH  # this kv head's kv_mask row (unused without a mask)
+
+    g = rb * BLOCK_G + tl.arange(0, BLOCK_G)  # rows of the group
+    gmask = g < KV_GROUP
+    qrow = bhk * KV_GROUP + g  # [BLOCK_G] row of q / out / lse, i.e. b * HQ + h
 
     kbyte = tl.arange(0, BLOCK_NBK)
     kslot = tl.arange(0, PER_K)
-    kcol = kbyte[:, None] * PER_K + kslot[None, :]  # [BLOCK_NBK, PER_K]
-    kcmask = (kbyte < NBK)[:, None] & (kslot < PER_K)[None, :]
-    qv = tl.load(q_ptr + bh * D + kcol, mask=kcmask, other=0.0).to(tl.float32)  # [BLOCK_NBK, PER_K]
+    kcol = tl.arange(0, BLOCK_D)  # channel = byte * PER_K + slot, the reshape order of [NBK, PER_K]
+    kcmask = kcol < D
+    qv = tl.load(q_ptr + qrow[:, None] * D + kcol[None, :], mask=gmask[:, None] & kcmask[None, :], other=0.0)
+    qv = qv.to(tl.float32)  # [BLOCK_G, BLOCK_D]
 
     vbyte = tl.arange(0, BLOCK_NBV)
     vslot = tl.arange(0, PER_V)
-    vcol = vbyte[:, None] * PER_V + vslot[None, :]  # [BLOCK_NBV, PER_V]
-    vcmask = (vbyte < NBV)[:, None] & (vslot < PER_V)[None, :]
+    vcol = tl.arange(0, BLOCK_DV)
+    vcmask = vcol < DV
+    # stats: per token, the channel groups of each token; per channel, the stats rows a tile covers.
+    # Split starts are multiples of every per-channel G and BLOCK_T, G are powers of two, so a tile
+    # starts at a multiple of GT = min(G, BLOCK_T) and covers BLOCK_T // GT rows, one per GT tokens.
+    GKT: tl.constexpr = GK if GK < BLOCK_T else BLOCK_T  # noqa: FURB136 (constexpr arithmetic, no min())
+    GVT: tl.constexpr = GV if GV < BLOCK_T else BLOCK_T  # noqa: FURB136
+    kgrp = tl.arange(0, BLOCK_D // GK) if K_PER_TOKEN else tl.arange(0, 1)
+    vgrp = tl.arange(0, BLOCK_DV // GV) if not V_PER_CHANNEL else tl.arange(0, 1)
+    kstat_t = tl.arange(0, BLOCK_T // GKT) * GKT
+    vstat_t = tl.arange(0, BLOCK_T // GVT) * GVT
 
-    m_i = tl.full([1], float("-inf"), tl.float32)
-    l_i = tl.full([1], 0.0, tl.float32)
-    acc = tl.full([BLOCK_NBV, PER_V], 0.0, tl.float32)
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_DV], 0.0, tl.float32)
     offs_t = tl.arange(0, BLOCK_T)
     for i in range(N_TILES):
-        t = start + i * BLOCK_T + offs_t  # [BLOCK_T] token index within the kv head
+        t0 = start + i * BLOCK_T
+        t = t0 + offs_t  # [BLOCK_T] token index within the kv head
         tmask = t < end
         if HAS_MASK:  # dropped tokens are treated like tokens past the split: never loaded, p = 0
             keep = tl.load(mask_row + t * MST, mask=tmask, other=0)
             tmask = tmask & (keep != 0)
         rows = kv_row0 + t
-        # keys: unpack and dequantize in registers
+        # keys: unpack the tile's bytes once, dequantize in registers, shared by the BLOCK_G rows
         kb = tl.load(
             kp_ptr + rows[:, None] * NBK + kbyte[None, :], mask=tmask[:, None] & (kbyte < NBK)[None, :], other=0
         ).to(tl.int32)
-        kq = ((kb[:, :, None] >> (kslot * BITS_K)[None, None, :]) & MASK_K).to(tl.float32)
-        kmask = tmask[:, None, None] & kcmask[None, :, :]
-        if K_PER_TOKEN:
-            ksoff = rows[:, None, None] * NGK + (kcol // GK)[None, :, :]
-        else:
-            ksoff = (rows // GK)[:, None, None] * D + kcol[None, :, :]
-        ks = tl.load(ks_ptr + ksoff, mask=kmask, other=0.0).to(tl.float32)
-        kz = tl.load(kz_ptr + ksoff, mask=kmask, other=0.0).to(tl.float32)
-        kx = kq * ks + kz  # [BLOCK_T, BLOCK_NBK, PER_K]
-        logit = tl.reduce(tl.reduce(kx * qv[None, :, :], 2, tl.standard._sum_combine), 1, tl.standard._sum_combine)
-        logit = tl.where(tmask, logit * sm_scale, float("-inf"))  # [BLOCK_T]
-        # online softmax; a fully masked tile keeps m at -inf, so exponents use a finite stand-in
-        m_new = tl.maximum(m_i, tl.reduce(logit, 0, tl.standard._elementwise_max))
+        kq = tl.reshape((kb[:, :, None] >> (kslot * BITS_K)[None, None, :]) & MASK_K, (BLOCK_T, BLOCK_D))
+        # key stats: each distinct stat loaded once and broadcast over its group in registers
+        if K_PER_TOKEN:  # (BLOCK_T, NG) -> (BLOCK_T, NG, GK) -> (BLOCK_T, BLOCK_D)
+            ksoff = rows[:, None] * NGK + kgrp[None, :]
+            ksmask = tmask[:, None] & (kgrp < NGK)[None, :]
+            ks = tl.load(ks_ptr + ksoff, mask=ksmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + ksoff, mask=ksmask, other=0.0).to(tl.float32)
+            ks = tl.reshape(tl.broadcast_to(ks[:, :, None], (BLOCK_T, BLOCK_D // GK, GK)), (BLOCK_T, BLOCK_D))
+            kz = tl.reshape(tl.broadcast_to(kz[:, :, None], (BLOCK_T, BLOCK_D // GK, GK)), (BLOCK_T, BLOCK_D))
+        else:  # the tile's stats rows (BLOCK_T // GKT, BLOCK_D) -> (.., GKT, BLOCK_D) -> (BLOCK_T, BLOCK_D)
+            kt0 = t0 + kstat_t  # first token of each stats row of the tile (groups never cross a split)
+            ksoff = ((kv_row0 + kt0) // GK)[:, None] * D + kcol[None, :]
+            ksmask = (kt0 < end)[:, None] & kcmask[None, :]
+            ks = tl.load(ks_ptr + ksoff, mask=ksmask, other=0.0).to(tl.float32)
+            kz = tl.load(kz_ptr + ksoff, mask=ksmask, other=0.0).to(tl.float32)
+            ks = tl.reshape(tl.broadcast_to(ks[:, None, :], (BLOCK_T // GKT, GKT, BLOCK_D)), (BLOCK_T, BLOCK_D))
+            kz = tl.reshape(tl.broadcast_to(kz[:, None, :], (BLOCK_T // GKT, GKT, BLOCK_D)), (BLOCK_T, BLOCK_D))
+        # [BLOCK_T, BLOCK_D]; 0 past the split and the channels; a token dropped by kv_mask inside a
+        # per-channel group gets its (finite) zero point, and its logit is -inf below anyway
+        kx = kq.to(tl.float32) * ks + kz
+        logit = tl.reduce(qv[:, None, :] * kx[None, :, :], 2, tl.standard._sum_combine)  # [BLOCK_G, BLOCK_T]
+        logit = tl.where(tmask[None, :], logit * sm_scale, float("-inf"))
+        # online softmax per row; a fully masked tile keeps m at -inf, so exponents use a finite stand-in
+        m_new = tl.maximum(m_i, tl.reduce(logit, 1, tl.standard._elementwise_max))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp(m_i - m_safe)
-        p = tl.where(tmask, tl.exp(logit - m_safe), 0.0)  # [BLOCK_T]
-        l_i = l_i * alpha + tl.reduce(p, 0, tl.standard._sum_combine)
-        # values: unpack and dequantize in registers
+        p = tl.where(tmask[None, :], tl.exp(logit - m_safe[:, None]), 0.0)  # [BLOCK_G, BLOCK_T]
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        # values: unpack and dequantize once in registers
         vb = tl.load(
             vp_ptr + rows[:, None] * NBV + vbyte[None, :], mask=tmask[:, None] & (vbyte < NBV)[None, :], other=0
         ).to(tl.int32)
-        vq = ((vb[:, :, None] >> (vslot * BITS_V)[None, None, :]) & MASK_V).to(tl.float32)
-        vmask = tmask[:, None, None] & vcmask[None, :, :]
+        vq = tl.reshape((vb[:, :, None] >> (vslot * BITS_V)[None, None, :]) & MASK_V, (BLOCK_T, BLOCK_DV))
         if V_PER_CHANNEL:
-            vsoff = (rows // GV)[:, None, None] * DV + vcol[None, :, :]
+            vt0 = t0 + vstat_t
+            vsoff = ((kv_row0 + vt0) // GV)[:, None] * DV + vcol[None, :]
+            vsmask = (vt0 < end)[:, None] & vcmask[None, :]
+            vs = tl.load(vs_ptr + vsoff, mask=vsmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + vsoff, mask=vsmask, other=0.0).to(tl.float32)
+            vs = tl.reshape(tl.broadcast_to(vs[:, None, :], (BLOCK_T // GVT, GVT, BLOCK_DV)), (BLOCK_T, BLOCK_DV))
+            vz = tl.reshape(tl.broadcast_to(vz[:, None, :], (BLOCK_T // GVT, GVT, BLOCK_DV)), (BLOCK_T, BLOCK_DV))
         else:
-            vsoff = rows[:, None, None] * NGV + (vcol // GV)[None, :, :]
-        vs = tl.load(vs_ptr + vsoff, mask=vmask, other=0.0).to(tl.float32)
-        vz = tl.load(vz_ptr + vsoff, mask=vmask, other=0.0).to(tl.float32)
-        vx = vq * vs + vz  # [BLOCK_T, BLOCK_NBV, PER_V]
-        acc = acc * alpha[:, None] + tl.reduce(p[:, None, None] * vx, 0, tl.standard._sum_combine)
+            vsoff = rows[:, None] * NGV + vgrp[None, :]
+            vsmask = tmask[:, None] & (vgrp < NGV)[None, :]
+            vs = tl.load(vs_ptr + vsoff, mask=vsmask, other=0.0).to(tl.float32)
+            vz = tl.load(vz_ptr + vsoff, mask=vsmask, other=0.0).to(tl.float32)
+            vs = tl.reshape(tl.broadcast_to(vs[:, :, None], (BLOCK_T, BLOCK_DV // GV, GV)), (BLOCK_T, BLOCK_DV))
+            vz = tl.reshape(tl.broadcast_to(vz[:, :, None], (BLOCK_T, BLOCK_DV // GV, GV)), (BLOCK_T, BLOCK_DV))
+        vx = vq.to(tl.float32) * vs + vz  # [BLOCK_T, BLOCK_DV]; p = 0 wherever it is not a kept token
+        acc = tl.dot(p, vx, acc * alpha[:, None], input_precision=DOT_PRECISION)
         m_i = m_new
 
-    nonempty = l_i > 0.0  # [1]
+    nonempty = l_i > 0.0  # [BLOCK_G]
     l_safe = tl.where(nonempty, l_i, 1.0)
     o = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
     lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
-    tl.store(out_ptr + (bh * NUM_SPLITS + sp) * DV + vcol, o, mask=vcmask)
-    tl.store(lse_ptr + bh * NUM_SPLITS + sp + tl.arange(0, 1), lse)
+    tl.store(out_ptr + (qrow[:, None] * NUM_SPLITS + sp) * DV + vcol[None, :], o, mask=gmask[:, None] & vcmask[None, :])
+    tl.store(lse_ptr + qrow * NUM_SPLITS + sp, lse, mask=gmask)
 
 
 _KERNEL_FNS = {"packed_decode": _packed_decode_kernel}
@@ -630,6 +694,54 @@ _kernel = LazyKernels(_KERNEL_FNS)
 
 #: Number of Triton launches made by this module (tests read it to prove the kernel ran).
 LAUNCHES = {"count": 0}
+
+#: input_precision of the kernel's float32 tl.dot ("ieee": exact float32 products).
+_DOT_PRECISION = "ieee"
+
+#: Register budget of one program (8 warps): the broadcast logit product BLOCK_G * BLOCK_T * Dmax
+#: at most _PRODUCT_BUDGET elements (64 per thread) and a dequantized tile BLOCK_T * Dmax at most
+#: _TILE_BUDGET (32 per thread); 4 warps when the product is at most half the budget. Dmax is the
+#: larger padded dim.
+_PRODUCT_BUDGET = 16384
+_TILE_BUDGET = 8192
+#: Token tile bounds (the K extent of the float32 value dot must be >= 8; 16 keeps the loop short).
+_MIN_BLOCK_T = 16
+_MAX_BLOCK_T = 64
+_MAX_BLOCK_G = 64
+
+
+def _block_config(group: int, longest: int, dim: int, value_dim: int) -> tuple[int, int, int, int]:
+    """``(BLOCK_G, row blocks, BLOCK_T, num_warps)`` for a kv-head group of ``group`` query heads,
+    a longest split of ``longest`` tokens and key / value dims ``dim`` / ``value_dim``.
+
+    Rows: the whole group in one program (one read of the packed bytes per split) up to
+    ``_PRODUCT_BUDGET / (16 * Dmax)`` rows: 8 at D = 128 (GQA groups of 2-8 are one block), 4 at
+    256, 16 at 64, never more than 64. A larger group (e.g. 8 heads x 5 flattened query tokens = 40
+    at D = 128: five blocks of 8) is cut into ``ceil(group / BLOCK_G)`` row blocks, each its own
+    program re-reading the split's bytes (concurrently, so mostly from L2): that many reads, not
+    ``group``. Tokens: the largest power of two <= 64 within both budgets (the tile shrinks as the
+    rows grow: at D = 128, 64 tokens for 1-2 rows, 32 for 4, 16 for 8), no larger than the longest
+    split, at least 16.
+
+    Checked by compiling for sm_90 and reading ptxas's report (D = Dv = 64 / 128 / 256, 2 / 4 / 8
+    bits, both layouts, with and without kv_mask): no register spills; twice the product budget
+    (16 rows at D = 128) spilled in some layouts, as did the old one-row-per-program kernel at its
+    64-token tile.
+    """
+    dmax = max(next_pow2(dim), next_pow2(value_dim), 8)
+    block_g = min(next_pow2(group), _MAX_BLOCK_G, max(1, _PRODUCT_BUDGET // (_MIN_BLOCK_T * dmax)))
+    row_blocks = -(-group // block_g)
+    fit = min(_PRODUCT_BUDGET // (block_g * dmax), _TILE_BUDGET // dmax)
+    fit = 1 << max(0, fit.bit_length() - 1)  # largest power of two <= fit
+    block_t = max(_MIN_BLOCK_T, min(_MAX_BLOCK_T, fit, next_pow2(max(1, longest))))
+    num_warps = 4 if 2 * block_g * block_t * dmax <= _PRODUCT_BUDGET else 8
+    return block_g, row_blocks, block_t, num_warps
+
+
+def programs_per_split(batch: int, q_heads: int, kv_heads: int, dim: int, value_dim: int) -> int:
+    """Programs the kernel launches per split, ``batch * kv_heads * row blocks`` (callers sizing
+    ``num_splits`` to fill a GPU should count these, not query heads)."""
+    return batch * kv_heads * _block_config(q_heads // kv_heads, 1, dim, value_dim)[1]
 
 
 def _empty(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -657,7 +769,7 @@ def _partial_triton(
     per_k, per_v = 8 // kq.bits, 8 // vq.bits
     nbk, nbv = d * kq.bits // 8, dv * vq.bits // 8
     longest = max(hi - lo for lo, hi in itertools.pairwise(bounds))
-    block_t = max(16, min(64, next_pow2(max(1, longest))))
+    block_g, row_blocks, block_t, num_warps = _block_config(group, longest, d, dv)
     n_tiles = -(-longest // block_t)
     bounds_t = torch.tensor(bounds, dtype=torch.int32, device=q.device)
     if kv_mask is None:
@@ -666,7 +778,7 @@ def _partial_triton(
         mask_arg = kv_mask.view(torch.uint8)
         msb, mst = kv_mask.stride(0), kv_mask.stride(2)
         msh = 0 if kv_mask.shape[1] == 1 else kv_mask.stride(1)
-    _kernel("packed_decode")[(b * hq, ns)](
+    _kernel("packed_decode")[(b * hkv * row_blocks, ns)](
         q.contiguous(),
         kq.packed.contiguous(),
         kq.scale.contiguous(),
@@ -679,7 +791,6 @@ def _partial_triton(
         out,
         lse,
         float(scale),
-        hq,
         hkv,
         t,
         d,
@@ -694,6 +805,7 @@ def _partial_triton(
         ns,
         n_tiles,
         group,
+        row_blocks,
         BITS_K=kq.bits,
         PER_K=per_k,
         GK=kq.group_size,
@@ -703,9 +815,12 @@ def _partial_triton(
         GV=vq.group_size,
         V_PER_CHANNEL=vq.layout == "per_channel",
         HAS_MASK=kv_mask is not None,
+        BLOCK_G=block_g,
         BLOCK_T=block_t,
         BLOCK_NBK=next_pow2(nbk),
         BLOCK_NBV=next_pow2(nbv),
+        DOT_PRECISION=_DOT_PRECISION,
+        num_warps=num_warps,
     )
     LAUNCHES["count"] += 1
     return out, lse

@@ -88,20 +88,20 @@ class QuantizationPress(BasePress):
                     continue
                 key_dim, value_dim = adapter.key_dim, adapter.value_dim
             else:
-                key_dim = value_dim = int(getattr(attention, "head_dim"))
+                key_dim = value_dim = int(attention.head_dim)
             check_head_dims(self.group_size, self.bits, key_dim, value_dim, f" of layer {attention.layer_idx}")
         enable_packed_attention(model)
 
     def _check_cache(self, cache: Any) -> None:
         """Raise before anything is converted if ``cache`` is not a cache this press can pack."""
         if not isinstance(cache, DynamicCache):
-            raise ValueError(
+            raise ValueError(  # noqa: TRY004 - a bad argument value, as every other check here
                 f"QuantizationPress packs a DynamicCache (past_key_values), got {type(cache).__name__}; "
                 "pass DynamicCache() or let the model create one"
             )
         for idx, layer in enumerate(cache.layers):
             if not isinstance(layer, (DynamicLayer, PackedKVLayer)):
-                raise ValueError(
+                raise ValueError(  # noqa: TRY004
                     f"QuantizationPress cannot pack cache layer {idx} of type {type(layer).__name__}; "
                     "supported: DynamicLayer (sliding-window layers are left dense)"
                 )
