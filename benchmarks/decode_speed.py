@@ -23,7 +23,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, QuantizedCache
 
-from pikvpress import PackedKVLayer, QuantizationPress, cache_nbytes, load_model
+from pikvpress import QuantizationPress, cache_nbytes, load_model
 from pikvpress.attention import enable_packed_attention
 
 logger = logging.getLogger(__name__)
@@ -35,17 +35,7 @@ def packed_copy(model, dense: DynamicCache, press: QuantizationPress) -> Dynamic
     for idx, layer in enumerate(cache.layers):
         if getattr(layer, "is_sliding", False):
             continue
-        cache.layers[idx] = PackedKVLayer.from_dense(
-            layer.keys,
-            layer.values,
-            bits=press.bits,
-            group_size=press.group_size,
-            key_group_size=press.key_group_size,
-            residual_length=press.residual_length,
-            stats_dtype=press.stats_dtype,
-            layout=press.layout,
-            config=model.config,
-        )
+        cache.layers[idx] = press.pack(layer.keys, layer.values, model.config)
     return cache
 
 

@@ -8,8 +8,8 @@ import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
 
-import pikvpress  # noqa: E402,F401  (applies the kvpress compatibility layer)
-from pikvpress.models import tiny_model, tiny_tokenizer  # noqa: E402
+import pikvpress  # noqa: F401  (applies the kvpress compatibility layer)
+from pikvpress.models import tiny_model, tiny_tokenizer
 
 torch.set_num_threads(min(2, torch.get_num_threads()))
 
@@ -31,6 +31,23 @@ def get_tiny_model(family: str, attn_implementation: str | None = None, case=Non
     if case is not None and not case.eager_ok and model.config._attn_implementation == "eager":
         pytest.skip(f"{case.name} does not support eager attention, the only one {family} has on CPU")
     return model
+
+
+def dequantized_copy(model, cache):
+    """A dense DynamicCache holding exactly the keys and values a (packed) cache represents."""
+    from transformers import DynamicCache
+
+    from pikvpress.cache import PackedKVLayer
+
+    dense = DynamicCache(config=model.config)
+    for idx, layer in enumerate(cache.layers):
+        k, v = layer.dequantized() if isinstance(layer, PackedKVLayer) else (layer.keys, layer.values)
+        target = dense.layers[idx]
+        target.lazy_initialization(k, v)
+        target.keys, target.values = k.clone(), v.clone()
+        if hasattr(target, "cumulative_length"):
+            target.cumulative_length = layer.get_seq_length()
+    return dense
 
 
 @pytest.fixture(scope="session")

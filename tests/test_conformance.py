@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import get_tiny_model
+from conftest import dequantized_copy, get_tiny_model
 from default_presses import PRESS_CASES, PressCase
 from transformers import DynamicCache, pipeline
 
-from pikvpress.cache import PackedKVLayer
 from pikvpress.models import TINY_FAMILIES, get_adapter
 
 CONTEXT_LEN = 40
@@ -44,19 +43,6 @@ def greedy_continue(model, cache, last_logits, start: int, steps: int) -> list[i
         )
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
-
-
-def dequantized_copy(model, cache) -> DynamicCache:
-    """A dense DynamicCache holding exactly the keys and values a (packed) cache represents."""
-    dense = DynamicCache(config=model.config)
-    for idx, layer in enumerate(cache.layers):
-        k, v = layer.dequantized() if isinstance(layer, PackedKVLayer) else (layer.keys, layer.values)
-        target = dense.layers[idx]
-        target.lazy_initialization(k, v)
-        target.keys, target.values = k.clone(), v.clone()
-        if hasattr(target, "cumulative_length"):
-            target.cumulative_length = layer.get_seq_length()
-    return dense
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)

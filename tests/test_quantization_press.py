@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import get_tiny_model
+from conftest import dequantized_copy, get_tiny_model
 from kvpress import ComposedPress, SnapKVPress
 from transformers import DynamicCache, QuantizedCache, StaticCache
 from transformers.cache_utils import DynamicLayer, StaticLayer
@@ -27,22 +27,6 @@ def packed_prefill(model, press, ids, attention_mask=None):
     with press(model):
         out = model(input_ids=ids, attention_mask=attention_mask, past_key_values=cache)
     return cache, out.logits
-
-
-def dequantized_copy(model, cache) -> DynamicCache:
-    """A dense DynamicCache holding exactly what the packed cache represents."""
-    dense = DynamicCache(config=model.config)
-    for idx, layer in enumerate(cache.layers):
-        if isinstance(layer, PackedKVLayer):
-            k, v = layer.dequantized()
-        else:
-            k, v = layer.keys, layer.values
-        target = dense.layers[idx]
-        target.lazy_initialization(k, v)
-        target.keys, target.values = k.clone(), v.clone()
-        if hasattr(target, "cumulative_length"):
-            target.cumulative_length = layer.get_seq_length()
-    return dense
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -310,18 +310,19 @@ def _weighted_values(p: torch.Tensor, vq: QuantizedTensor) -> torch.Tensor:
     return torch.matmul(p, _dequantize_f32(vq))
 
 
-def _softmax_av(logits: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``logits`` (..., T) float32, ``v`` (..., T, Dv) float32 -> (softmax(logits) @ v, logsumexp);
-    a row of only ``-inf`` logits (every token masked, or T = 0) gives 0 and ``-inf``."""
+def _softmax_av(logits: torch.Tensor, v: torch.Tensor | QuantizedTensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``logits`` (..., T) float32, ``v`` (..., T, Dv) float32 or packed -> (softmax(logits) @ v,
+    logsumexp); a row of only ``-inf`` logits (every token masked, or T = 0) gives 0 and ``-inf``."""
     lse = torch.logsumexp(logits, dim=-1)
-    out = torch.matmul(torch.softmax(logits, dim=-1), v)
+    p = torch.softmax(logits, dim=-1)
+    out = _weighted_values(p, v) if isinstance(v, QuantizedTensor) else torch.matmul(p, v)
     return out.masked_fill_(torch.isneginf(lse).unsqueeze(-1), 0.0), lse
 
 
 def _partial_reference(
     q: torch.Tensor,
     k: torch.Tensor,
-    v: torch.Tensor,
+    v: torch.Tensor | QuantizedTensor,
     scale: float,
     bounds: list[int],
     kv_mask: torch.Tensor | None,
@@ -329,13 +330,16 @@ def _partial_reference(
     """float32 per-split attention of ``q`` (B, Hq, D) over ``k`` (B, Hkv, T, D), ``v`` (B, Hkv, T, Dv).
 
     The query heads of one kv head are batched as rows of one matmul against that head's keys (no
-    copy of K/V per query head); the logits of all splits come from that one matmul.
+    copy of K/V per query head); the logits of all splits come from that one matmul. ``v`` may be a
+    packed tensor whose stats fold into the weights (see :func:`_folds_values`) when there is one split.
     """
     b, hq, d = q.shape
     hkv, dv = k.shape[1], v.shape[-1]
     group = hq // hkv
     ns = len(bounds) - 1
-    k, v = k.float(), v.float()
+    k = k.float()
+    if isinstance(v, torch.Tensor):
+        v = v.float()
     logits = torch.matmul(q.float().reshape(b, hkv, group, d), k.transpose(-1, -2))  # (B, Hkv, G, T)
     logits.mul_(scale)
     if kv_mask is not None:  # (B, Hkv or 1, T) -> (B, Hkv or 1, 1, T), broadcast over G (and Hkv)
@@ -359,21 +363,11 @@ def _partial_cpu(
     bounds: list[int],
     kv_mask: torch.Tensor | None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The CPU path: the reference's float32 math, with the codes unpacked by shifts and the value
-    stats folded into the weights when values are per token in one group (the KIVI default)."""
-    if len(bounds) == 2 and _folds_values(vq):
-        b, hq, d = q.shape
-        hkv = kq.shape[1]
-        logits = torch.matmul(q.float().reshape(b, hkv, hq // hkv, d), _dequantize_f32(kq).transpose(-1, -2))
-        logits.mul_(scale)
-        if kv_mask is not None:
-            logits.masked_fill_(~kv_mask.unsqueeze(2), float("-inf"))
-        lse = torch.logsumexp(logits, dim=-1)
-        finite = torch.isfinite(lse)
-        p = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-        out = _weighted_values(p, vq).masked_fill_(~finite.unsqueeze(-1), 0.0)
-        return out.reshape(b, hq, 1, -1), lse.reshape(b, hq, 1)
-    return _partial_reference(q, _dequantize_f32(kq), _dequantize_f32(vq), scale, bounds, kv_mask)
+    """The CPU path: the reference's float32 math, with the codes unpacked by shifts and, with one
+    split, the value stats folded into the weights when values are per token in one group (the KIVI
+    default), so the values are never dequantized."""
+    v = vq if len(bounds) == 2 and _folds_values(vq) else _dequantize_f32(vq)
+    return _partial_reference(q, _dequantize_f32(kq), v, scale, bounds, kv_mask)
 
 
 def packed_attention_with_residual(

@@ -116,8 +116,13 @@ class QuantizationPress(BasePress):
         layer = cache.layers[idx]
         if isinstance(layer, PackedKVLayer) or getattr(layer, "is_sliding", False):
             return output
-        keys, values = layer.keys, layer.values
-        cache.layers[idx] = PackedKVLayer.from_dense(
+        cache.layers[idx] = self.pack(layer.keys, layer.values, module.config)
+        return output
+
+    def pack(self, keys: torch.Tensor, values: torch.Tensor, config: Any = None) -> PackedKVLayer:
+        """The packed layer this press stores for one layer's ``keys`` and ``values``; ``config`` is
+        the model config whose attention implementation the layer checks when it is read."""
+        return PackedKVLayer.from_dense(
             keys,
             values,
             bits=self.bits,
@@ -126,9 +131,8 @@ class QuantizationPress(BasePress):
             residual_length=self.residual_length,
             stats_dtype=self.stats_dtype,
             layout=self.layout,
-            config=module.config,
+            config=config,
         )
-        return output
 
     @staticmethod
     def cache_nbytes(cache: Any) -> int:
