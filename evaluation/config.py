@@ -143,7 +143,8 @@ class EvalConfig:
                 part_name = spec.pop("press")
                 part_ratio = spec.pop("compression_ratio", ratio if takes_ratio(part_name) else 0.0)
                 parts.append(build_press(part_name, part_ratio, **spec))
-            return ComposedPress([p for p in parts if p is not None])
+            parts = [p for p in parts if p is not None]
+            return parts[0] if len(parts) == 1 else ComposedPress(parts)
         return build_press(name, ratio)
 
     def to_dict(self) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from torch import nn
 from transformers import DynamicCache
 
-from pikvpress.models import language_model
+from pikvpress.models import get_adapter, language_model
 
 
 @dataclass
@@ -56,7 +56,9 @@ def can_reuse_prefill(press: BasePress | None, model: nn.Module) -> bool:
         return False
     if isinstance(press, (DecodingPress, PrefillDecodingPress)):
         return False
-    if type(press).__call__ is not BasePress.__call__:
+    if getattr(press, "reads_decoder_inputs", False) and get_adapter(model).is_moe:
+        return False  # the gate router reads the decoder layers' inputs, which a replay does not run
+    if type(press).__call__ is not BasePress.__call__ and not getattr(press, "replays_with_hooks", False):
         return False
     if isinstance(press, ComposedPress):
         return all(can_reuse_prefill(p, model) for p in press.presses)

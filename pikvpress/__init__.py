@@ -28,7 +28,8 @@ from pikvpress.models import (
     tiny_model,
     tiny_tokenizer,
 )
-from pikvpress.presses import PRESSES, QuantizationPress
+from pikvpress.presses import PRESSES, ExpertRoutingPress, QuantizationPress, RoutingStats
+from pikvpress.routing import LearnedRouter, load_router
 
 __version__ = "0.1.0"
 
@@ -37,8 +38,10 @@ if _os.environ.get("PIKVPRESS_KVPRESS_FIXES", "1").lower() not in ("0", "false",
 
 __all__ = [
     "DEFAULT_MODEL",
+    "ExpertRoutingPress",
     "KVPRESS_FIXES",
     "LayerAdapter",
+    "LearnedRouter",
     "ModelAdapter",
     "MoERouter",
     "PRESSES",
@@ -46,6 +49,7 @@ __all__ = [
     "PackedKVView",
     "QuantizationPress",
     "RoutingResult",
+    "RoutingStats",
     "SUPPORTED_FAMILIES",
     "UnsupportedModelError",
     "apply_kvpress_fixes",
@@ -56,6 +60,7 @@ __all__ = [
     "kvpress_fixes",
     "kvpress_fixes_applied",
     "load_model",
+    "load_router",
     "remove_kvpress_fixes",
     "tiny_model",
     "tiny_tokenizer",

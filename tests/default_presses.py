@@ -5,9 +5,13 @@ A later press joins the suite by adding one ``PressCase`` here.
 
 from __future__ import annotations
 
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
 
+import torch
 from kvpress import (
     AdaKVPress,
     BasePress,
@@ -24,7 +28,18 @@ from kvpress import (
 )
 from kvpress.utils import compute_n_kept
 
-from pikvpress import QuantizationPress
+from pikvpress import ExpertRoutingPress, QuantizationPress
+from pikvpress.routing import LearnedRouter, RouterSpec
+
+
+@lru_cache(maxsize=1)
+def tiny_router_dir() -> str:
+    """Random (seeded) learned-router weights for the tiny models' two geometries, in a temp directory."""
+    directory = Path(tempfile.mkdtemp(prefix="pikvpress-tiny-routers-"))
+    for heads in (2, 4):  # DeepSeek's MLA caches one key head per query head
+        torch.manual_seed(heads)
+        LearnedRouter(RouterSpec(f"tiny-kv{heads}", 4, 64, heads)).save(directory / f"tiny-kv{heads}.safetensors")
+    return str(directory)
 
 
 def uniform_kept(press: BasePress, layer_idx: int, k_len: int, ratio: float) -> int:
@@ -124,5 +139,21 @@ PRESS_CASES: list[PressCase] = [
         ),
         kept=_composed_kept,
         lossless=False,
+    ),
+    PressCase(
+        "expert_routing_gate",
+        lambda r: ExpertRoutingPress(r, router="gate", num_experts=4, window_size=8),
+        bad_kwargs=BAD_RATIOS,
+    ),
+    PressCase(
+        "expert_routing_learned",
+        lambda r: ExpertRoutingPress(r, router="learned", num_experts=2, router_weights=tiny_router_dir()),
+        bad_kwargs=BAD_RATIOS,
+    ),
+    PressCase(
+        "adakv_expert_routing_keys",
+        lambda r: AdaKVPress(ExpertRoutingPress(r, router="keys", num_experts=4, window_size=8)),
+        masks_instead_of_pruning=True,
+        eager_ok=False,
     ),
 ]

@@ -7,10 +7,12 @@ adaptive scheduling, quantization, the chained ``PiKVPress``) register here as t
 
 from kvpress.presses.base_press import BasePress
 
+from pikvpress.presses.expert_routing_press import ExpertRoutingPress, RoutingStats
 from pikvpress.presses.quantization_press import QuantizationPress
 
 PRESSES: dict[str, type[BasePress]] = {
+    "expert_routing": ExpertRoutingPress,
     "quantization": QuantizationPress,
 }
 
-__all__ = ["PRESSES", "QuantizationPress"]
+__all__ = ["PRESSES", "ExpertRoutingPress", "QuantizationPress", "RoutingStats"]

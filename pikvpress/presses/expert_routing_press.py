@@ -1,0 +1,416 @@
+"""ExpertRoutingPress: partition each layer's KV into experts and spend the keep budget where the queries route."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from kvpress.presses.base_press import is_prefilling
+from kvpress.presses.scorer_press import ScorerPress
+from kvpress.utils import compute_n_kept
+from torch import nn
+from torch.nn import functional as F
+
+from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter, slice_positions
+from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
+from pikvpress.routing.learned import LearnedRouter, load_router
+
+logger = logging.getLogger(__name__)
+
+ROUTERS = ("gate", "keys", "learned")
+SCORERS = ("attention", "learned")
+
+
+@dataclass
+class RoutingStats:
+    """What routing did at one layer of the last prefill (tensors on CPU).
+
+    Parameters
+    ----------
+    router : str
+        The router that ran (``"keys"`` where ``"gate"`` fell back on a layer without a MoE router).
+    sizes : torch.Tensor
+        ``(B, H, E)`` context tokens in each expert (protected sink/recent tokens excluded).
+    mass : torch.Tensor
+        ``(B, H, E)`` query mass routed to each expert (normalised to sum 1 per row).
+    kept : torch.Tensor
+        ``(B, H, E)`` tokens kept in each expert.
+    protected : int
+        Sink and recent tokens kept outside the experts, per head.
+    """
+
+    router: str
+    sizes: torch.Tensor
+    mass: torch.Tensor
+    kept: torch.Tensor
+    protected: int
+
+    @property
+    def load(self) -> torch.Tensor:
+        """``(E,)`` share of the tokens in each expert, averaged over batch and heads."""
+        sizes = self.sizes.float()
+        return (sizes / sizes.sum(-1, keepdim=True).clamp_min(1)).mean(dim=(0, 1))
+
+
+@dataclass
+class ExpertRoutingPress(ScorerPress):
+    """Route each layer's KV to experts; give each expert a keep budget from the query mass routed to it.
+
+    For every full-attention layer and KV head, the context tokens are partitioned into "KV experts"
+    by ``router``; the observation window (the last ``window_size`` context tokens, which is the
+    question when the question is compressed with the context) is routed to its ``top_k`` experts.
+    The per-head keep budget (``compute_n_kept(T, compression_ratio)``, minus the protected sink
+    and recent tokens) is split across experts in proportion to the routed query mass, with a floor
+    of ``expert_floor`` tokens for every populated expert and a cap at each expert's size
+    (:func:`~pikvpress.routing.allocate_budget`). Inside an expert, tokens are ranked by ``scorer``.
+
+    Routers:
+
+    - ``"gate"``: the model's own MoE gate of that layer (top-1 expert of each token; the window
+      routed by its gate probabilities). Layers without a MoE router (dense models, dense layers of
+      MoE models) fall back to ``"keys"``. Reads the decoder layer's input, so the press hooks the
+      decoder layers too.
+    - ``"keys"``: per KV head, a deterministic spherical k-means of the layer's keys into
+      ``num_experts`` centroids; each window query routes to the ``top_k`` experts holding most of
+      its attention.
+    - ``"learned"``: key experts as above, with the query mass predicted by the trained router
+      (:class:`~pikvpress.routing.LearnedRouter`: the attention each token will receive when the model
+      re-reads its context, KVzip's signal) instead of measured from the window; with
+      ``num_experts=1`` it is a plain learned scorer.
+
+    Parameters
+    ----------
+    compression_ratio : float
+        Fraction of the context removed, in [0, 1).
+    router : {"gate", "keys", "learned"}
+        How tokens and queries are routed to experts.
+    num_experts : int
+        KV experts per head for the ``"keys"`` / ``"learned"`` routers (the ``"gate"`` router uses the
+        model's experts). Clamped to the number of routable tokens.
+    top_k : int
+        Experts each window query routes to (at most ``num_experts``).
+    window_size : int
+        Observation window; clamped (with a warning) when the context is not longer than it.
+    scorer : {"attention", "learned"} or ScorerPress, optional
+        Ranking inside an expert: the window queries' attention (SnapKV's signal), the learned
+        predictor, or any kvpress ``ScorerPress``'s ``score``. Default: ``"learned"`` for the
+        learned router, ``"attention"`` otherwise.
+    expert_floor : int
+        Tokens every populated expert keeps (while the budget allows).
+    n_sink : int
+        First context tokens always kept (attention sinks).
+    n_recent : int
+        Last context tokens always kept.
+    kernel_size : int
+        Width of the average pooling applied to attention scores (neighbours of a hit are kept
+        together, as in SnapKV); 1 disables it.
+    kmeans_iterations : int
+        Rounds of spherical k-means.
+    router_weights : str, optional
+        Learned router weights (a file written by ``scripts/train_router.py``); default: the weights
+        shipped for the model.
+
+    Examples
+    --------
+    >>> press = ExpertRoutingPress(compression_ratio=0.5, router="learned")
+    >>> with press(model):
+    ...     model(context_ids, past_key_values=cache)
+    >>> press.stats[3].kept            # tokens kept per expert at layer 3
+    """
+
+    compression_ratio: float = 0.0
+    router: str = "keys"
+    num_experts: int = 8
+    top_k: int = 2
+    window_size: int = 64
+    scorer: Any = None
+    expert_floor: int = 1
+    n_sink: int = 4
+    n_recent: int = 8
+    kernel_size: int = 5
+    kmeans_iterations: int = 4
+    router_weights: str | None = None
+    stats: dict[int, RoutingStats] = field(default_factory=dict, init=False, repr=False)
+
+    #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
+    replays_with_hooks = True
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.compression_ratio, (int, float)) or not 0 <= self.compression_ratio < 1:
+            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
+        if self.router not in ROUTERS:
+            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        for name in ("num_experts", "top_k", "window_size", "kernel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        for name in ("expert_floor", "n_sink", "n_recent", "kmeans_iterations"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
+        if self.scorer is None:
+            self.scorer = "learned" if self.router == "learned" else "attention"
+        if not (self.scorer in SCORERS if isinstance(self.scorer, str) else isinstance(self.scorer, ScorerPress)):
+            raise ValueError(f"scorer must be one of {SCORERS} or a kvpress ScorerPress, got {self.scorer!r}")
+        self._learned: LearnedRouter | None = None
+        self._learned_model: nn.Module | None = None
+        self._adapters: dict[int, LayerAdapter] = {}
+        self._layer_inputs: dict[int, torch.Tensor] = {}
+        self._attention_outputs: dict[int, torch.Tensor] = {}
+        self._warned: set[str] = set()
+        self._input_hooks: list = []
+        self._last_moe_layer = -1
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def uses_learned_router(self) -> bool:
+        return self.router == "learned" or self.scorer == "learned"
+
+    @property
+    def reads_decoder_inputs(self) -> bool:
+        """Whether the press hooks decoder layers (the gate router needs the MoE gate's input)."""
+        return self.router == "gate"
+
+    def post_init_from_model(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)
+        self._adapters = {layer.layer_idx: layer for layer in adapter.layers}
+        if self.uses_learned_router and (self._learned is None or self._learned_model is not model):
+            self._learned = load_router(model, self.router_weights)
+            self._learned_model = model
+        if isinstance(self.scorer, ScorerPress):
+            self.scorer.post_init_from_model(model)
+        self.stats = {}
+        if self.reads_decoder_inputs:
+            self._install_input_hooks(adapter)
+
+    def _install_input_hooks(self, adapter) -> None:
+        """Record each MoE layer's input (the residual stream) until this prefill's last MoE layer is pressed.
+
+        Installed here rather than in ``__call__`` so that wrappers (ComposedPress, AdaKVPress...) that
+        call ``post_init_from_model`` but not this press's context manager still feed the gate.
+        """
+        self._remove_input_hooks()
+        moe = [layer for layer in adapter.layers if layer.router is not None and not layer.is_sliding]
+        for layer in moe:
+            self._input_hooks.append(
+                layer.decoder_layer.register_forward_pre_hook(self._record_layer_input, with_kwargs=True)
+            )
+        self._last_moe_layer = moe[-1].layer_idx if moe else -1
+
+    def _remove_input_hooks(self) -> None:
+        for hook in self._input_hooks:
+            hook.remove()
+        self._input_hooks.clear()
+        self._layer_inputs.clear()
+        self._attention_outputs.clear()
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Generator:
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self._remove_input_hooks()
+
+    def _record_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        hidden = kwargs.get("hidden_states", args[0] if args else None)
+        self._layer_inputs[int(module.self_attn.layer_idx)] = hidden
+
+    def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        idx = int(module.layer_idx)
+        if self.reads_decoder_inputs:
+            self._attention_outputs[idx] = output[0]
+        try:
+            return super().forward_hook(module, input, kwargs, output)
+        finally:
+            self._attention_outputs.pop(idx, None)
+            self._layer_inputs.pop(idx, None)
+            if idx == self._last_moe_layer and is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+                self._remove_input_hooks()
+
+    def _warn_once(self, key: str, message: str, *args: Any) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            logger.warning(message, *args)
+
+    # ----------------------------------------------------------------------------------------------
+    def score(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor,
+        kwargs: dict,
+    ) -> torch.Tensor:
+        b, h, t, _ = keys.shape
+        idx = int(module.layer_idx)
+        adapter = self._adapters.get(idx) or layer_adapter(module)
+        n_kept = compute_n_kept(t, self.compression_ratio)
+        window = self._window(t)
+
+        # protected tokens: sinks first, then the most recent ones
+        n_sink = min(self.n_sink, n_kept)
+        n_recent = min(self.n_recent, n_kept - n_sink, t - n_sink)
+        protected = torch.zeros(t, dtype=torch.bool, device=keys.device)
+        protected[:n_sink] = True
+        if n_recent:
+            protected[t - n_recent :] = True
+        n_protected = n_sink + n_recent
+
+        # token scores (ranking inside an expert) and the window's attention when needed
+        attention = None
+        if self.scorer == "attention" or self.router != "learned":
+            attention = self._window_attention(module, hidden_states, keys, window, kwargs)  # (B, H, w, T)
+        token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention)
+
+        # experts and the query mass routed to them
+        routable = ~protected
+        assignment, mass, router_used = self._route(
+            adapter, idx, hidden_states, keys, attention, token_scores, routable, window
+        )
+        e = mass.shape[-1]
+        sizes = torch.zeros(b, h, e, dtype=torch.long, device=keys.device)
+        sizes.scatter_add_(2, assignment, routable.expand(b, h, t).long())
+        kept = allocate_budget(mass, sizes, n_kept - n_protected, floor=self.expert_floor)
+
+        # rank tokens inside their expert (protected tokens form bucket e, kept whole)
+        bucket = torch.where(protected, torch.full_like(assignment, e), assignment)
+        quota = torch.cat([kept, torch.full((b, h, 1), n_protected, dtype=torch.long, device=keys.device)], dim=-1)
+        order = torch.argsort(token_scores, dim=-1, descending=True, stable=True)
+        order = torch.gather(order, -1, torch.argsort(torch.gather(bucket, -1, order), dim=-1, stable=True))
+        sorted_bucket = torch.gather(bucket, -1, order)
+        bucket_sizes = torch.cat([sizes, torch.full_like(kept[..., :1], n_protected)], dim=-1)
+        starts = torch.cumsum(bucket_sizes, dim=-1) - bucket_sizes
+        rank = torch.arange(t, device=keys.device).expand(b, h, t) - torch.gather(starts, -1, sorted_bucket)
+        chosen_sorted = rank < torch.gather(quota, -1, sorted_bucket)
+        chosen = torch.zeros_like(chosen_sorted).scatter_(-1, order, chosen_sorted)
+
+        self.stats[idx] = RoutingStats(
+            router_used,
+            sizes.cpu(),
+            (mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)).cpu(),
+            kept.cpu(),
+            n_protected,
+        )
+        # chosen tokens above every other token; the token score orders each group
+        ranked = torch.argsort(torch.argsort(token_scores, dim=-1), dim=-1).float() / max(t, 1)
+        return chosen.float() * 2.0 + ranked
+
+    # ----------------------------------------------------------------------------------------------
+    def _window(self, t: int) -> int:
+        window = self.window_size
+        if window >= t:
+            window = max(1, t - 1)
+            self._warn_once(
+                "window",
+                "ExpertRoutingPress: window_size=%d is not shorter than the %d-token context; using %d",
+                self.window_size,
+                t,
+                window,
+            )
+        return window
+
+    @staticmethod
+    def _window_attention(module, hidden_states, keys, window, kwargs) -> torch.Tensor:
+        """``(B, H_kv, groups * w, T)`` attention of the window queries over every context token (causal)."""
+        return window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+
+    def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention) -> torch.Tensor:
+        """``(B, H, T)`` ranking of the tokens inside an expert."""
+        if isinstance(self.scorer, ScorerPress):
+            return self.scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
+        if self.scorer == "learned":
+            assert self._learned is not None
+            return self._learned.predict(int(module.layer_idx), hidden_states).float()
+        # mean attention over the window queries that can see each token (window tokens are seen by fewer)
+        t = keys.shape[2]
+        rows = attention.shape[2]
+        window = self._window(t)
+        seen = torch.full((t,), float(window), device=keys.device)
+        seen[t - window :] = torch.arange(window, 0, -1, device=keys.device, dtype=torch.float)
+        scores = attention.sum(dim=2) / (seen * (rows // window))
+        if self.kernel_size > 1:
+            scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
+        return scores[..., :t]
+
+    def _route(self, adapter, idx, hidden_states, keys, attention, token_scores, routable, window):
+        """``(assignment (B, H, T), mass (B, H, E), router used)``."""
+        b, h, t, _ = keys.shape
+        if self.router == "gate":
+            routing = self._gate(adapter, idx, hidden_states)
+            if routing is not None:
+                probs = routing.probs.float()  # (B, T, E)
+                assignment = probs.argmax(-1)[:, None, :].expand(b, h, t)
+                query = probs[:, t - window :]  # (B, w, E)
+                k = min(self.top_k, probs.shape[-1])
+                top = query.topk(k, dim=-1)
+                routed = torch.zeros_like(query).scatter_(-1, top.indices, top.values)
+                routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
+                mass = routed.sum(1)[:, None, :].expand(b, h, -1).contiguous()
+                return assignment.contiguous(), mass, "gate"
+        n_routable = int(routable.sum())
+        experts = max(1, min(self.num_experts, n_routable))
+        clusters = spherical_kmeans(keys[:, :, routable], experts, self.kmeans_iterations)
+        assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
+        assignment[:, :, routable] = clusters.assignment
+        onehot = F.one_hot(assignment, experts).float() * routable[:, None].float()  # (B, H, T, E)
+        if self.router == "learned":
+            weight = torch.softmax(token_scores.float().masked_fill(~routable, float("-inf")), dim=-1)
+            return assignment, torch.einsum("bht,bhte->bhe", weight, onehot), "learned"
+        # keys: each window query routes to the top_k experts holding most of its attention
+        per_query = torch.einsum("bhqt,bhte->bhqe", attention, onehot)  # (B, H, w*g, E)
+        k = min(self.top_k, experts)
+        top = per_query.topk(k, dim=-1)
+        routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)
+        routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
+        return assignment, routed.sum(2), "keys" if self.router == "keys" else "keys (no MoE gate)"
+
+    def _gate(self, adapter: LayerAdapter, idx: int, hidden_states: torch.Tensor):
+        layer_input = self._layer_inputs.get(idx)
+        attention_output = self._attention_outputs.get(idx)
+        if adapter.router is None:
+            return None
+        if (
+            layer_input is None
+            or attention_output is None
+            or layer_input.shape[:2] != hidden_states.shape[:2]
+            or attention_output.shape[:2] != hidden_states.shape[:2]
+        ):
+            self._warn_once(
+                "gate-input",
+                "ExpertRoutingPress(router='gate'): the MoE gate's input was not seen for layer %d "
+                "(press used outside a full prefill); routing by keys",
+                idx,
+            )
+            return None
+        return gate_routing(adapter, layer_input, attention_output)
+
+
+def window_probs(
+    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
+) -> torch.Tensor:
+    """``(B, H_kv, groups * window, T)`` float32 attention probabilities of the last ``window`` queries.
+
+    Computed as the model computes attention (its RoPE, softmax scale and attention sinks, through
+    :mod:`pikvpress.models` adapters), causal inside the window; rows are grouped by KV head.
+    """
+    adapter = layer_adapter(module)
+    b, h, t, _ = keys.shape
+    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
+    groups = queries.shape[1] // h
+    queries = queries.reshape(b, h, groups * window, -1)
+    logits = torch.matmul(queries, keys.transpose(2, 3)).float() * adapter.scaling  # (B, H, g*w, T)
+    future = torch.ones(window, t, dtype=torch.bool, device=keys.device).triu(t - window + 1)
+    logits = logits.masked_fill(future.repeat(groups, 1), float("-inf"))
+    sinks = adapter.sinks
+    if sinks is not None:
+        sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
+        return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
+    return F.softmax(logits, dim=-1)

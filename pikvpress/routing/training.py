@@ -1,0 +1,157 @@
+"""Training the learned router: KVzip's reconstruction attention as the target, ridge regression as the fit.
+
+For each training context, :func:`kvzip_targets` runs kvpress's :class:`~kvpress.KVzipPress` (a prefill
+plus the "repeat the context" passes) and returns, per layer, every context token's attention-input
+hidden state and its KVzip score (the largest attention any reconstruction query pays it).
+:class:`RidgeFit` accumulates ``X^T X`` and ``X^T y`` of ``hidden -> log(score)`` layer by layer, so
+the data never has to fit in memory, and solves the ridge system in closed form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from kvpress import KVzipPress
+from torch import nn
+
+from pikvpress.models.adapter import language_model
+from pikvpress.routing.learned import LearnedRouter, RouterSpec, model_geometry, model_name_of
+
+#: scores below this are clipped before the log (KVzip scores are attention probabilities)
+SCORE_FLOOR = 1e-5
+
+
+@dataclass
+class KVzipSample:
+    """One context's training data.
+
+    Parameters
+    ----------
+    hidden_states : list of torch.Tensor
+        Per layer, ``(T, hidden)`` float32 inputs of the attention module during the prefill.
+    scores : torch.Tensor
+        ``(layers, kv_heads, T)`` float32 KVzip scores.
+    start : int
+        First context token (the chat template's prefix before it gets no KVzip score).
+    """
+
+    hidden_states: list[torch.Tensor]
+    scores: torch.Tensor
+    start: int
+
+
+class _ScoreCapture(KVzipPress):
+    """KVzipPress that records its scores instead of masking the cache."""
+
+    captured: torch.Tensor | None = None
+
+    def compress_post(self, model: nn.Module) -> None:
+        self.captured = self.score_val.detach().float().clone()
+
+
+@torch.no_grad()
+def kvzip_targets(model: nn.Module, context_ids: torch.Tensor, chunk_size: int = 2048) -> KVzipSample:
+    """Hidden states and KVzip scores of one ``(1, T)`` context (kvpress's KVzip scoring, unchanged)."""
+    if context_ids.ndim != 2 or context_ids.shape[0] != 1:
+        raise ValueError("context_ids must be (1, T): KVzip scores one context at a time")
+    layers = language_model(model).layers
+    hidden: dict[int, torch.Tensor] = {}
+
+    def record(module, args, kwargs):
+        idx = int(module.layer_idx)
+        if idx not in hidden:  # the prefill; later calls are KVzip's reconstruction passes
+            hidden[idx] = kwargs["hidden_states"][0].detach().float().cpu()
+
+    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    press = _ScoreCapture(compression_ratio=0.5, chunk_size=chunk_size)
+    try:
+        with press(model):
+            model.model(input_ids=context_ids.to(model.device), past_key_values=_fresh_cache())
+            start = press.prefix_length
+    finally:
+        for hook in hooks:
+            hook.remove()
+    if press.captured is None:
+        raise RuntimeError("KVzip produced no scores")
+    return KVzipSample([hidden[i] for i in range(len(layers))], press.captured[:, 0].cpu(), start)
+
+
+def _fresh_cache():
+    from transformers import DynamicCache
+
+    return DynamicCache()
+
+
+def log_target(scores: torch.Tensor) -> torch.Tensor:
+    """What the router predicts: ``log(max(score, SCORE_FLOOR))``."""
+    return scores.clamp_min(SCORE_FLOOR).log()
+
+
+class RidgeFit:
+    """Streaming ridge regression of ``log KVzip score`` on the hidden state, one system per layer.
+
+    Parameters
+    ----------
+    num_layers, hidden_size, num_kv_heads : int
+        The model geometry.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, num_kv_heads: int):
+        self.xtx = torch.zeros(num_layers, hidden_size + 1, hidden_size + 1, dtype=torch.float64)
+        self.xty = torch.zeros(num_layers, hidden_size + 1, num_kv_heads, dtype=torch.float64)
+        self.tokens = 0
+
+    def add(self, sample: KVzipSample, skip: int = 0) -> None:
+        """Add a sample's context tokens (from ``sample.start + skip`` on)."""
+        first = sample.start + skip
+        targets = log_target(sample.scores[..., first:])  # (L, H, T')
+        for layer, h in enumerate(sample.hidden_states):
+            x = torch.cat([h[first:], torch.ones(h.shape[0] - first, 1)], dim=1).double()
+            self.xtx[layer] += x.T @ x
+            self.xty[layer] += x.T @ targets[layer].T.double()
+        self.tokens += targets.shape[-1]
+
+    def solve(self, ridge: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights (L, kv_heads, hidden), bias (L, kv_heads))``; ``ridge`` scales with the token count."""
+        if self.tokens == 0:
+            raise ValueError("no training tokens were added")
+        eye = torch.eye(self.xtx.shape[-1], dtype=torch.float64)
+        eye[-1, -1] = 0.0  # the bias is not penalised
+        solution = torch.linalg.solve(self.xtx + ridge * self.tokens / 1000.0 * eye, self.xty)  # (L, H+1, heads)
+        return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
+
+
+def linear_router(model: nn.Module, weights: torch.Tensor, bias: torch.Tensor) -> LearnedRouter:
+    """A linear :class:`LearnedRouter` for ``model`` holding ``weights`` / ``bias`` from :meth:`RidgeFit.solve`."""
+    layers, hidden, heads = model_geometry(model)
+    router = LearnedRouter(RouterSpec(model_name_of(model), layers, hidden, heads))
+    with torch.no_grad():
+        for layer, module in enumerate(router.layers):
+            module.weight.copy_(weights[layer])
+            module.bias.copy_(bias[layer])
+    return router.eval()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation of two 1-d tensors (ties broken by position)."""
+    if a.numel() != b.numel() or a.numel() < 2:
+        raise ValueError("spearman needs two tensors of the same length >= 2")
+    ra = torch.argsort(torch.argsort(a.flatten())).double()
+    rb = torch.argsort(torch.argsort(b.flatten())).double()
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denom = math.sqrt(float((ra * ra).sum() * (rb * rb).sum()))
+    return float((ra * rb).sum() / denom) if denom > 0 else 0.0
+
+
+@torch.no_grad()
+def router_agreement(router: LearnedRouter, sample: KVzipSample) -> torch.Tensor:
+    """``(layers,)`` mean over KV heads of the Spearman correlation between predictions and KVzip scores."""
+    out = []
+    for layer, h in enumerate(sample.hidden_states):
+        pred = router.predict(layer, h[None])[0]  # (heads, T)
+        truth = sample.scores[layer]
+        first = sample.start
+        out.append(sum(spearman(pred[j, first:], truth[j, first:]) for j in range(pred.shape[0])) / pred.shape[0])
+    return torch.tensor(out)

@@ -1,0 +1,97 @@
+"""Train ExpertRoutingPress's learned router for a model, offline, on text this project generates.
+
+    python scripts/train_router.py                                   # the default model -> shipped weights
+    python scripts/train_router.py --model Qwen/Qwen3-0.6B --output qwen3-router.safetensors
+
+Training contexts: RULER-style haystacks (essays with needles, variable chains, word lists; seeds far
+from the evaluation's seed 0) and plain essay passages, each wrapped in the model's chat template the
+way kvpress's pipeline wraps a context. Each context is scored by kvpress's KVzipPress (a prefill plus
+the "repeat the context" passes); a ridge regression per layer maps each token's attention-input
+hidden state to log(KVzip score). Held-out contexts report the Spearman correlation of the
+predictions with KVzip's scores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import random
+import time
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from evaluation.benchmarks.ruler import generate_ruler
+from evaluation.haystack import essays_text
+from pikvpress.models import DEFAULT_MODEL, load_model
+from pikvpress.routing.learned import SHIPPED_DIR, model_geometry, model_name_of
+from pikvpress.routing.training import RidgeFit, kvzip_targets, linear_router, router_agreement
+
+TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "vt", "fwe"]
+
+
+def training_contexts(tokenizer, lengths: list[int], per_length: int, seed: int) -> list[str]:
+    """RULER-style haystack contexts and plain essay passages (half and half), deterministic for ``seed``."""
+    rng = random.Random(seed)
+    contexts = []
+    essays = essays_text()
+    words = essays.split(" ")
+    for length in lengths:
+        n_ruler = per_length - per_length // 2
+        frame = generate_ruler(tokenizer, length, tasks=TASKS, num_samples=max(1, n_ruler // len(TASKS) + 1), seed=seed)
+        rows = frame.sample(n=min(n_ruler, len(frame)), random_state=seed)
+        contexts += [row.context for row in rows.itertuples()]
+        for _ in range(per_length // 2):  # ~0.75 tokens per word in English prose
+            start = rng.randrange(0, len(words) - length)
+            contexts.append(" ".join(words[start : start + int(length * 0.72)]))
+    return contexts
+
+
+def context_ids(pipe, tokenizer, context: str) -> torch.Tensor:
+    return pipe.preprocess(context, [""], "", int(1e10))["context_ids"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default=DEFAULT_MODEL)
+    parser.add_argument("--output", type=Path, default=None, help="default: the package's shipped weights path")
+    parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048])
+    parser.add_argument("--contexts-per-length", type=int, default=24)
+    parser.add_argument("--holdout", type=int, default=4, help="contexts kept out of the fit, for the report")
+    parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=1234)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+
+    from transformers import pipeline
+
+    model, tokenizer = load_model(args.model, device=args.device)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    output = args.output or SHIPPED_DIR / f"{model_name_of(model)}.safetensors"
+    contexts = training_contexts(tokenizer, args.lengths, args.contexts_per_length, args.seed)
+    random.Random(args.seed).shuffle(contexts)
+    held, train = contexts[: args.holdout], contexts[args.holdout :]
+
+    start = time.perf_counter()
+    fit = RidgeFit(*model_geometry(model))
+    for text in tqdm(train, desc="KVzip targets", unit="context"):
+        fit.add(kvzip_targets(model, context_ids(pipe, tokenizer, text)))
+    scoring_s = time.perf_counter() - start
+    router = linear_router(model, *fit.solve(args.ridge))
+    train_s = time.perf_counter() - start
+    path = router.save(output)
+
+    agreement = torch.stack(
+        [router_agreement(router, kvzip_targets(model, context_ids(pipe, tokenizer, t))) for t in held]
+    ).mean(0)
+    print(f"trained on {len(train)} contexts, {fit.tokens} tokens per layer")
+    print(f"time: {train_s:.1f} s ({scoring_s:.1f} s KVzip scoring, {train_s - scoring_s:.1f} s fit)")
+    print(f"weights: {path} ({path.stat().st_size / 1024:.1f} KiB on disk)")
+    print(f"held-out Spearman vs KVzip, mean over layers: {agreement.mean():.3f}")
+    print("per layer: " + " ".join(f"{v:.2f}" for v in agreement.tolist()))
+
+
+if __name__ == "__main__":
+    main()
