@@ -7,13 +7,16 @@ Training contexts: RULER-style haystacks (essays with needles, variable chains, 
 from the evaluation's seed 0) and plain essay passages, each wrapped in the model's chat template the
 way kvpress's pipeline wraps a context. Each context is scored by kvpress's KVzipPress (a prefill plus
 the "repeat the context" passes); a ridge regression per layer maps each token's attention-input
-hidden state to log(KVzip score). Held-out contexts report the Spearman correlation of the
+hidden state to log(KVzip score). KVzip's global budget (one top-k over every layer and
+head) is recorded too, as each layer's share of the kept tokens at compression ratios 5%..95%; the
+press uses it as per-layer budgets. Held-out contexts report the Spearman correlation of the
 predictions with KVzip's scores.
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import logging
 import random
 import time
@@ -26,7 +29,15 @@ from evaluation.benchmarks.ruler import generate_ruler
 from evaluation.haystack import essays_text
 from pikvpress.models import DEFAULT_MODEL, load_model
 from pikvpress.routing.learned import SHIPPED_DIR, model_geometry, model_name_of
-from pikvpress.routing.training import RidgeFit, kvzip_targets, linear_router, router_agreement
+from pikvpress.routing.training import (
+    KVzipSample,
+    LayerBudgetFit,
+    RidgeFit,
+    kvzip_targets,
+    linear_router,
+    prefill_hidden_states,
+    router_agreement,
+)
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "vt", "fwe"]
 
@@ -52,6 +63,22 @@ def context_ids(pipe, tokenizer, context: str) -> torch.Tensor:
     return pipe.preprocess(context, [""], "", int(1e10))["context_ids"]
 
 
+def scored(model, ids: torch.Tensor, samples_dir: Path | None) -> KVzipSample:
+    """KVzip targets of ``ids``; with ``samples_dir``, KVzip's scores are kept there and reused by later
+    runs (a refit then only re-runs plain prefills for the hidden states)."""
+    if samples_dir is None:
+        return kvzip_targets(model, ids)
+    key = hashlib.sha1(f"{model_name_of(model)}:{ids.tolist()}".encode()).hexdigest()[:16]
+    path = samples_dir / f"{key}.pt"
+    if path.is_file():
+        saved = torch.load(path)
+        return KVzipSample(prefill_hidden_states(model, ids), saved["scores"], saved["start"])
+    sample = kvzip_targets(model, ids)
+    samples_dir.mkdir(parents=True, exist_ok=True)
+    torch.save({"scores": sample.scores, "start": sample.start}, path)
+    return sample
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
@@ -62,6 +89,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--ridge", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--samples-dir", type=Path, default=None, help="keep KVzip's scores here for later refits")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
@@ -76,21 +104,27 @@ def main(argv: list[str] | None = None) -> None:
 
     start = time.perf_counter()
     fit = RidgeFit(*model_geometry(model))
+    budgets = LayerBudgetFit(model_geometry(model)[0])
     for text in tqdm(train, desc="KVzip targets", unit="context"):
-        fit.add(kvzip_targets(model, context_ids(pipe, tokenizer, text)))
+        sample = scored(model, context_ids(pipe, tokenizer, text), args.samples_dir)
+        fit.add(sample)
+        budgets.add(sample)
     scoring_s = time.perf_counter() - start
     router = linear_router(model, *fit.solve(args.ridge))
+    router.set_layer_budget(budgets.ratios, budgets.weights())
     train_s = time.perf_counter() - start
     path = router.save(output)
 
     agreement = torch.stack(
-        [router_agreement(router, kvzip_targets(model, context_ids(pipe, tokenizer, t))) for t in held]
+        [router_agreement(router, scored(model, context_ids(pipe, tokenizer, t), args.samples_dir)) for t in held]
     ).mean(0)
     print(f"trained on {len(train)} contexts, {fit.tokens} tokens per layer")
     print(f"time: {train_s:.1f} s ({scoring_s:.1f} s KVzip scoring, {train_s - scoring_s:.1f} s fit)")
     print(f"weights: {path} ({path.stat().st_size / 1024:.1f} KiB on disk)")
     print(f"held-out Spearman vs KVzip, mean over layers: {agreement.mean():.3f}")
     print("per layer: " + " ".join(f"{v:.2f}" for v in agreement.tolist()))
+    for ratio in (0.25, 0.5, 0.75):
+        print(f"layer budget at {ratio:.0%}: " + " ".join(f"{v:.2f}" for v in router.layer_weights(ratio).tolist()))
 
 
 if __name__ == "__main__":

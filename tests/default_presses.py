@@ -5,6 +5,7 @@ A later press joins the suite by adding one ``PressCase`` here.
 
 from __future__ import annotations
 
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -30,12 +31,16 @@ from kvpress.utils import compute_n_kept
 
 from pikvpress import ExpertRoutingPress, QuantizationPress
 from pikvpress.routing import LearnedRouter, RouterSpec
+from pikvpress.routing.learned import SHIPPED_DIR
 
 
 @lru_cache(maxsize=1)
 def tiny_router_dir() -> str:
-    """Random (seeded) learned-router weights for the tiny models' two geometries, in a temp directory."""
+    """Random (seeded) learned-router weights for the tiny models' two geometries, in a temp directory,
+    beside a copy of the weights shipped for the default model."""
     directory = Path(tempfile.mkdtemp(prefix="pikvpress-tiny-routers-"))
+    for shipped in SHIPPED_DIR.glob("*.safetensors"):
+        shutil.copy(shipped, directory / shipped.name)
     for heads in (2, 4):  # DeepSeek's MLA caches one key head per query head
         torch.manual_seed(heads)
         LearnedRouter(RouterSpec(f"tiny-kv{heads}", 4, 64, heads)).save(directory / f"tiny-kv{heads}.safetensors")
@@ -95,6 +100,10 @@ def _composed_kept(press, module, k_len, ratio):
     return n
 
 
+def _routing_kept(press, module, k_len, ratio):
+    return press.layer_kept(module.layer_idx, k_len)  # learned per-layer budgets once the press has run
+
+
 BAD_RATIOS = [{"compression_ratio": -0.1}, {"compression_ratio": 1.0}, {"compression_ratio": 1.5}]
 
 PRESS_CASES: list[PressCase] = [
@@ -148,6 +157,7 @@ PRESS_CASES: list[PressCase] = [
     PressCase(
         "expert_routing_learned",
         lambda r: ExpertRoutingPress(r, router="learned", num_experts=2, router_weights=tiny_router_dir()),
+        kept=_routing_kept,
         bad_kwargs=BAD_RATIOS,
     ),
     PressCase(

@@ -48,13 +48,14 @@ def test_press_on_default_model(case: PressCase, default_model, needle):
         model, _ = load_model(attn_implementation=case.attn_implementation)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
     cache = DynamicCache()
+    press = case.make(0.5)
     result = pipe(needle.context, question=needle.question, answer_prefix=needle.answer_prefix,
-                  press=case.make(0.5), cache=cache, max_new_tokens=12)
+                  press=press, cache=cache, max_new_tokens=12)
     assert isinstance(result["answer"], str) and result["answer"].strip()
     context_len = len(pipe.preprocess(needle.context, [""], "", 10**6)["context_ids"][0])
     for layer in get_adapter(model).layers:
         expected = context_len if case.masks_instead_of_pruning else case.kept(
-            case.make(0.5), layer.attention, context_len, 0.5)
+            press, layer.attention, context_len, 0.5)
         assert cache.layers[layer.layer_idx].keys.shape[2] == expected
     # ratio 0 changes nothing, bit for bit
     ids = tokenizer(needle.context, return_tensors="pt").input_ids[:, :128]
@@ -74,3 +75,18 @@ def test_generate_continues_on_default_model(default_model, needle):
     expected = greedy_continue(model, cache, logits, ids.shape[1], 6)
     generated = out[0, ids.shape[1]:].tolist()
     assert generated == expected[: len(generated)]
+
+
+def test_shipped_learned_router_agrees_with_kvzip(default_model, needle):
+    """The shipped router predicts KVzip's scores on a context it was not trained on (an essay needle)."""
+    from pikvpress.routing import load_router
+    from pikvpress.routing.training import kvzip_targets, router_agreement
+
+    model, tokenizer = default_model
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    ids = pipe.preprocess(needle.context, [""], "", 10**6)["context_ids"]
+    router = load_router(model)
+    assert router.nbytes < 1_000_000
+    agreement = router_agreement(router, kvzip_targets(model, ids))
+    assert agreement.shape == (model.config.num_hidden_layers,)
+    assert float(agreement.mean()) > 0.6

@@ -263,3 +263,49 @@ def test_harness_builds_it_and_shares_prefills_except_for_the_gate_on_moe_models
     assert can_reuse_prefill(press, get_tiny_model("qwen3_moe"))
     assert can_reuse_prefill(gate, get_tiny_model("llama"))
     assert not can_reuse_prefill(gate, get_tiny_model("qwen3_moe"))
+
+
+# --- layer budgets, auto router, scorers by name ---------------------------------------------------
+
+
+def test_learned_layer_budgets_split_the_uniform_total_by_the_routers_table(tmp_path):
+    model = get_tiny_model("qwen2")
+    torch.manual_seed(1)
+    router = LearnedRouter(RouterSpec("tiny", 4, 64, 2))
+    weights = torch.tensor([[0.5, 1.0, 1.0, 1.5], [0.2, 0.6, 1.2, 2.0], [0.1, 0.3, 1.6, 2.0]])
+    router.set_layer_budget(torch.tensor([0.25, 0.5, 0.75]), weights)
+    path = router.save(tmp_path / "tiny.safetensors")
+    torch.testing.assert_close(router.layer_weights(0.625), (weights[1] + weights[2]) / 2)
+    for ratio in (0.25, 0.5, 0.625, 0.75):
+        press = ExpertRoutingPress(ratio, router="learned", router_weights=str(path))
+        cache = prefill(model, press, ids())
+        lengths = [layer.keys.shape[2] for layer in cache.layers]
+        assert sum(lengths) == 4 * compute_n_kept(T, ratio)
+        assert lengths[0] < min(lengths[1:3]) and max(lengths[1:3]) <= lengths[-1]  # the table grows with depth
+        assert min(lengths) >= press.n_sink
+        assert lengths == [press.layer_kept(i, T) for i in range(4)]
+        uniform = prefill(model, ExpertRoutingPress(ratio, router="learned", router_weights=str(path),
+                                                    layer_budget="uniform"), ids())
+        assert {layer.keys.shape[2] for layer in uniform.layers} == {compute_n_kept(T, ratio)}
+    with pytest.raises(ValueError, match="layer_budget"):
+        ExpertRoutingPress(0.5, router="keys", layer_budget="learned")
+    with pytest.raises(ValueError, match="layer_budget"):
+        ExpertRoutingPress(0.5, layer_budget="pyramid")
+
+
+def test_auto_router_is_learned_with_weights_and_the_gate_without():
+    model = get_tiny_model("qwen3_moe")
+    press = ExpertRoutingPress(0.5, window_size=8)
+    prefill(model, press, ids())
+    assert {s.router for s in press.stats.values()} == {"gate"}
+    press = ExpertRoutingPress(0.5, router_weights=tiny_router_dir())
+    prefill(model, press, ids())
+    assert {s.router for s in press.stats.values()} == {"learned"}
+
+
+@pytest.mark.parametrize("scorer", ["keydiff", "knorm", "expected_attention", "tova", KnormPress()])
+def test_kvpress_scorers_rank_inside_experts(scorer):
+    model = get_tiny_model("llama")
+    press = ExpertRoutingPress(0.5, router="keys", num_experts=3, window_size=8, scorer=scorer)
+    cache = prefill(model, press, ids())
+    assert {layer.keys.shape[2] for layer in cache.layers} == {compute_n_kept(T, 0.5)}

@@ -9,20 +9,31 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from kvpress import ExpectedAttentionPress, KeyDiffPress, KnormPress, SnapKVPress, TOVAPress
 from kvpress.presses.base_press import is_prefilling
 from kvpress.presses.scorer_press import ScorerPress
 from kvpress.utils import compute_n_kept
 from torch import nn
 from torch.nn import functional as F
 
+from pikvpress.compat.patches import gather_kept
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter, slice_positions
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
-from pikvpress.routing.learned import LearnedRouter, load_router
+from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
 
 logger = logging.getLogger(__name__)
 
-ROUTERS = ("gate", "keys", "learned")
-SCORERS = ("attention", "learned")
+ROUTERS = ("auto", "gate", "keys", "learned")
+#: kvpress scorers usable by name (``scorer="keydiff"``), e.g. from the harness's YAML
+KVPRESS_SCORERS: dict[str, type[ScorerPress]] = {
+    "expected_attention": ExpectedAttentionPress,
+    "keydiff": KeyDiffPress,
+    "knorm": KnormPress,
+    "snapkv": SnapKVPress,
+    "tova": TOVAPress,
+}
+SCORERS = ("attention", "learned", *KVPRESS_SCORERS)
+LAYER_BUDGETS = ("auto", "uniform", "learned")
 
 
 @dataclass
@@ -95,10 +106,11 @@ class ExpertRoutingPress(ScorerPress):
         Experts each window query routes to (at most ``num_experts``).
     window_size : int
         Observation window; clamped (with a warning) when the context is not longer than it.
-    scorer : {"attention", "learned"} or ScorerPress, optional
-        Ranking inside an expert: the window queries' attention (SnapKV's signal), the learned
-        predictor, or any kvpress ``ScorerPress``'s ``score``. Default: ``"learned"`` for the
-        learned router, ``"attention"`` otherwise.
+    scorer : str or ScorerPress, optional
+        Ranking inside an expert: ``"attention"`` (the window queries' attention, SnapKV's signal),
+        ``"learned"`` (the learned predictor), a kvpress scorer by name (``"keydiff"``, ``"knorm"``,
+        ``"expected_attention"``, ``"snapkv"``, ``"tova"``) or any kvpress ``ScorerPress`` instance.
+        Default: ``"learned"`` for the learned router, ``"attention"`` otherwise.
     expert_floor : int
         Tokens every populated expert keeps (while the budget allows).
     n_sink : int
@@ -111,8 +123,13 @@ class ExpertRoutingPress(ScorerPress):
     kmeans_iterations : int
         Rounds of spherical k-means.
     router_weights : str, optional
-        Learned router weights (a file written by ``scripts/train_router.py``); default: the weights
-        shipped for the model.
+        Learned router weights (a file written by ``scripts/train_router.py``, or a directory of them);
+        default: the weights shipped for the model.
+    layer_budget : {"auto", "uniform", "learned"}
+        ``"uniform"``: every layer keeps ``compute_n_kept(T, compression_ratio)`` tokens per head.
+        ``"learned"``: the same total, split across layers the way KVzip's global budget splits it
+        on the router's training data (stored with the learned router weights). ``"auto"``: learned
+        when the press uses a learned router whose weights carry that table, else uniform.
 
     Examples
     --------
@@ -123,7 +140,7 @@ class ExpertRoutingPress(ScorerPress):
     """
 
     compression_ratio: float = 0.0
-    router: str = "keys"
+    router: str = "auto"
     num_experts: int = 8
     top_k: int = 2
     window_size: int = 64
@@ -134,6 +151,7 @@ class ExpertRoutingPress(ScorerPress):
     kernel_size: int = 5
     kmeans_iterations: int = 4
     router_weights: str | None = None
+    layer_budget: str = "auto"
     stats: dict[int, RoutingStats] = field(default_factory=dict, init=False, repr=False)
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
@@ -154,10 +172,17 @@ class ExpertRoutingPress(ScorerPress):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
-        if self.scorer is None:
-            self.scorer = "learned" if self.router == "learned" else "attention"
-        if not (self.scorer in SCORERS if isinstance(self.scorer, str) else isinstance(self.scorer, ScorerPress)):
+        if not (
+            self.scorer is None
+            or (self.scorer in SCORERS if isinstance(self.scorer, str) else isinstance(self.scorer, ScorerPress))
+        ):
             raise ValueError(f"scorer must be one of {SCORERS} or a kvpress ScorerPress, got {self.scorer!r}")
+        if self.layer_budget not in LAYER_BUDGETS:
+            raise ValueError(f"layer_budget must be one of {LAYER_BUDGETS}, got {self.layer_budget!r}")
+        self._resolve(None if self.router == "auto" else self.router)
+        if self.layer_budget == "learned" and self.router != "auto" and not self.uses_learned_router:
+            raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
+        self._budgets: dict[int, dict[int, int]] = {}
         self._learned: LearnedRouter | None = None
         self._learned_model: nn.Module | None = None
         self._adapters: dict[int, LayerAdapter] = {}
@@ -167,24 +192,42 @@ class ExpertRoutingPress(ScorerPress):
         self._input_hooks: list = []
         self._last_moe_layer = -1
 
+    def _resolve(self, router: str | None) -> None:
+        """Fix the router and scorer that run (``router="auto"`` is resolved once the model is known)."""
+        self._router = router
+        scorer = self.scorer if self.scorer is not None else ("learned" if router == "learned" else "attention")
+        self._scorer = scorer
+        if isinstance(scorer, ScorerPress):
+            self._base_scorer = scorer
+        else:
+            self._base_scorer = KVPRESS_SCORERS[scorer]() if scorer in KVPRESS_SCORERS else None
+
     # ----------------------------------------------------------------------------------------------
     @property
     def uses_learned_router(self) -> bool:
-        return self.router == "learned" or self.scorer == "learned"
+        return self._router == "learned" or self._scorer == "learned"
 
     @property
     def reads_decoder_inputs(self) -> bool:
-        """Whether the press hooks decoder layers (the gate router needs the MoE gate's input)."""
-        return self.router == "gate"
+        """Whether the press hooks decoder layers (the gate router needs the MoE gate's input; ``"auto"``
+        may resolve to it)."""
+        return self.router in ("gate", "auto") and self._router in ("gate", None)
 
     def post_init_from_model(self, model: nn.Module) -> None:
         adapter = get_adapter(model)
+        if self.router == "auto":
+            has_weights = self.router_weights is not None or shipped_router_path(model) is not None
+            self._resolve("learned" if has_weights else "gate")
+        if self.layer_budget == "learned" and not self.uses_learned_router:
+            raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
         self._adapters = {layer.layer_idx: layer for layer in adapter.layers}
         if self.uses_learned_router and (self._learned is None or self._learned_model is not model):
             self._learned = load_router(model, self.router_weights)
             self._learned_model = model
-        if isinstance(self.scorer, ScorerPress):
-            self.scorer.post_init_from_model(model)
+        if self._base_scorer is not None:
+            self._base_scorer.post_init_from_model(model)
+        self._pressed_layers = [layer.layer_idx for layer in adapter.layers if not layer.is_sliding]
+        self._budgets = {}
         self.stats = {}
         if self.reads_decoder_inputs:
             self._install_input_hooks(adapter)
@@ -252,8 +295,9 @@ class ExpertRoutingPress(ScorerPress):
         b, h, t, _ = keys.shape
         idx = int(module.layer_idx)
         adapter = self._adapters.get(idx) or layer_adapter(module)
-        n_kept = compute_n_kept(t, self.compression_ratio)
-        window = self._window(t)
+        n_kept = self.layer_kept(idx, t)
+        needs_window = self._scorer == "attention" or self._router != "learned"
+        window = self._window(t) if needs_window else 0
 
         # protected tokens: sinks first, then the most recent ones
         n_sink = min(self.n_sink, n_kept)
@@ -266,7 +310,7 @@ class ExpertRoutingPress(ScorerPress):
 
         # token scores (ranking inside an expert) and the window's attention when needed
         attention = None
-        if self.scorer == "attention" or self.router != "learned":
+        if needs_window:
             attention = self._window_attention(module, hidden_states, keys, window, kwargs)  # (B, H, w, T)
         token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention)
 
@@ -299,11 +343,53 @@ class ExpertRoutingPress(ScorerPress):
             kept.cpu(),
             n_protected,
         )
+        if e == 1:  # one expert: the token scores themselves (so AdaKVPress can compare heads)
+            top = token_scores.amax().item() + 1.0
+            return token_scores.masked_fill(protected, top)
         # chosen tokens above every other token; the token score orders each group
         ranked = torch.argsort(torch.argsort(token_scores, dim=-1), dim=-1).float() / max(t, 1)
         return chosen.float() * 2.0 + ranked
 
     # ----------------------------------------------------------------------------------------------
+    @property
+    def uses_layer_budget(self) -> bool:
+        if self.layer_budget == "uniform" or self._learned is None:
+            return False
+        return self.layer_budget == "learned" or self._learned.has_layer_budget
+
+    def layer_kept(self, layer_idx: int, t: int) -> int:
+        """Tokens per head layer ``layer_idx`` keeps out of ``t`` (uniform, or the learned per-layer split).
+
+        The learned split keeps the total over the pressed layers equal to the uniform total, gives each
+        layer at least its ``n_sink`` sink tokens (at least one token), and at most ``t``.
+        """
+        uniform = compute_n_kept(t, self.compression_ratio)
+        if not self.uses_layer_budget or layer_idx not in getattr(self, "_pressed_layers", ()):
+            return uniform
+        if t not in self._budgets:
+            layers = self._pressed_layers
+            weights = self._learned.layer_weights(self.compression_ratio)[layers]
+            sizes = torch.full((len(layers),), t, dtype=torch.long)
+            floor = min(uniform, max(1, self.n_sink))
+            kept = allocate_budget(weights, sizes, uniform * len(layers), floor=floor)
+            self._budgets[t] = dict(zip(layers, kept.tolist()))
+        return self._budgets[t][layer_idx]
+
+    def compress(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor,
+        kwargs: dict,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.compression_ratio == 0:
+            return keys, values
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = self.layer_kept(int(module.layer_idx), keys.shape[2])
+        return gather_kept(keys, values, scores.topk(n_kept, dim=-1).indices)
+
     def _window(self, t: int) -> int:
         window = self.window_size
         if window >= t:
@@ -324,9 +410,9 @@ class ExpertRoutingPress(ScorerPress):
 
     def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention) -> torch.Tensor:
         """``(B, H, T)`` ranking of the tokens inside an expert."""
-        if isinstance(self.scorer, ScorerPress):
-            return self.scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
-        if self.scorer == "learned":
+        if self._base_scorer is not None:
+            return self._base_scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
+        if self._scorer == "learned":
             assert self._learned is not None
             return self._learned.predict(int(module.layer_idx), hidden_states).float()
         # mean attention over the window queries that can see each token (window tokens are seen by fewer)
@@ -343,7 +429,7 @@ class ExpertRoutingPress(ScorerPress):
     def _route(self, adapter, idx, hidden_states, keys, attention, token_scores, routable, window):
         """``(assignment (B, H, T), mass (B, H, E), router used)``."""
         b, h, t, _ = keys.shape
-        if self.router == "gate":
+        if self._router == "gate":
             routing = self._gate(adapter, idx, hidden_states)
             if routing is not None:
                 probs = routing.probs.float()  # (B, T, E)
@@ -361,7 +447,7 @@ class ExpertRoutingPress(ScorerPress):
         assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
         assignment[:, :, routable] = clusters.assignment
         onehot = F.one_hot(assignment, experts).float() * routable[:, None].float()  # (B, H, T, E)
-        if self.router == "learned":
+        if self._router == "learned":
             weight = torch.softmax(token_scores.float().masked_fill(~routable, float("-inf")), dim=-1)
             return assignment, torch.einsum("bht,bhte->bhe", weight, onehot), "learned"
         # keys: each window query routes to the top_k experts holding most of its attention
@@ -370,7 +456,7 @@ class ExpertRoutingPress(ScorerPress):
         top = per_query.topk(k, dim=-1)
         routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)
         routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
-        return assignment, routed.sum(2), "keys" if self.router == "keys" else "keys (no MoE gate)"
+        return assignment, routed.sum(2), "keys" if self._router == "keys" else "keys (no MoE gate)"
 
     def _gate(self, adapter: LayerAdapter, idx: int, hidden_states: torch.Tensor):
         layer_input = self._layer_inputs.get(idx)

@@ -88,6 +88,34 @@ class LearnedRouter(nn.Module):
         else:
             self.layers = nn.ModuleList(nn.Linear(spec.hidden_size, spec.num_kv_heads) for _ in range(spec.num_layers))
 
+    # --- per-layer keep budgets ------------------------------------------------------------------
+    def set_layer_budget(self, ratios: torch.Tensor, weights: torch.Tensor) -> None:
+        """Store how KVzip's global budget splits across layers: ``weights`` ``(R, L)`` at ``ratios`` ``(R,)``.
+
+        ``weights[r, l]`` is layer ``l``'s share of the kept tokens relative to a uniform split (mean 1)
+        when a fraction ``ratios[r]`` of all the model's context KV is removed.
+        """
+        if ratios.ndim != 1 or weights.shape != (ratios.numel(), self.spec.num_layers):
+            raise ValueError(f"weights must be (len(ratios), {self.spec.num_layers}), got {tuple(weights.shape)}")
+        self.register_buffer("budget_ratios", ratios.float().clone())
+        self.register_buffer("layer_budget", weights.float().clone())
+
+    @property
+    def has_layer_budget(self) -> bool:
+        return hasattr(self, "layer_budget")
+
+    def layer_weights(self, ratio: float) -> torch.Tensor:
+        """``(L,)`` relative keep budget of each layer at compression ``ratio`` (interpolated; ones without a table)."""
+        if not self.has_layer_budget:
+            return torch.ones(self.spec.num_layers)
+        ratios, table = self.budget_ratios.float().cpu(), self.layer_budget.float().cpu()
+        r = min(max(float(ratio), float(ratios[0])), float(ratios[-1]))
+        hi = int(torch.searchsorted(ratios, torch.tensor(r)).clamp(1, len(ratios) - 1))
+        lo = hi - 1
+        span = float(ratios[hi] - ratios[lo])
+        w = 0.0 if span <= 0 else (r - float(ratios[lo])) / span
+        return (1 - w) * table[lo] + w * table[hi]
+
     @torch.no_grad()
     def predict(self, layer_idx: int, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(B, kv_heads, T)`` predicted log-attention of every token from the layer's ``(B, T, hidden)`` input."""
@@ -116,6 +144,9 @@ class LearnedRouter(nn.Module):
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {name: t.detach().to("cpu", dtype).contiguous() for name, t in self.state_dict().items()}
+        for name in ("budget_ratios", "layer_budget"):  # small, kept exact
+            if name in tensors:
+                tensors[name] = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
         save_file(tensors, str(path), metadata={"pikvpress_router": json.dumps(asdict(self.spec))})
         return path
 
@@ -135,7 +166,11 @@ class LearnedRouter(nn.Module):
         if meta is None:
             raise ValueError(f"{str(path)!r} is not a pikvpress router file (no 'pikvpress_router' metadata)")
         router = cls(RouterSpec(**json.loads(meta)))
-        router.load_state_dict({k: v.float() for k, v in load_file(str(path)).items()})
+        tensors = {k: v.float() for k, v in load_file(str(path)).items()}
+        ratios, weights = tensors.pop("budget_ratios", None), tensors.pop("layer_budget", None)
+        router.load_state_dict(tensors)
+        if ratios is not None and weights is not None:
+            router.set_layer_budget(ratios, weights)
         return router.eval()
 
 

@@ -78,6 +78,24 @@ def kvzip_targets(model: nn.Module, context_ids: torch.Tensor, chunk_size: int =
     return KVzipSample([hidden[i] for i in range(len(layers))], press.captured[:, 0].cpu(), start)
 
 
+@torch.no_grad()
+def prefill_hidden_states(model: nn.Module, context_ids: torch.Tensor) -> list[torch.Tensor]:
+    """Per layer, ``(T, hidden)`` float32 attention inputs of a plain prefill of ``(1, T)`` ``context_ids``."""
+    layers = language_model(model).layers
+    hidden: dict[int, torch.Tensor] = {}
+
+    def record(module, args, kwargs):
+        hidden[int(module.layer_idx)] = kwargs["hidden_states"][0].detach().float().cpu()
+
+    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        language_model(model)(input_ids=context_ids.to(model.device), past_key_values=_fresh_cache())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return [hidden[i] for i in range(len(layers))]
+
+
 def _fresh_cache():
     from transformers import DynamicCache
 
@@ -121,6 +139,38 @@ class RidgeFit:
         eye[-1, -1] = 0.0  # the bias is not penalised
         solution = torch.linalg.solve(self.xtx + ridge * self.tokens / 1000.0 * eye, self.xty)  # (L, H+1, heads)
         return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
+
+
+class LayerBudgetFit:
+    """How KVzip's global top-k (one budget for every layer and head) splits across layers, averaged.
+
+    Parameters
+    ----------
+    num_layers : int
+        Layers of the model.
+    ratios : torch.Tensor, optional
+        Compression ratios of the table (default 0.05, 0.10, ..., 0.95).
+    """
+
+    def __init__(self, num_layers: int, ratios: torch.Tensor | None = None):
+        self.ratios = torch.arange(1, 20) / 20 if ratios is None else ratios.float()
+        self.total = torch.zeros(len(self.ratios), num_layers, dtype=torch.float64)
+        self.samples = 0
+
+    def add(self, sample: KVzipSample) -> None:
+        scores = sample.scores[..., sample.start :].float()  # (L, H, T')
+        flat = scores.flatten().sort().values
+        for r, ratio in enumerate(self.ratios.tolist()):
+            threshold = flat[min(int(ratio * flat.numel()), flat.numel() - 1)]
+            kept = (scores >= threshold).float().mean(dim=(1, 2))  # (L,) share of each layer kept
+            self.total[r] += (kept / kept.mean().clamp_min(1e-12)).double()
+        self.samples += 1
+
+    def weights(self) -> torch.Tensor:
+        """``(R, L)`` mean relative keep budget per layer (mean 1 over layers)."""
+        if self.samples == 0:
+            raise ValueError("no samples were added")
+        return (self.total / self.samples).float()
 
 
 def linear_router(model: nn.Module, weights: torch.Tensor, bias: torch.Tensor) -> LearnedRouter:

@@ -1,0 +1,100 @@
+"""Prefill time with ExpertRoutingPress (each router) against no press, SnapKV and KVzip, side by side.
+
+Every configuration prefills the same context (essay text wrapped in the model's chat template, as
+kvpress's pipeline wraps it) under its press; configurations run in interleaved rounds so machine
+noise hits them alike, and the table reports the median time, its ratio to the no-press prefill
+measured in the same run, and the press's overhead (time minus no-press time) against SnapKV's.
+
+    python benchmarks/prefill_speed.py                              # default model, 1k / 2k / 4k tokens
+    python benchmarks/prefill_speed.py --tokens 1024 --rounds 2     # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import statistics
+import time
+
+import torch
+from kvpress import KVzipPress, SnapKVPress
+from tabulate import tabulate
+from tqdm.auto import tqdm
+from transformers import DynamicCache, pipeline
+
+from evaluation.haystack import essays_text
+from pikvpress import ExpertRoutingPress, load_model
+
+logger = logging.getLogger(__name__)
+
+RATIO = 0.5
+
+
+def presses() -> dict[str, object]:
+    return {
+        "no press": None,
+        "snapkv": SnapKVPress(RATIO),
+        "expert_routing gate": ExpertRoutingPress(RATIO, router="gate"),
+        "expert_routing keys": ExpertRoutingPress(RATIO, router="keys"),
+        "expert_routing learned": ExpertRoutingPress(RATIO, router="learned"),
+        "kvzip": KVzipPress(RATIO),
+    }
+
+
+def context_ids(pipe, tokens: int) -> torch.Tensor:
+    words = essays_text().split(" ")
+    n = int(tokens * 0.72)
+    while True:
+        ids = pipe.preprocess(" ".join(words[:n]), [""], "", int(1e10))["context_ids"]
+        if ids.shape[1] >= tokens:
+            return ids[:, :tokens]
+        n = int(n * 1.1) + 8
+
+
+@torch.no_grad()
+def prefill_seconds(model, press, ids: torch.Tensor) -> float:
+    cache = DynamicCache()
+    start = time.perf_counter()
+    if press is None:
+        model.model(input_ids=ids, past_key_values=cache)
+    else:
+        with press(model):
+            model.model(input_ids=ids, past_key_values=cache)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="model name or path (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    model, tokenizer = load_model(args.model) if args.model else load_model()
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    configs = presses()
+    rows = []
+    for tokens in args.tokens:
+        ids = context_ids(pipe, tokens).to(model.device)
+        prefill_seconds(model, None, ids)  # warm-up
+        times: dict[str, list[float]] = {name: [] for name in configs}
+        for _ in tqdm(range(args.rounds), desc=f"{tokens} tokens", unit="round"):
+            for name, press in configs.items():
+                times[name].append(prefill_seconds(model, press, ids))
+        base = statistics.median(times["no press"])
+        snap_over = statistics.median(times["snapkv"]) - base
+        for name, values in times.items():
+            t = statistics.median(values)
+            rows.append(
+                [tokens, name, f"{t * 1000:.0f}", f"{t / base:.2f}x", f"{(t - base) * 1000:+.0f}",
+                 "" if name in ("no press", "snapkv") or snap_over <= 0 else f"{(t - base) / snap_over:.2f}x"]
+            )
+    print(f"prefill of the context, median of {args.rounds} interleaved rounds, {torch.get_num_threads()} threads")
+    print(tabulate(rows, headers=["tokens", "press", "ms", "vs no press", "overhead ms", "overhead vs snapkv"]))
+
+
+if __name__ == "__main__":
+    main()
