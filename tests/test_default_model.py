@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 from default_presses import PRESS_CASES, PressCase
+from test_conformance import greedy_continue, prefill
 from transformers import DynamicCache, pipeline
 
 from evaluation.benchmarks.needle import make_sample
 from pikvpress.models import get_adapter, load_model
-from test_conformance import greedy_continue, prefill
 
 pytestmark = pytest.mark.slow
 CONTEXT_TOKENS = 512
