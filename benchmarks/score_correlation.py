@@ -76,6 +76,16 @@ def mean_spearman(scores: torch.Tensor, truth: torch.Tensor, start: int) -> floa
     return sum(spearman(scores[h, start:], truth[h, start:]) for h in range(truth.shape[0])) / truth.shape[0]
 
 
+def mass_kept(scores: torch.Tensor, truth: torch.Tensor, start: int, keep: float) -> float:
+    """Share of the question's attention (tokens ``start:``) on the ``keep`` fraction of them scored highest."""
+    s, t = scores[:, start:].float(), truth[:, start:].float()
+    top = s.topk(max(1, int(keep * s.shape[-1])), dim=-1).indices
+    return float((t.gather(-1, top).sum(-1) / t.sum(-1).clamp_min(1e-12)).mean())
+
+
+KEEPS = (0.5, 0.25)  # compression ratios 50% and 75%
+
+
 @torch.no_grad()
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -89,10 +99,13 @@ def main(argv: list[str] | None = None) -> None:
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     rows = generate_ruler(tokenizer, args.tokens, tasks=TASKS, num_samples=args.samples, seed=args.seed)
     modules = [layer.attention for layer in get_adapter(model).layers]
+    for module in modules:  # what a press's context manager attaches (ExpectedAttention reads the rotary)
+        module.rotary_emb = language_model(model).rotary_emb
     presses = scorers()
     for press in presses.values():
         press.post_init_from_model(model)
     corr: dict[str, list[list[float]]] = defaultdict(list)  # press -> per sample, per layer
+    kept: dict[str, list[list[float]]] = defaultdict(list)  # press -> per sample, per keep fraction (layer mean)
     for row in tqdm(list(rows.itertuples()), desc="samples", unit="sample"):
         inputs = pipe.preprocess(row.context, [row.question], row.answer_prefix or "", int(1e10))
         context_ids, question_ids = inputs["context_ids"], inputs["questions_ids"][0]
@@ -100,25 +113,34 @@ def main(argv: list[str] | None = None) -> None:
         prefill = capture_prefill(model, context_ids)
         start = 4  # the attention sinks every press keeps are left out
         for name, press in presses.items():
-            per_layer = []
+            per_layer, per_keep = [], [[] for _ in KEEPS]
             for idx, layer in sorted(prefill.layers.items()):
                 kwargs = dict(layer.kwargs, past_key_values=None)
                 s = press.score(modules[idx], kwargs["hidden_states"], layer.keys, layer.values, None, kwargs)
                 per_layer.append(mean_spearman(s[0].float(), truth[idx], start))
+                for j, keep in enumerate(KEEPS):
+                    per_keep[j].append(mass_kept(s[0], truth[idx], start, keep))
             corr[name].append(per_layer)
+            kept[name].append([sum(v) / len(v) for v in per_keep])
         kvzip = kvzip_targets(model, context_ids)
-        corr["kvzip"].append(
-            [mean_spearman(kvzip.scores[i], truth[i], max(start, kvzip.start)) for i in range(len(modules))]
+        first = max(start, kvzip.start)
+        corr["kvzip"].append([mean_spearman(kvzip.scores[i], truth[i], first) for i in range(len(modules))])
+        kept["kvzip"].append(
+            [sum(mass_kept(kvzip.scores[i], truth[i], first, keep) for i in range(len(modules))) / len(modules)
+             for keep in KEEPS]
         )
     n_layers = len(modules)
     shown = sorted({0, n_layers // 4, n_layers // 2, 3 * n_layers // 4, n_layers - 1})
     table = []
     for name, values in corr.items():
         mean = torch.tensor(values).mean(0)
-        table.append([name, f"{mean.mean():.3f}", *(f"{mean[i]:.2f}" for i in shown)])
+        mass = torch.tensor(kept[name]).mean(0)
+        table.append([name, f"{mean.mean():.3f}", *(f"{mean[i]:.2f}" for i in shown), *(f"{m:.3f}" for m in mass)])
     table.sort(key=lambda r: -float(r[1]))
-    print(f"Spearman(press score, question attention), {len(rows)} samples at {args.tokens} tokens")
-    print(tabulate(table, headers=["press", "mean", *(f"layer {i}" for i in shown)]))
+    print(f"Spearman(press score, question attention) per layer, {len(rows)} samples at {args.tokens} tokens;")
+    print("attention mass kept: share of the question's attention on the tokens a press ranks in its top 50% / 25%")
+    headers = ["press", "mean", *(f"layer {i}" for i in shown), *(f"mass kept, top {k:.0%}" for k in KEEPS)]
+    print(tabulate(table, headers=headers))
 
 
 if __name__ == "__main__":

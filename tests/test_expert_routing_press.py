@@ -102,6 +102,8 @@ def test_budget_split_floors_and_protected_tokens(router, ratio):
         budget_covers_floors = populated.sum(-1) <= n_kept - 5
         assert bool((stats.kept[populated & budget_covers_floors[..., None]] >= 1).all())
         assert torch.allclose(stats.mass.sum(-1), torch.ones(2, 2))
+    frame = press.stats_frame()
+    assert list(frame["layer"]) == sorted(press.stats) and set(frame["kept_total"]) == {float(n_kept)}
 
 
 def test_sinks_and_recent_tokens_are_kept_and_experts_keep_their_best_tokens():

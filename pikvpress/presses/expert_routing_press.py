@@ -66,6 +66,22 @@ class RoutingStats:
         sizes = self.sizes.float()
         return (sizes / sizes.sum(-1, keepdim=True).clamp_min(1)).mean(dim=(0, 1))
 
+    def summary(self) -> dict[str, Any]:
+        """One report row: router, experts, token loads, query mass and kept counts (means over batch and heads)."""
+        load = self.load
+        mass = self.mass.float().mean(dim=(0, 1))
+        kept = self.kept.float().mean(dim=(0, 1))
+        return {
+            "router": self.router,
+            "experts": int(self.sizes.shape[-1]),
+            "max_load": float(load.max()),
+            "max_mass": float(mass.max()),
+            "kept_min": float(kept.min()),
+            "kept_max": float(kept.max()),
+            "kept_total": float(kept.sum()) + self.protected,
+            "protected": self.protected,
+        }
+
 
 @dataclass
 class ExpertRoutingPress(ScorerPress):
@@ -191,6 +207,12 @@ class ExpertRoutingPress(ScorerPress):
         self._warned: set[str] = set()
         self._input_hooks: list = []
         self._last_moe_layer = -1
+
+    def stats_frame(self):
+        """The last prefill's routing statistics as a pandas DataFrame, one row per pressed layer."""
+        import pandas as pd
+
+        return pd.DataFrame([{"layer": idx, **stats.summary()} for idx, stats in sorted(self.stats.items())])
 
     def _resolve(self, router: str | None) -> None:
         """Fix the router and scorer that run (``router="auto"`` is resolved once the model is known)."""
