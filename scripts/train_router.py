@@ -32,6 +32,7 @@ from pikvpress.routing.learned import SHIPPED_DIR, model_geometry, model_name_of
 from pikvpress.routing.training import (
     KVzipSample,
     LayerBudgetFit,
+    MlpFit,
     RidgeFit,
     kvzip_targets,
     linear_router,
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--contexts-per-length", type=int, default=24)
     parser.add_argument("--holdout", type=int, default=4, help="contexts kept out of the fit, for the report")
     parser.add_argument("--ridge", type=float, default=1.0)
+    parser.add_argument("--hidden-dim", type=int, default=0, help="0: linear (ridge, closed form); else an MLP")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples-dir", type=Path, default=None, help="keep KVzip's scores here for later refits")
@@ -103,14 +105,14 @@ def main(argv: list[str] | None = None) -> None:
     held, train = contexts[: args.holdout], contexts[args.holdout :]
 
     start = time.perf_counter()
-    fit = RidgeFit(*model_geometry(model))
+    fit = RidgeFit(*model_geometry(model)) if not args.hidden_dim else MlpFit(*model_geometry(model), args.hidden_dim)
     budgets = LayerBudgetFit(model_geometry(model)[0])
     for text in tqdm(train, desc="KVzip targets", unit="context"):
         sample = scored(model, context_ids(pipe, tokenizer, text), args.samples_dir)
         fit.add(sample)
         budgets.add(sample)
     scoring_s = time.perf_counter() - start
-    router = linear_router(model, *fit.solve(args.ridge))
+    router = linear_router(model, *fit.solve(args.ridge)) if not args.hidden_dim else fit.fit(model, seed=args.seed)
     router.set_layer_budget(budgets.ratios, budgets.weights())
     train_s = time.perf_counter() - start
     path = router.save(output)
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> None:
     agreement = torch.stack(
         [router_agreement(router, scored(model, context_ids(pipe, tokenizer, t), args.samples_dir)) for t in held]
     ).mean(0)
-    print(f"trained on {len(train)} contexts, {fit.tokens} tokens per layer")
+    print(f"trained on {len(train)} contexts ({'ridge' if not args.hidden_dim else f'MLP {args.hidden_dim}'})")
     print(f"time: {train_s:.1f} s ({scoring_s:.1f} s KVzip scoring, {train_s - scoring_s:.1f} s fit)")
     print(f"weights: {path} ({path.stat().st_size / 1024:.1f} KiB on disk)")
     print(f"held-out Spearman vs KVzip, mean over layers: {agreement.mean():.3f}")

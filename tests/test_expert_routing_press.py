@@ -17,7 +17,7 @@ from evaluation.presses import build_press, takes_ratio
 from pikvpress import ExpertRoutingPress
 from pikvpress.models import TINY_FAMILIES, get_adapter
 from pikvpress.routing import LearnedRouter, RouterSpec, load_router, spherical_kmeans
-from pikvpress.routing.training import KVzipSample, RidgeFit, linear_router, spearman
+from pikvpress.routing.training import KVzipSample, MlpFit, RidgeFit, linear_router, spearman
 
 MOE_FAMILIES = [f for f in TINY_FAMILIES if get_adapter(get_tiny_model(f)).is_moe]
 T = 48
@@ -311,3 +311,22 @@ def test_kvpress_scorers_rank_inside_experts(scorer):
     press = ExpertRoutingPress(0.5, router="keys", num_experts=3, window_size=8, scorer=scorer)
     cache = prefill(model, press, ids())
     assert {layer.keys.shape[2] for layer in cache.layers} == {compute_n_kept(T, 0.5)}
+
+
+def test_mlp_fit_learns_a_planted_map():
+    torch.manual_seed(0)
+    model = get_tiny_model("llama")  # geometry (4 layers, 64 hidden, 2 kv heads)
+    w = torch.randn(4, 2, 64) * 0.2
+    fit = MlpFit(4, 64, 2, hidden_dim=16, tokens_per_sample=200)
+    samples = []
+    for _ in range(3):
+        h = [torch.randn(210, 64) for _ in range(4)]
+        samples.append(KVzipSample(h, torch.stack([(w[i] @ h[i].T).exp() for i in range(4)]), start=10))
+    for sample in samples:
+        fit.add(sample)
+    router = fit.fit(model, epochs=200)
+    assert router.spec.hidden_dim == 16
+    held = [torch.randn(50, 64) for _ in range(4)]
+    for layer in range(4):
+        pred = router.predict(layer, held[layer][None])[0]
+        assert spearman(pred[0], w[layer, 0] @ held[layer].T) > 0.9

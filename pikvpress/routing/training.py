@@ -141,6 +141,52 @@ class RidgeFit:
         return solution[:, :-1].transpose(1, 2).float(), solution[:, -1].float()
 
 
+class MlpFit:
+    """Two-layer MLP routers (``hidden -> hidden_dim -> kv_heads``, GELU) fitted by Adam on a token sample.
+
+    Parameters
+    ----------
+    num_layers, hidden_size, num_kv_heads : int
+        The model geometry.
+    hidden_dim : int
+        Width of the MLP.
+    tokens_per_sample : int
+        Context tokens drawn (evenly spaced) from each sample for each layer.
+    """
+
+    def __init__(self, num_layers: int, hidden_size: int, num_kv_heads: int, hidden_dim: int = 32,
+                 tokens_per_sample: int = 512):
+        self.geometry = (num_layers, hidden_size, num_kv_heads)
+        self.hidden_dim = hidden_dim
+        self.tokens_per_sample = tokens_per_sample
+        self.x: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+        self.y: list[list[torch.Tensor]] = [[] for _ in range(num_layers)]
+
+    def add(self, sample: KVzipSample) -> None:
+        t = sample.scores.shape[-1] - sample.start
+        pick = sample.start + torch.linspace(0, t - 1, min(t, self.tokens_per_sample)).long()
+        targets = log_target(sample.scores[..., pick])  # (L, H, n)
+        for layer, h in enumerate(sample.hidden_states):
+            self.x[layer].append(h[pick].half())
+            self.y[layer].append(targets[layer].T.float())
+
+    def fit(self, model: nn.Module, epochs: int = 300, lr: float = 3e-3, seed: int = 0) -> LearnedRouter:
+        """Train every layer's MLP (full-batch Adam, mean squared error on the log scores)."""
+        layers, hidden, heads = self.geometry
+        torch.manual_seed(seed)
+        router = LearnedRouter(RouterSpec(model_name_of(model), layers, hidden, heads, hidden_dim=self.hidden_dim))
+        for layer, module in enumerate(router.layers):
+            x, y = torch.cat(self.x[layer]).float(), torch.cat(self.y[layer])
+            optimizer = torch.optim.Adam(module.parameters(), lr=lr, weight_decay=1e-4)
+            with torch.enable_grad():
+                for _ in range(epochs):
+                    optimizer.zero_grad()
+                    loss = torch.nn.functional.mse_loss(module(x), y)
+                    loss.backward()
+                    optimizer.step()
+        return router.eval()
+
+
 class LayerBudgetFit:
     """How KVzip's global top-k (one budget for every layer and head) splits across layers, averaged.
 
