@@ -330,3 +330,24 @@ def test_mlp_fit_learns_a_planted_map():
     for layer in range(4):
         pred = router.predict(layer, held[layer][None])[0]
         assert spearman(pred[0], w[layer, 0] @ held[layer].T) > 0.9
+
+
+def test_span_keeps_the_neighbours_of_a_predicted_hit():
+    model = get_tiny_model("llama")
+    router = load_router(model, tiny_router_dir())
+    with torch.no_grad():
+        for module in router.layers:  # every token predicted low except the one whose hidden state is large
+            module.weight.zero_()
+            module.bias.zero_()
+    press = ExpertRoutingPress(0.5, router="learned", num_experts=1, top_k=1, span=3, n_sink=0, n_recent=0,
+                               router_weights=tiny_router_dir())
+    press.post_init_from_model(model)
+    press._learned = router
+    h = torch.zeros(1, 10, 64)
+    h[0, 6] = 1.0
+    with torch.no_grad():
+        router.layers[0].weight.fill_(1.0)
+    scores = press._token_scores(model.model.layers[0].self_attn, h, torch.zeros(1, 2, 10, 16), None, None, {}, None)
+    assert scores[0, 0].argsort(descending=True)[:3].sort().values.tolist() == [5, 6, 7]
+    with pytest.raises(ValueError, match="span"):
+        ExpertRoutingPress(0.5, span=2)

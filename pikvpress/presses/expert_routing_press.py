@@ -136,6 +136,10 @@ class ExpertRoutingPress(ScorerPress):
     kernel_size : int
         Width of the average pooling applied to attention scores (neighbours of a hit are kept
         together, as in SnapKV); 1 disables it.
+    span : int
+        Learned scores only: each token scores the maximum prediction within ``span`` tokens centred
+        on it, so the neighbours of a predicted hit (the other tokens of a number or a word) are kept
+        with it. 1 disables it; an odd number.
     kmeans_iterations : int
         Rounds of spherical k-means.
     router_weights : str, optional
@@ -165,6 +169,7 @@ class ExpertRoutingPress(ScorerPress):
     n_sink: int = 4
     n_recent: int = 8
     kernel_size: int = 5
+    span: int = 1
     kmeans_iterations: int = 4
     router_weights: str | None = None
     layer_budget: str = "auto"
@@ -178,7 +183,7 @@ class ExpertRoutingPress(ScorerPress):
             raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
         if self.router not in ROUTERS:
             raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
-        for name in ("num_experts", "top_k", "window_size", "kernel_size"):
+        for name in ("num_experts", "top_k", "window_size", "kernel_size", "span"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -186,6 +191,8 @@ class ExpertRoutingPress(ScorerPress):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+        if self.span % 2 == 0:
+            raise ValueError(f"span must be odd, got {self.span}")
         if self.top_k > self.num_experts:
             raise ValueError(f"top_k must be <= num_experts ({self.num_experts}), got {self.top_k}")
         if not (
@@ -436,7 +443,12 @@ class ExpertRoutingPress(ScorerPress):
             return self._base_scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
         if self._scorer == "learned":
             assert self._learned is not None
-            return self._learned.predict(int(module.layer_idx), hidden_states).float()
+            scores = self._learned.predict(int(module.layer_idx), hidden_states).float()
+            if self.span > 1:
+                b, h, t = scores.shape
+                pooled = F.max_pool1d(scores.reshape(b * h, 1, t), self.span, stride=1, padding=self.span // 2)
+                scores = pooled.reshape(b, h, t)
+            return scores
         # mean attention over the window queries that can see each token (window tokens are seen by fewer)
         t = keys.shape[2]
         rows = attention.shape[2]
