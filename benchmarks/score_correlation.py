@@ -26,8 +26,8 @@ from transformers import DynamicCache, pipeline
 from evaluation.benchmarks.ruler import generate_ruler
 from evaluation.prefill import capture_prefill
 from pikvpress import ExpertRoutingPress, load_model
+from pikvpress.compat.patches import window_probs
 from pikvpress.models import get_adapter, language_model
-from pikvpress.presses.expert_routing_press import window_probs
 from pikvpress.routing.training import kvzip_targets, spearman
 
 TASKS = ["niah_single_1", "niah_single_2", "niah_multikey_1", "vt"]

@@ -347,7 +347,8 @@ def test_span_keeps_the_neighbours_of_a_predicted_hit():
     h[0, 6] = 1.0
     with torch.no_grad():
         router.layers[0].weight.fill_(1.0)
-    scores = press._token_scores(model.model.layers[0].self_attn, h, torch.zeros(1, 2, 10, 16), None, None, {}, None)
+    attention = model.model.layers[0].self_attn
+    scores = press._token_scores(attention, h, torch.zeros(1, 2, 10, 16), None, None, {}, attention=None, window=0)
     assert scores[0, 0].argsort(descending=True)[:3].sort().values.tolist() == [5, 6, 7]
     with pytest.raises(ValueError, match="span"):
         ExpertRoutingPress(0.5, span=2)

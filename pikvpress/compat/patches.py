@@ -60,6 +60,31 @@ def get_prerope_key_states(module: nn.Module, hidden_states: torch.Tensor) -> to
 # --- window attention (SnapKV, TOVA, PyramidKV, ...): the model's RoPE, scaling and sinks ---------
 
 
+def window_probs(
+    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
+) -> torch.Tensor:
+    """``(B, H_kv, groups * window, T)`` float32 attention probabilities of the last ``window`` queries.
+
+    Computed as the model computes its attention weights: its own rotary function (half-dim cos/sin on
+    GPT-OSS, partial and complex RoPE on DeepSeek), its own softmax scale, and its attention sinks in the
+    softmax denominator; causal inside the window. Rows are grouped by KV head (query head ``j`` belongs
+    to KV head ``j // groups``). ``module`` must be of a family pikvpress has an adapter for.
+    """
+    adapter = layer_adapter(module)
+    b, h, t, _ = keys.shape
+    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
+    groups = queries.shape[1] // h
+    queries = queries.reshape(b, h, groups * window, -1)
+    logits = torch.matmul(queries, keys.transpose(2, 3)).float() * adapter.scaling  # (B, H, g*w, T)
+    future = torch.ones(window, t, dtype=torch.bool, device=keys.device).triu(t - window + 1)
+    logits = logits.masked_fill(future.repeat(groups, 1), float("-inf"))
+    sinks = adapter.sinks
+    if sinks is not None:
+        sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
+        return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
+    return F.softmax(logits, dim=-1)
+
+
 def window_attention(
     module: nn.Module,
     hidden_states: torch.Tensor,
@@ -69,29 +94,14 @@ def window_attention(
 ) -> torch.Tensor:
     """Attention of the last ``window_size`` queries over the first ``k_len - window_size`` keys.
 
-    Same contract as ``SnapKVPress.compute_window_attention``, computed as the model computes its
-    attention weights: its own rotary function (half-dim cos/sin on GPT-OSS, partial and complex RoPE
-    on DeepSeek), its own softmax scale, and its attention sinks in the softmax denominator.
+    Same contract as ``SnapKVPress.compute_window_attention`` (``(B, num_heads, window, k_len - window)``),
+    computed as the model computes its attention weights (:func:`window_probs`).
     """
-    adapter = layer_adapter(module)
-    if adapter is None:
+    if layer_adapter(module) is None:
         return ORIGINALS["compute_window_attention"](module, hidden_states, keys, window_size, position_embeddings)
-
-    bsz, num_kv_heads, k_len, _ = keys.shape
-    window_pe = slice_positions(position_embeddings, slice(-window_size, None))
-    queries = adapter.queries(hidden_states[:, -window_size:], window_pe)
-    groups = queries.shape[1] // num_kv_heads
-    keys = keys.repeat_interleave(groups, dim=1) if groups > 1 else keys
-    logits = torch.matmul(queries, keys.transpose(2, 3)).float() * adapter.scaling
-    future = torch.ones(window_size, k_len, dtype=torch.bool, device=keys.device).triu(k_len - window_size + 1)
-    logits = logits.masked_fill(future, float("-inf"))
-    sinks = adapter.sinks
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, -1, 1, 1).expand(bsz, -1, window_size, 1)
-        weights = F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
-    else:
-        weights = F.softmax(logits, dim=-1)
-    return weights.to(queries.dtype)[..., :-window_size]
+    b, _, k_len, _ = keys.shape
+    probs = window_probs(module, hidden_states, keys, window_size, position_embeddings)
+    return probs.reshape(b, -1, window_size, k_len).to(hidden_states.dtype)[..., :-window_size]
 
 
 # --- ExpectedAttention's averaged rotation, for any RoPE layout -----------------------------------

@@ -16,8 +16,8 @@ from kvpress.utils import compute_n_kept
 from torch import nn
 from torch.nn import functional as F
 
-from pikvpress.compat.patches import gather_kept
-from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter, slice_positions
+from pikvpress.compat.patches import gather_kept, window_probs
+from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
 
@@ -203,8 +203,8 @@ class ExpertRoutingPress(ScorerPress):
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"layer_budget must be one of {LAYER_BUDGETS}, got {self.layer_budget!r}")
         self._resolve(None if self.router == "auto" else self.router)
-        if self.layer_budget == "learned" and self.router != "auto" and not self.uses_learned_router:
-            raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
+        if self.router != "auto":
+            self._check_layer_budget()
         self._budgets: dict[int, dict[int, int]] = {}
         self._learned: LearnedRouter | None = None
         self._learned_model: nn.Module | None = None
@@ -231,6 +231,10 @@ class ExpertRoutingPress(ScorerPress):
         else:
             self._base_scorer = KVPRESS_SCORERS[scorer]() if scorer in KVPRESS_SCORERS else None
 
+    def _check_layer_budget(self) -> None:
+        if self.layer_budget == "learned" and not self.uses_learned_router:
+            raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
+
     # ----------------------------------------------------------------------------------------------
     @property
     def uses_learned_router(self) -> bool:
@@ -247,8 +251,7 @@ class ExpertRoutingPress(ScorerPress):
         if self.router == "auto":
             has_weights = self.router_weights is not None or shipped_router_path(model) is not None
             self._resolve("learned" if has_weights else "gate")
-        if self.layer_budget == "learned" and not self.uses_learned_router:
-            raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
+        self._check_layer_budget()
         self._adapters = {layer.layer_idx: layer for layer in adapter.layers}
         if self.uses_learned_router and (self._learned is None or self._learned_model is not model):
             self._learned = load_router(model, self.router_weights)
@@ -340,8 +343,9 @@ class ExpertRoutingPress(ScorerPress):
         # token scores (ranking inside an expert) and the window's attention when needed
         attention = None
         if needs_window:
-            attention = self._window_attention(module, hidden_states, keys, window, kwargs)  # (B, H, w, T)
-        token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention)
+            # (B, H, groups * w, T): the window queries over every context token, causal
+            attention = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention, window)
 
         # experts and the query mass routed to them
         routable = ~protected
@@ -356,8 +360,8 @@ class ExpertRoutingPress(ScorerPress):
         # rank tokens inside their expert (protected tokens form bucket e, kept whole)
         bucket = torch.where(protected, torch.full_like(assignment, e), assignment)
         quota = torch.cat([kept, torch.full((b, h, 1), n_protected, dtype=torch.long, device=keys.device)], dim=-1)
-        order = torch.argsort(token_scores, dim=-1, descending=True, stable=True)
-        order = torch.gather(order, -1, torch.argsort(torch.gather(bucket, -1, order), dim=-1, stable=True))
+        by_score = torch.argsort(token_scores, dim=-1, descending=True, stable=True)
+        order = torch.gather(by_score, -1, torch.argsort(torch.gather(bucket, -1, by_score), dim=-1, stable=True))
         sorted_bucket = torch.gather(bucket, -1, order)
         bucket_sizes = torch.cat([sizes, torch.full_like(kept[..., :1], n_protected)], dim=-1)
         starts = torch.cumsum(bucket_sizes, dim=-1) - bucket_sizes
@@ -376,7 +380,8 @@ class ExpertRoutingPress(ScorerPress):
             top = token_scores.amax().item() + 1.0
             return token_scores.masked_fill(protected, top)
         # chosen tokens above every other token; the token score orders each group
-        ranked = torch.argsort(torch.argsort(token_scores, dim=-1), dim=-1).float() / max(t, 1)
+        positions = torch.arange(t - 1, -1, -1, device=keys.device, dtype=torch.float).expand(b, h, t)
+        ranked = torch.zeros(b, h, t, device=keys.device).scatter_(-1, by_score, positions) / max(t, 1)
         return chosen.float() * 2.0 + ranked
 
     # ----------------------------------------------------------------------------------------------
@@ -432,12 +437,7 @@ class ExpertRoutingPress(ScorerPress):
             )
         return window
 
-    @staticmethod
-    def _window_attention(module, hidden_states, keys, window, kwargs) -> torch.Tensor:
-        """``(B, H_kv, groups * w, T)`` attention of the window queries over every context token (causal)."""
-        return window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
-
-    def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention) -> torch.Tensor:
+    def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention, window) -> torch.Tensor:
         """``(B, H, T)`` ranking of the tokens inside an expert."""
         if self._base_scorer is not None:
             return self._base_scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
@@ -452,7 +452,6 @@ class ExpertRoutingPress(ScorerPress):
         # mean attention over the window queries that can see each token (window tokens are seen by fewer)
         t = keys.shape[2]
         rows = attention.shape[2]
-        window = self._window(t)
         seen = torch.full((t,), float(window), device=keys.device)
         seen[t - window :] = torch.arange(window, 0, -1, device=keys.device, dtype=torch.float)
         scores = attention.sum(dim=2) / (seen * (rows // window))
@@ -480,11 +479,12 @@ class ExpertRoutingPress(ScorerPress):
         clusters = spherical_kmeans(keys[:, :, routable], experts, self.kmeans_iterations)
         assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
         assignment[:, :, routable] = clusters.assignment
-        onehot = F.one_hot(assignment, experts).float() * routable[:, None].float()  # (B, H, T, E)
-        if self._router == "learned":
+        if self._router == "learned":  # predicted attention mass of each expert's tokens
             weight = torch.softmax(token_scores.float().masked_fill(~routable, float("-inf")), dim=-1)
-            return assignment, torch.einsum("bht,bhte->bhe", weight, onehot), "learned"
+            mass = torch.zeros(b, h, experts, device=keys.device).scatter_add_(2, assignment, weight)
+            return assignment, mass, "learned"
         # keys: each window query routes to the top_k experts holding most of its attention
+        onehot = F.one_hot(assignment, experts).float() * routable[:, None].float()  # (B, H, T, E)
         per_query = torch.einsum("bhqt,bhte->bhqe", attention, onehot)  # (B, H, w*g, E)
         k = min(self.top_k, experts)
         top = per_query.topk(k, dim=-1)
@@ -511,26 +511,3 @@ class ExpertRoutingPress(ScorerPress):
             )
             return None
         return gate_routing(adapter, layer_input, attention_output)
-
-
-def window_probs(
-    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
-) -> torch.Tensor:
-    """``(B, H_kv, groups * window, T)`` float32 attention probabilities of the last ``window`` queries.
-
-    Computed as the model computes attention (its RoPE, softmax scale and attention sinks, through
-    :mod:`pikvpress.models` adapters), causal inside the window; rows are grouped by KV head.
-    """
-    adapter = layer_adapter(module)
-    b, h, t, _ = keys.shape
-    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
-    groups = queries.shape[1] // h
-    queries = queries.reshape(b, h, groups * window, -1)
-    logits = torch.matmul(queries, keys.transpose(2, 3)).float() * adapter.scaling  # (B, H, g*w, T)
-    future = torch.ones(window, t, dtype=torch.bool, device=keys.device).triu(t - window + 1)
-    logits = logits.masked_fill(future.repeat(groups, 1), float("-inf"))
-    sinks = adapter.sinks
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
-        return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
-    return F.softmax(logits, dim=-1)
