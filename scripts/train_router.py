@@ -60,7 +60,7 @@ def training_contexts(tokenizer, lengths: list[int], per_length: int, seed: int)
     return contexts
 
 
-def context_ids(pipe, tokenizer, context: str) -> torch.Tensor:
+def context_ids(pipe, context: str) -> torch.Tensor:
     return pipe.preprocess(context, [""], "", int(1e10))["context_ids"]
 
 
@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> None:
     fit = RidgeFit(*model_geometry(model)) if not args.hidden_dim else MlpFit(*model_geometry(model), args.hidden_dim)
     budgets = LayerBudgetFit(model_geometry(model)[0])
     for text in tqdm(train, desc="KVzip targets", unit="context"):
-        sample = scored(model, context_ids(pipe, tokenizer, text), args.samples_dir)
+        sample = scored(model, context_ids(pipe, text), args.samples_dir)
         fit.add(sample)
         budgets.add(sample)
     scoring_s = time.perf_counter() - start
@@ -118,7 +118,7 @@ def main(argv: list[str] | None = None) -> None:
     path = router.save(output)
 
     agreement = torch.stack(
-        [router_agreement(router, scored(model, context_ids(pipe, tokenizer, t), args.samples_dir)) for t in held]
+        [router_agreement(router, scored(model, context_ids(pipe, t), args.samples_dir)) for t in held]
     ).mean(0)
     print(f"trained on {len(train)} contexts ({'ridge' if not args.hidden_dim else f'MLP {args.hidden_dim}'})")
     print(f"time: {train_s:.1f} s ({scoring_s:.1f} s KVzip scoring, {train_s - scoring_s:.1f} s fit)")

@@ -21,6 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from pikvpress.models.adapter import get_adapter
+
 #: directory of the weights shipped with the package, one ``<model name>.safetensors`` per model
 SHIPPED_DIR = Path(__file__).with_name("weights")
 
@@ -57,8 +59,6 @@ def model_name_of(model: nn.Module) -> str:
 
 def model_geometry(model: nn.Module) -> tuple[int, int, int]:
     """``(num_layers, hidden_size, num_kv_heads)`` of a supported model (MLA caches one key head per head)."""
-    from pikvpress.models import get_adapter
-
     adapter = get_adapter(model)
     first = adapter.layers[0]
     return len(adapter.layers), int(first.config.hidden_size), first.num_kv_heads

@@ -10,11 +10,14 @@ the data never has to fit in memory, and solves the ridge system in closed form.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
 from kvpress import KVzipPress
 from torch import nn
+from transformers import DynamicCache
 
 from pikvpress.models.adapter import language_model
 from pikvpress.routing.learned import LearnedRouter, RouterSpec, model_geometry, model_name_of
@@ -51,55 +54,48 @@ class _ScoreCapture(KVzipPress):
         self.captured = self.score_val.detach().float().clone()
 
 
+@contextmanager
+def _first_attention_inputs(model: nn.Module) -> Iterator[list[torch.Tensor | None]]:
+    """Record each layer's first attention input ``(T, hidden)`` (float32, CPU) while the block runs.
+
+    Only the first call per layer is kept: in a KVzip run, later calls are its reconstruction passes.
+    """
+    layers = language_model(model).layers
+    hidden: list[torch.Tensor | None] = [None] * len(layers)
+
+    def record(module, args, kwargs):
+        idx = int(module.layer_idx)
+        if hidden[idx] is None:
+            hidden[idx] = kwargs["hidden_states"][0].detach().float().cpu()
+
+    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
+    try:
+        yield hidden
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
 @torch.no_grad()
 def kvzip_targets(model: nn.Module, context_ids: torch.Tensor, chunk_size: int = 2048) -> KVzipSample:
     """Hidden states and KVzip scores of one ``(1, T)`` context (kvpress's KVzip scoring, unchanged)."""
     if context_ids.ndim != 2 or context_ids.shape[0] != 1:
         raise ValueError("context_ids must be (1, T): KVzip scores one context at a time")
-    layers = language_model(model).layers
-    hidden: dict[int, torch.Tensor] = {}
-
-    def record(module, args, kwargs):
-        idx = int(module.layer_idx)
-        if idx not in hidden:  # the prefill; later calls are KVzip's reconstruction passes
-            hidden[idx] = kwargs["hidden_states"][0].detach().float().cpu()
-
-    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
     press = _ScoreCapture(compression_ratio=0.5, chunk_size=chunk_size)
-    try:
-        with press(model):
-            model.model(input_ids=context_ids.to(model.device), past_key_values=_fresh_cache())
-            start = press.prefix_length
-    finally:
-        for hook in hooks:
-            hook.remove()
+    with _first_attention_inputs(model) as hidden, press(model):
+        model.model(input_ids=context_ids.to(model.device), past_key_values=DynamicCache())
+        start = press.prefix_length
     if press.captured is None:
         raise RuntimeError("KVzip produced no scores")
-    return KVzipSample([hidden[i] for i in range(len(layers))], press.captured[:, 0].cpu(), start)
+    return KVzipSample(hidden, press.captured[:, 0].cpu(), start)
 
 
 @torch.no_grad()
 def prefill_hidden_states(model: nn.Module, context_ids: torch.Tensor) -> list[torch.Tensor]:
     """Per layer, ``(T, hidden)`` float32 attention inputs of a plain prefill of ``(1, T)`` ``context_ids``."""
-    layers = language_model(model).layers
-    hidden: dict[int, torch.Tensor] = {}
-
-    def record(module, args, kwargs):
-        hidden[int(module.layer_idx)] = kwargs["hidden_states"][0].detach().float().cpu()
-
-    hooks = [layer.self_attn.register_forward_pre_hook(record, with_kwargs=True) for layer in layers]
-    try:
-        language_model(model)(input_ids=context_ids.to(model.device), past_key_values=_fresh_cache())
-    finally:
-        for hook in hooks:
-            hook.remove()
-    return [hidden[i] for i in range(len(layers))]
-
-
-def _fresh_cache():
-    from transformers import DynamicCache
-
-    return DynamicCache()
+    with _first_attention_inputs(model) as hidden:
+        language_model(model)(input_ids=context_ids.to(model.device), past_key_values=DynamicCache())
+    return hidden
 
 
 def log_target(scores: torch.Tensor) -> torch.Tensor:
