@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import logging
 
 import pytest
@@ -46,6 +47,8 @@ def prefill(model, press, input_ids):
         ({"n_sink": -1}, "n_sink"),
         ({"expert_floor": -2}, "expert_floor"),
         ({"compression_ratio": 1.0}, "compression_ratio"),
+        ({"head_budget": "global"}, "head_budget"),
+        ({"head_floor": 1.5}, "head_floor"),
     ],
 )
 def test_bad_arguments_name_the_argument(kwargs, name):
@@ -88,7 +91,13 @@ def test_gate_router_inside_composed_press_still_reads_the_gate(family):
 def test_budget_split_floors_and_protected_tokens(router, ratio):
     model = get_tiny_model("qwen3_moe")
     press = ExpertRoutingPress(
-        ratio, router=router, num_experts=4, top_k=1, window_size=8, n_sink=2, n_recent=3,
+        ratio,
+        router=router,
+        num_experts=4,
+        top_k=1,
+        window_size=8,
+        n_sink=2,
+        n_recent=3,
         router_weights=tiny_router_dir(),
     )
     cache = prefill(model, press, ids(batch=2))
@@ -286,8 +295,9 @@ def test_learned_layer_budgets_split_the_uniform_total_by_the_routers_table(tmp_
         assert lengths[0] < min(lengths[1:3]) and max(lengths[1:3]) <= lengths[-1]  # the table grows with depth
         assert min(lengths) >= press.n_sink
         assert lengths == [press.layer_kept(i, T) for i in range(4)]
-        uniform = prefill(model, ExpertRoutingPress(ratio, router="learned", router_weights=str(path),
-                                                    layer_budget="uniform"), ids())
+        uniform = prefill(
+            model, ExpertRoutingPress(ratio, router="learned", router_weights=str(path), layer_budget="uniform"), ids()
+        )
         assert {layer.keys.shape[2] for layer in uniform.layers} == {compute_n_kept(T, ratio)}
     with pytest.raises(ValueError, match="layer_budget"):
         ExpertRoutingPress(0.5, router="keys", layer_budget="learned")
@@ -339,8 +349,9 @@ def test_span_keeps_the_neighbours_of_a_predicted_hit():
         for module in router.layers:  # every token predicted low except the one whose hidden state is large
             module.weight.zero_()
             module.bias.zero_()
-    press = ExpertRoutingPress(0.5, router="learned", num_experts=1, top_k=1, span=3, n_sink=0, n_recent=0,
-                               router_weights=tiny_router_dir())
+    press = ExpertRoutingPress(
+        0.5, router="learned", num_experts=1, top_k=1, span=3, n_sink=0, n_recent=0, router_weights=tiny_router_dir()
+    )
     press.post_init_from_model(model)
     press._learned = router
     h = torch.zeros(1, 10, 64)
@@ -352,3 +363,116 @@ def test_span_keeps_the_neighbours_of_a_predicted_hit():
     assert scores[0, 0].argsort(descending=True)[:3].sort().values.tolist() == [5, 6, 7]
     with pytest.raises(ValueError, match="span"):
         ExpertRoutingPress(0.5, span=2)
+
+
+def _unmasked(cache, model) -> dict[int, torch.Tensor]:
+    """``(B, H, n)`` bool per layer: the cache entries attention still reads (not in ``masked_key_indices``)."""
+    out = {}
+    for layer in get_adapter(model).layers:
+        keys = cache.layers[layer.layer_idx].keys
+        keep = torch.ones(keys.shape[:3], dtype=torch.bool)
+        masked = getattr(layer.attention, "masked_key_indices", None)
+        if masked is not None:
+            keep[masked] = False
+        out[layer.layer_idx] = keep
+    return out
+
+
+def test_adaptive_head_budget_is_a_top_k_across_heads_of_the_learned_scores():
+    model = get_tiny_model("llama")
+    router = load_router(model, tiny_router_dir())
+    press = ExpertRoutingPress(
+        0.5,
+        router="learned",
+        num_experts=1,
+        top_k=1,
+        n_sink=0,
+        n_recent=0,
+        head_budget="adaptive",
+        head_floor=0.0,
+        layer_budget="uniform",
+        router_weights=tiny_router_dir(),
+    )
+    hidden = {}
+    adapter = get_adapter(model)
+    hooks = [
+        layer.attention.register_forward_pre_hook(
+            lambda m, a, kw: hidden.__setitem__(m.layer_idx, kw["hidden_states"].clone()), with_kwargs=True
+        )
+        for layer in adapter.layers
+    ]
+    full = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(input_ids=ids(2), past_key_values=full)
+    try:
+        cache = prefill(model, press, ids(2))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    n_kept = compute_n_kept(T, 0.5)
+    unmasked = _unmasked(cache, model)
+    uneven = 0
+    for idx in range(len(adapter.layers)):
+        scores = router.predict(idx, hidden[idx]).float()  # (B, H, T)
+        b, h, t = scores.shape
+        chosen = torch.zeros(b, h * t, dtype=torch.bool)
+        chosen.scatter_(1, scores.reshape(b, -1).topk(h * n_kept, dim=-1).indices, True)
+        chosen = chosen.view(b, h, t)
+        keys, keep = cache.layers[idx].keys, unmasked[idx]
+        assert keys.shape[2] == int(chosen.sum(-1).max())  # the cache is cut to the largest head
+        assert torch.equal(keep.sum(-1), chosen.sum(-1))  # each head reads exactly its share
+        assert bool((keep.sum(-1).sum(-1) == h * n_kept).all())  # the layer's total is the uniform total
+        uneven += int((chosen.sum(-1) != n_kept).any())
+        full_keys = full.layers[idx].keys
+        for row in range(b):
+            for head in range(h):
+                got = {tuple(r.tolist()) for r in keys[row, head][keep[row, head]]}
+                want = {tuple(r.tolist()) for r in full_keys[row, head][chosen[row, head]]}
+                assert got == want
+    assert uneven  # the split is not uniform on this model, so the test checks something
+
+
+def test_adaptive_head_budget_with_full_floor_is_the_uniform_press():
+    model = get_tiny_model("qwen3_moe")
+    kwargs = {"router": "learned", "router_weights": tiny_router_dir(), "layer_budget": "uniform"}
+    uniform = prefill(model, ExpertRoutingPress(0.5, **kwargs), ids())
+    adaptive = prefill(model, ExpertRoutingPress(0.5, head_budget="adaptive", head_floor=1.0, **kwargs), ids())
+    for a, b in zip(uniform.layers, adaptive.layers):
+        assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values)
+    assert all(v.all() for v in _unmasked(adaptive, model).values())
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_masked_surplus_entries_do_not_reach_the_output(family):
+    model = get_tiny_model(family)
+    press = ExpertRoutingPress(0.5, router="learned", head_budget="adaptive", router_weights=tiny_router_dir())
+    cache = prefill(model, press, ids())
+    unmasked = _unmasked(cache, model)
+    assert any(not bool(v.all()) for v in unmasked.values())
+    nxt = torch.tensor([[7]])
+    spoiled = copy.deepcopy(cache)
+    for idx, layer in enumerate(spoiled.layers):
+        layer.keys[~unmasked[idx]] = 50.0  # garbage a leak would show
+        layer.values[~unmasked[idx]] = -50.0
+    with torch.no_grad():
+        a = model(input_ids=nxt, past_key_values=cache).logits
+        b = model(input_ids=nxt, past_key_values=spoiled).logits
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["gpt_oss", "llama"])  # eager-only GPT-OSS and an SDPA model
+def test_a_later_prefill_drops_the_head_mask(family):
+    model = get_tiny_model(family)
+    short = ids(length=20, seed=5)
+    with torch.no_grad():
+        before = model.generate(short, max_new_tokens=4, do_sample=False)
+        prefill(
+            model,
+            ExpertRoutingPress(0.5, router="learned", head_budget="adaptive", router_weights=tiny_router_dir()),
+            ids(),
+        )
+        assert any(
+            getattr(layer.attention, "masked_key_indices", None) is not None for layer in get_adapter(model).layers
+        )
+        after = model.generate(short, max_new_tokens=4, do_sample=False)
+    assert torch.equal(before, after)

@@ -121,3 +121,21 @@ def test_gate_routing_equals_the_models_own_routing(family):
         torch.testing.assert_close(got.probs, want.probs, rtol=1e-5, atol=1e-6)
         assert torch.equal(got.topk_indices, want.topk_indices)
     assert routed > 0 if family != "llama" else routed == 0
+
+
+def test_budget_per_row():
+    gen = torch.Generator().manual_seed(3)
+    sizes = torch.randint(5, 40, (2, 3, 4), generator=gen)
+    mass = torch.rand(2, 3, 4, generator=gen)
+    budget = torch.minimum(torch.randint(0, 60, (2, 3), generator=gen), sizes.sum(-1))
+    kept = allocate_budget(mass, sizes, budget, floor=1)
+    assert torch.equal(kept.sum(-1), budget)
+    assert bool((kept <= sizes).all())
+    for row in range(2):  # row by row with a scalar budget gives the same split
+        for head in range(3):
+            one = allocate_budget(mass[row, head], sizes[row, head], int(budget[row, head]), floor=1)
+            assert torch.equal(one, kept[row, head])
+    with pytest.raises(ValueError, match="per-row budget"):
+        allocate_budget(mass, sizes, budget[0])
+    with pytest.raises(ValueError, match="exceeds"):
+        allocate_budget(mass, sizes, sizes.sum(-1) + 1)

@@ -74,10 +74,11 @@ def window_probs(
     b, h, t, _ = keys.shape
     queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
     groups = queries.shape[1] // h
-    queries = queries.reshape(b, h, groups * window, -1)
-    logits = torch.matmul(queries, keys.transpose(2, 3)).float() * adapter.scaling  # (B, H, g*w, T)
-    future = torch.ones(window, t, dtype=torch.bool, device=keys.device).triu(t - window + 1)
-    logits = logits.masked_fill(future.repeat(groups, 1), float("-inf"))
+    queries = queries.reshape(b, h, groups * window, -1) * adapter.scaling
+    logits = torch.matmul(queries, keys.transpose(2, 3)).float()  # (B, H, g*w, T)
+    # causal inside the window: only the last `window` key columns can lie in a query's future
+    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., t - window :].masked_fill_(future.repeat(groups, 1), float("-inf"))
     sinks = adapter.sinks
     if sinks is not None:
         sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
@@ -125,9 +126,12 @@ def apply_avg_rope(self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor,
 
 def gather_kept(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
     """Keep ``indices`` ``(batch, kv_heads, n_kept)`` of keys and values, each with its own head dim."""
-    indices = indices.unsqueeze(-1)
-    keys = keys.gather(2, indices.expand(-1, -1, -1, keys.shape[-1])).contiguous()
-    values = values.gather(2, indices.expand(-1, -1, -1, values.shape[-1])).contiguous()
+    b, h, t = keys.shape[:3]
+    n = indices.shape[-1]
+    # rows of the flattened (B*H*T, D) tensors: one index_select copies whole rows (much faster than gather)
+    rows = (indices + torch.arange(b * h, device=indices.device).view(b, h, 1) * t).reshape(-1)
+    keys = keys.reshape(b * h * t, -1).index_select(0, rows).view(b, h, n, -1)
+    values = values.reshape(b * h * t, -1).index_select(0, rows).view(b, h, n, -1)
     return keys, values
 
 
@@ -235,7 +239,11 @@ def with_aligned_mask(func: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         attention_mask = align_mask(attention_mask, key.shape[-2])
         masked = getattr(module, "masked_key_indices", None)
-        if masked is None or query.shape[2] == key.shape[2]:
+        if query.shape[2] == key.shape[2]:  # a prefill: a mask left by the last compression is stale (as kvpress)
+            if masked is not None:
+                module.masked_key_indices = None
+            return func(module, query, key, value, attention_mask, *args, **kwargs)
+        if masked is None:
             return func(module, query, key, value, attention_mask, *args, **kwargs)
         attention_mask = mask_pruned_keys(attention_mask, masked, query, key)
         module.masked_key_indices = None  # the mask does it; skip kvpress's fake-key search

@@ -34,6 +34,7 @@ KVPRESS_SCORERS: dict[str, type[ScorerPress]] = {
 }
 SCORERS = ("attention", "learned", *KVPRESS_SCORERS)
 LAYER_BUDGETS = ("auto", "uniform", "learned")
+HEAD_BUDGETS = ("uniform", "adaptive")
 
 
 @dataclass
@@ -150,6 +151,16 @@ class ExpertRoutingPress(ScorerPress):
         ``"learned"``: the same total, split across layers the way KVzip's global budget splits it
         on the router's training data (stored with the learned router weights). ``"auto"``: learned
         when the press uses a learned router whose weights carry that table, else uniform.
+    head_budget : {"uniform", "adaptive"}
+        ``"uniform"``: every KV head of a layer keeps the same number of tokens, and the cache shrinks by
+        exactly that. ``"adaptive"``: the layer's budget (heads x tokens per head) goes to the highest
+        token scores across its heads (AdaKV's and KVzip's head-wise split; each head keeps at least
+        ``head_floor`` of the per-head budget and its protected tokens), then the experts split each
+        head's share. The cache is cut to the largest head's share; the other heads' surplus entries
+        are masked in attention (kvpress's ``masked_key_indices``), so the memory freed is that of the
+        largest head, not of the ratio.
+    head_floor : float
+        ``head_budget="adaptive"`` only: fraction of the per-head budget every head keeps, in [0, 1].
 
     Examples
     --------
@@ -173,6 +184,8 @@ class ExpertRoutingPress(ScorerPress):
     kmeans_iterations: int = 4
     router_weights: str | None = None
     layer_budget: str = "auto"
+    head_budget: str = "uniform"
+    head_floor: float = 0.2
     stats: dict[int, RoutingStats] = field(default_factory=dict, init=False, repr=False)
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
@@ -200,12 +213,21 @@ class ExpertRoutingPress(ScorerPress):
             or (self.scorer in SCORERS if isinstance(self.scorer, str) else isinstance(self.scorer, ScorerPress))
         ):
             raise ValueError(f"scorer must be one of {SCORERS} or a kvpress ScorerPress, got {self.scorer!r}")
+        if self.head_budget not in HEAD_BUDGETS:
+            raise ValueError(f"head_budget must be one of {HEAD_BUDGETS}, got {self.head_budget!r}")
+        if (
+            isinstance(self.head_floor, bool)
+            or not isinstance(self.head_floor, (int, float))
+            or not (0 <= self.head_floor <= 1)
+        ):
+            raise ValueError(f"head_floor must be in [0, 1], got {self.head_floor!r}")
         if self.layer_budget not in LAYER_BUDGETS:
             raise ValueError(f"layer_budget must be one of {LAYER_BUDGETS}, got {self.layer_budget!r}")
         self._resolve(None if self.router == "auto" else self.router)
         if self.router != "auto":
             self._check_layer_budget()
         self._budgets: dict[int, dict[int, int]] = {}
+        self._head_kept: dict[int, torch.Tensor] = {}
         self._learned: LearnedRouter | None = None
         self._learned_model: nn.Module | None = None
         self._adapters: dict[int, LayerAdapter] = {}
@@ -306,7 +328,9 @@ class ExpertRoutingPress(ScorerPress):
         finally:
             self._attention_outputs.pop(idx, None)
             self._layer_inputs.pop(idx, None)
-            if idx == self._last_moe_layer and is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1]):
+            if idx == self._last_moe_layer and is_prefilling(
+                kwargs["cache_position"], kwargs["hidden_states"].shape[1]
+            ):
                 self._remove_input_hooks()
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
@@ -347,6 +371,10 @@ class ExpertRoutingPress(ScorerPress):
             attention = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
         token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention, window)
 
+        # tokens each head keeps: n_kept, or the heads' share of the layer's budget by score
+        head_kept = self._split_heads(token_scores, protected, n_kept, n_protected)
+        self._head_kept[idx] = head_kept
+
         # experts and the query mass routed to them
         routable = ~protected
         assignment, mass, router_used = self._route(
@@ -355,7 +383,7 @@ class ExpertRoutingPress(ScorerPress):
         e = mass.shape[-1]
         sizes = torch.zeros(b, h, e, dtype=torch.long, device=keys.device)
         sizes.scatter_add_(2, assignment, routable.expand(b, h, t).long())
-        kept = allocate_budget(mass, sizes, n_kept - n_protected, floor=self.expert_floor)
+        kept = allocate_budget(mass, sizes, head_kept - n_protected, floor=self.expert_floor)
 
         # rank tokens inside their expert (protected tokens form bucket e, kept whole)
         bucket = torch.where(protected, torch.full_like(assignment, e), assignment)
@@ -420,9 +448,31 @@ class ExpertRoutingPress(ScorerPress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compression_ratio == 0:
             return keys, values
+        idx = int(module.layer_idx)
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        n_kept = self.layer_kept(int(module.layer_idx), keys.shape[2])
-        return gather_kept(keys, values, scores.topk(n_kept, dim=-1).indices)
+        head_kept = self._head_kept.pop(idx)  # (B, H): each head's chosen tokens score above the others
+        n_cut = int(head_kept.max())
+        keys, values = gather_kept(keys, values, scores.topk(n_cut, dim=-1).indices)  # sorted: chosen first
+        surplus = torch.arange(n_cut, device=keys.device) >= head_kept.to(keys.device)[..., None]  # (B, H, n_cut)
+        if self.head_budget == "adaptive":  # set or clear: a mask left by an earlier compression is stale
+            module.masked_key_indices = tuple(surplus.nonzero(as_tuple=True)) if bool(surplus.any()) else None
+        return keys, values
+
+    def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):
+        """``(B, H)`` int64 tokens each head keeps: ``n_kept`` everywhere, or (``head_budget="adaptive"``) the
+        heads' shares of the layer's ``H * n_kept`` by a top-k of the token scores across heads."""
+        b, h, t = token_scores.shape
+        uniform = torch.full((b, h), n_kept, dtype=torch.long, device=token_scores.device)
+        if self.head_budget == "uniform" or h == 1 or n_kept in (0, t):
+            return uniform
+        # every head keeps its protected tokens and the best head_floor of its budget
+        n_safe = min(max(n_protected, int(n_kept * self.head_floor)), n_kept)
+        scores = token_scores.float().masked_fill(protected, float("inf"))
+        if n_safe > n_protected:
+            top = scores.topk(n_safe, dim=-1).indices
+            scores = scores.scatter(-1, top, float("inf"))
+        chosen = scores.reshape(b, h * t).topk(h * n_kept, dim=-1).indices // t  # head of each kept token
+        return torch.zeros_like(uniform).scatter_add_(1, chosen, torch.ones_like(chosen))
 
     def _window(self, t: int) -> int:
         window = self.window_size
@@ -474,18 +524,20 @@ class ExpertRoutingPress(ScorerPress):
                 routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
                 mass = routed.sum(1)[:, None, :].expand(b, h, -1).contiguous()
                 return assignment.contiguous(), mass, "gate"
+        # routable tokens are one contiguous run (sinks before it, recent tokens after it)
+        first = int(routable.long().argmax())
         n_routable = int(routable.sum())
         experts = max(1, min(self.num_experts, n_routable))
-        clusters = spherical_kmeans(keys[:, :, routable], experts, self.kmeans_iterations)
+        clusters = spherical_kmeans(keys[:, :, first : first + n_routable], experts, self.kmeans_iterations)
         assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
-        assignment[:, :, routable] = clusters.assignment
+        assignment[:, :, first : first + n_routable] = clusters.assignment
         if self._router == "learned":  # predicted attention mass of each expert's tokens
             weight = torch.softmax(token_scores.float().masked_fill(~routable, float("-inf")), dim=-1)
             mass = torch.zeros(b, h, experts, device=keys.device).scatter_add_(2, assignment, weight)
             return assignment, mass, "learned"
         # keys: each window query routes to the top_k experts holding most of its attention
-        onehot = F.one_hot(assignment, experts).float() * routable[:, None].float()  # (B, H, T, E)
-        per_query = torch.einsum("bhqt,bhte->bhqe", attention, onehot)  # (B, H, w*g, E)
+        member = (assignment.unsqueeze(-2) == torch.arange(experts, device=keys.device)[:, None]) & routable
+        per_query = torch.matmul(member.float(), attention.transpose(-1, -2)).transpose(-1, -2)  # (B, H, w*g, E)
         k = min(self.top_k, experts)
         top = per_query.topk(k, dim=-1)
         routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)

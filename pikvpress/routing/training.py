@@ -150,8 +150,9 @@ class MlpFit:
         Context tokens drawn (evenly spaced) from each sample for each layer.
     """
 
-    def __init__(self, num_layers: int, hidden_size: int, num_kv_heads: int, hidden_dim: int = 32,
-                 tokens_per_sample: int = 512):
+    def __init__(
+        self, num_layers: int, hidden_size: int, num_kv_heads: int, hidden_dim: int = 32, tokens_per_sample: int = 512
+    ):
         self.geometry = (num_layers, hidden_size, num_kv_heads)
         self.hidden_dim = hidden_dim
         self.tokens_per_sample = tokens_per_sample
