@@ -37,6 +37,7 @@ def presses() -> dict[str, object]:
         "snapkv": SnapKVPress(RATIO),
         "expert_routing gate": ExpertRoutingPress(RATIO, router="gate"),
         "expert_routing keys": ExpertRoutingPress(RATIO, router="keys"),
+        "expert_routing keys + attention": ExpertRoutingPress(RATIO, router="keys", scorer="attention"),
         "expert_routing learned": ExpertRoutingPress(RATIO, router="learned"),
         "expert_routing learned heads": ExpertRoutingPress(RATIO, router="learned", head_budget="adaptive"),
         "kvzip": KVzipPress(RATIO),

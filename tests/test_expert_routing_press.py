@@ -476,3 +476,41 @@ def test_a_later_prefill_drops_the_head_mask(family):
         )
         after = model.generate(short, max_new_tokens=4, do_sample=False)
     assert torch.equal(before, after)
+
+
+def test_keys_router_without_window_attention_routes_by_mean_logit_to_each_expert():
+    from pikvpress.models import slice_positions
+
+    model = get_tiny_model("llama")
+    press = ExpertRoutingPress(0.5, router="keys", num_experts=3, top_k=2, window_size=8, n_sink=2, n_recent=4)
+    assert press.scorer is None  # the default scorer (KeyDiff) computes no window attention
+    seen = {}
+
+    def record(module, args, kwargs):
+        seen[module.layer_idx] = (kwargs["hidden_states"].clone(), kwargs["position_embeddings"])
+
+    def keep_keys(module, args, kwargs, output):
+        seen[(module.layer_idx, "keys")] = kwargs["past_key_values"].layers[module.layer_idx].keys.clone()
+
+    adapter = get_adapter(model)
+    hooks = [layer.attention.register_forward_pre_hook(record, with_kwargs=True) for layer in adapter.layers]
+    hooks += [layer.attention.register_forward_hook(keep_keys, with_kwargs=True) for layer in adapter.layers]
+    try:
+        prefill(model, press, ids())
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for layer in adapter.layers:
+        idx = layer.layer_idx
+        hidden, positions = seen[idx]
+        keys = seen[(idx, "keys")][:, :, 2 : T - 4]
+        clusters = spherical_kmeans(keys, 3, press.kmeans_iterations)
+        member = torch.nn.functional.one_hot(clusters.assignment, 3).float()  # (1, H, t, 3)
+        means = member.transpose(-1, -2) @ keys / member.sum(2)[..., None].clamp_min(1)
+        q = layer.queries(hidden[:, -8:], slice_positions(positions, slice(-8, None)))
+        q = q.reshape(1, keys.shape[1], -1, q.shape[-1]) * layer.scaling
+        probs = torch.softmax(q @ means.transpose(-1, -2), dim=-1)
+        top = probs.topk(2, dim=-1)
+        routed = torch.zeros_like(probs).scatter_(-1, top.indices, top.values)
+        mass = (routed / routed.sum(-1, keepdim=True)).sum(2)
+        torch.testing.assert_close(press.stats[idx].mass, mass / mass.sum(-1, keepdim=True), rtol=1e-4, atol=1e-5)

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pikvpress.compat.patches import gather_kept, window_probs
+from pikvpress.models import slice_positions
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
@@ -104,7 +105,9 @@ class ExpertRoutingPress(ScorerPress):
       decoder layers too.
     - ``"keys"``: per KV head, a deterministic spherical k-means of the layer's keys into
       ``num_experts`` centroids; each window query routes to the ``top_k`` experts holding most of
-      its attention.
+      its attention: measured when the scorer computes the window's attention (``scorer="attention"``),
+      otherwise estimated from its mean logit to each expert's keys (softmax over experts of
+      ``q . mean key``), which needs no pass over the context per query.
     - ``"learned"``: key experts as above, with the query mass predicted by the trained router
       (:class:`~pikvpress.routing.LearnedRouter`: the attention each token will receive when the model
       re-reads its context, KVzip's signal) instead of measured from the window; with
@@ -127,7 +130,7 @@ class ExpertRoutingPress(ScorerPress):
         Ranking inside an expert: ``"attention"`` (the window queries' attention, SnapKV's signal),
         ``"learned"`` (the learned predictor), a kvpress scorer by name (``"keydiff"``, ``"knorm"``,
         ``"expected_attention"``, ``"snapkv"``, ``"tova"``) or any kvpress ``ScorerPress`` instance.
-        Default: ``"learned"`` for the learned router, ``"attention"`` otherwise.
+        Default: ``"learned"`` for the learned router, ``"keydiff"`` otherwise.
     expert_floor : int
         Tokens every populated expert keeps (while the budget allows).
     n_sink : int
@@ -246,7 +249,7 @@ class ExpertRoutingPress(ScorerPress):
     def _resolve(self, router: str | None) -> None:
         """Fix the router and scorer that run (``router="auto"`` is resolved once the model is known)."""
         self._router = router
-        scorer = self.scorer if self.scorer is not None else ("learned" if router == "learned" else "attention")
+        scorer = self.scorer if self.scorer is not None else ("learned" if router == "learned" else "keydiff")
         self._scorer = scorer
         if isinstance(scorer, ScorerPress):
             self._base_scorer = scorer
@@ -352,8 +355,8 @@ class ExpertRoutingPress(ScorerPress):
         idx = int(module.layer_idx)
         adapter = self._adapters.get(idx) or layer_adapter(module)
         n_kept = self.layer_kept(idx, t)
-        needs_window = self._scorer == "attention" or self._router != "learned"
-        window = self._window(t) if needs_window else 0
+        needs_window = self._scorer == "attention"  # the window's attention over the context, as SnapKV
+        window = self._window(t) if needs_window or self._router != "learned" else 0
 
         # protected tokens: sinks first, then the most recent ones
         n_sink = min(self.n_sink, n_kept)
@@ -378,7 +381,7 @@ class ExpertRoutingPress(ScorerPress):
         # experts and the query mass routed to them
         routable = ~protected
         assignment, mass, router_used = self._route(
-            adapter, idx, hidden_states, keys, attention, token_scores, routable, window
+            adapter, idx, hidden_states, keys, attention, token_scores, routable, window, kwargs
         )
         e = mass.shape[-1]
         sizes = torch.zeros(b, h, e, dtype=torch.long, device=keys.device)
@@ -509,7 +512,7 @@ class ExpertRoutingPress(ScorerPress):
             scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
         return scores[..., :t]
 
-    def _route(self, adapter, idx, hidden_states, keys, attention, token_scores, routable, window):
+    def _route(self, adapter, idx, hidden_states, keys, attention, token_scores, routable, window, kwargs):
         """``(assignment (B, H, T), mass (B, H, E), router used)``."""
         b, h, t, _ = keys.shape
         if self._router == "gate":
@@ -537,12 +540,29 @@ class ExpertRoutingPress(ScorerPress):
             return assignment, mass, "learned"
         # keys: each window query routes to the top_k experts holding most of its attention
         member = (assignment.unsqueeze(-2) == torch.arange(experts, device=keys.device)[:, None]) & routable
-        per_query = torch.matmul(member.float(), attention.transpose(-1, -2)).transpose(-1, -2)  # (B, H, w*g, E)
+        if attention is not None:  # measured: the window's attention summed over each expert's tokens
+            per_query = torch.matmul(member.float(), attention.transpose(-1, -2)).transpose(-1, -2)  # (B, H, w*g, E)
+        else:  # estimated: softmax over experts of q . (the expert's mean key), q's mean logit to the expert
+            per_query = self._centroid_affinity(adapter, hidden_states, keys, member, window, kwargs)
         k = min(self.top_k, experts)
         top = per_query.topk(k, dim=-1)
         routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)
         routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
         return assignment, routed.sum(2), "keys" if self._router == "keys" else "keys (no MoE gate)"
+
+    @staticmethod
+    def _centroid_affinity(adapter, hidden_states, keys, member, window, kwargs) -> torch.Tensor:
+        """``(B, H, groups * w, E)`` routing probabilities of the window queries from their mean logit to the
+        keys of each expert (empty experts get none); no pass over the context's tokens per query."""
+        b, h, t, _ = keys.shape
+        positions = slice_positions(kwargs["position_embeddings"], slice(-window, None))
+        queries = adapter.queries(hidden_states[:, -window:], positions)  # (B, Hq, w, D)
+        queries = queries.reshape(b, h, -1, queries.shape[-1]).float() * adapter.scaling
+        sizes = member.sum(-1, keepdim=True)  # (B, H, E, 1)
+        means = torch.matmul(member.float(), keys.float()) / sizes.clamp_min(1)  # (B, H, E, D)
+        logits = torch.matmul(queries, means.transpose(-1, -2))  # (B, H, g*w, E)
+        logits = logits.masked_fill(sizes.squeeze(-1)[:, :, None, :] == 0, float("-inf"))
+        return torch.softmax(logits, dim=-1)
 
     def _gate(self, adapter: LayerAdapter, idx: int, hidden_states: torch.Tensor):
         layer_input = self._layer_inputs.get(idx)
