@@ -239,11 +239,7 @@ def with_aligned_mask(func: Callable[..., Any]) -> Callable[..., Any]:
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
         attention_mask = align_mask(attention_mask, key.shape[-2])
         masked = getattr(module, "masked_key_indices", None)
-        if query.shape[2] == key.shape[2]:  # a prefill: a mask left by the last compression is stale (as kvpress)
-            if masked is not None:
-                module.masked_key_indices = None
-            return func(module, query, key, value, attention_mask, *args, **kwargs)
-        if masked is None:
+        if masked is None or query.shape[2] == key.shape[2]:
             return func(module, query, key, value, attention_mask, *args, **kwargs)
         attention_mask = mask_pruned_keys(attention_mask, masked, query, key)
         module.masked_key_indices = None  # the mask does it; skip kvpress's fake-key search

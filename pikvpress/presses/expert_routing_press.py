@@ -159,9 +159,10 @@ class ExpertRoutingPress(ScorerPress):
         exactly that. ``"adaptive"``: the layer's budget (heads x tokens per head) goes to the highest
         token scores across its heads (AdaKV's and KVzip's head-wise split; each head keeps at least
         ``head_floor`` of the per-head budget and its protected tokens), then the experts split each
-        head's share. The cache is cut to the largest head's share; the other heads' surplus entries
-        are masked in attention (kvpress's ``masked_key_indices``), so the memory freed is that of the
-        largest head, not of the ratio.
+        head's share. A layer's cache is as long as its largest head's share (a cache holds the same
+        length for every head), and heads with a smaller share fill that length with their next-best
+        tokens: nothing is masked, and the bytes kept are those of the largest share, more than the
+        ratio says (read them from the cache).
     head_floor : float
         ``head_budget="adaptive"`` only: fraction of the per-head budget every head keeps, in [0, 1].
 
@@ -453,13 +454,10 @@ class ExpertRoutingPress(ScorerPress):
             return keys, values
         idx = int(module.layer_idx)
         scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        head_kept = self._head_kept.pop(idx)  # (B, H): each head's chosen tokens score above the others
-        n_cut = int(head_kept.max())
-        keys, values = gather_kept(keys, values, scores.topk(n_cut, dim=-1).indices)  # sorted: chosen first
-        surplus = torch.arange(n_cut, device=keys.device) >= head_kept.to(keys.device)[..., None]  # (B, H, n_cut)
-        if self.head_budget == "adaptive":  # set or clear: a mask left by an earlier compression is stale
-            module.masked_key_indices = tuple(surplus.nonzero(as_tuple=True)) if bool(surplus.any()) else None
-        return keys, values
+        # every head's chosen tokens score above its others; the layer keeps the largest head's share, and
+        # heads with a smaller share fill the same length with their next-best tokens (nothing is masked)
+        n_cut = int(self._head_kept.pop(idx).max())
+        return gather_kept(keys, values, scores.topk(n_cut, dim=-1).indices)
 
     def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):
         """``(B, H)`` int64 tokens each head keeps: ``n_kept`` everywhere, or (``head_budget="adaptive"``) the
