@@ -60,6 +60,15 @@ def get_prerope_key_states(module: nn.Module, hidden_states: torch.Tensor) -> to
 # --- window attention (SnapKV, TOVA, PyramidKV, ...): the model's RoPE, scaling and sinks ---------
 
 
+def window_queries(
+    adapter: Any, hidden_states: torch.Tensor, num_kv_heads: int, window: int, position_embeddings: Any
+) -> torch.Tensor:
+    """``(B, H_kv, groups * window, D)`` post-RoPE queries of the last ``window`` tokens, grouped by KV head
+    (query head ``j`` belongs to KV head ``j // groups``), from the layer's adapter."""
+    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
+    return queries.reshape(queries.shape[0], num_kv_heads, -1, queries.shape[-1])
+
+
 def window_probs(
     module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
 ) -> torch.Tensor:
@@ -72,9 +81,8 @@ def window_probs(
     """
     adapter = layer_adapter(module)
     b, h, t, _ = keys.shape
-    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
-    groups = queries.shape[1] // h
-    queries = queries.reshape(b, h, groups * window, -1) * adapter.scaling
+    queries = window_queries(adapter, hidden_states, h, window, position_embeddings) * adapter.scaling
+    groups = queries.shape[2] // window
     logits = torch.matmul(queries, keys.transpose(2, 3)).float()  # (B, H, g*w, T)
     # causal inside the window: only the last `window` key columns can lie in a query's future
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)

@@ -16,8 +16,7 @@ from kvpress.utils import compute_n_kept
 from torch import nn
 from torch.nn import functional as F
 
-from pikvpress.compat.patches import gather_kept, window_probs
-from pikvpress.models import slice_positions
+from pikvpress.compat.patches import gather_kept, window_probs, window_queries
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
@@ -552,10 +551,8 @@ class ExpertRoutingPress(ScorerPress):
     def _centroid_affinity(adapter, hidden_states, keys, member, window, kwargs) -> torch.Tensor:
         """``(B, H, groups * w, E)`` routing probabilities of the window queries from their mean logit to the
         keys of each expert (empty experts get none); no pass over the context's tokens per query."""
-        b, h, t, _ = keys.shape
-        positions = slice_positions(kwargs["position_embeddings"], slice(-window, None))
-        queries = adapter.queries(hidden_states[:, -window:], positions)  # (B, Hq, w, D)
-        queries = queries.reshape(b, h, -1, queries.shape[-1]).float() * adapter.scaling
+        queries = window_queries(adapter, hidden_states, keys.shape[1], window, kwargs["position_embeddings"])
+        queries = queries.float() * adapter.scaling  # (B, H, g*w, D)
         sizes = member.sum(-1, keepdim=True)  # (B, H, E, 1)
         means = torch.matmul(member.float(), keys.float()) / sizes.clamp_min(1)  # (B, H, E, D)
         logits = torch.matmul(queries, means.transpose(-1, -2))  # (B, H, g*w, E)
