@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-import copy
 import logging
 
 import pytest
 import torch
 from conftest import get_tiny_model
 from default_presses import tiny_router_dir
-from kvpress import ComposedPress, DecodingPress, KnormPress
+from kvpress import ComposedPress, DecodingPress, KeyDiffPress, KnormPress
 from kvpress.utils import compute_n_kept
 from transformers import DynamicCache
 
 from evaluation.prefill import can_reuse_prefill
 from evaluation.presses import build_press, takes_ratio
 from pikvpress import ExpertRoutingPress
+from pikvpress.compat.patches import gather_kept
 from pikvpress.models import TINY_FAMILIES, get_adapter
 from pikvpress.routing import LearnedRouter, RouterSpec, load_router, spherical_kmeans
 from pikvpress.routing.training import KVzipSample, MlpFit, RidgeFit, linear_router, spearman
@@ -321,6 +321,40 @@ def test_kvpress_scorers_rank_inside_experts(scorer):
     press = ExpertRoutingPress(0.5, router="keys", num_experts=3, window_size=8, scorer=scorer)
     cache = prefill(model, press, ids())
     assert {layer.keys.shape[2] for layer in cache.layers} == {compute_n_kept(T, 0.5)}
+
+
+def test_keydiff_inside_experts_is_kvpress_keydiff():
+    model = get_tiny_model("llama")
+    press = ExpertRoutingPress(0.5, router="keys", scorer="keydiff")
+    press.post_init_from_model(model)
+    keys = torch.randn(2, 2, 40, 16, generator=torch.Generator().manual_seed(0)) + 0.5
+    attention = model.model.layers[0].self_attn
+    args = (attention, torch.zeros(2, 40, 64), keys, keys, None, {})
+    fast = press._token_scores(*args, attention=None, window=0, unit=torch.nn.functional.normalize(keys, dim=-1))
+    torch.testing.assert_close(fast, KeyDiffPress().score(*args))
+
+
+class _TopKOfScores(ExpertRoutingPress):
+    """The press pruning by a top-k of its own ``score`` (the generic ScorerPress way)."""
+
+    def compress(self, module, hidden_states, keys, values, attentions, kwargs):
+        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
+        n_kept = self.layer_kept(int(module.layer_idx), keys.shape[2])
+        return gather_kept(keys, values, scores.topk(n_kept, dim=-1).indices)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss"])
+@pytest.mark.parametrize("router", ["keys", "gate", "learned"])
+def test_compress_keeps_the_top_of_its_scores(family, router):
+    # compress keeps the chosen tokens directly (in context order); the same set as a top-k of score()
+    model = get_tiny_model(family)
+    kwargs = {"router": router, "num_experts": 3, "window_size": 8, "router_weights": tiny_router_dir()}
+    fast = prefill(model, ExpertRoutingPress(0.5, **kwargs), ids(batch=2))
+    reference = prefill(model, _TopKOfScores(0.5, **kwargs), ids(batch=2))
+    for a, b in zip(fast.layers, reference.layers):
+        assert a.keys.shape == b.keys.shape
+        for row_a, row_b in zip(a.keys.flatten(0, 1), b.keys.flatten(0, 1)):
+            assert sorted(map(tuple, row_a.tolist())) == sorted(map(tuple, row_b.tolist()))
 
 
 def test_mlp_fit_learns_a_planted_map():

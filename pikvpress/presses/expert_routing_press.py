@@ -84,6 +84,19 @@ class RoutingStats:
         }
 
 
+@dataclass(frozen=True)
+class _Selection:
+    """One layer's choice: ``(B, H, T)`` token scores, protected mask ``(T,)``, tokens by descending score,
+    chosen mask, ``(B, H)`` tokens each head keeps, and the number of experts."""
+
+    token_scores: torch.Tensor
+    protected: torch.Tensor
+    by_score: torch.Tensor
+    chosen: torch.Tensor
+    head_kept: torch.Tensor
+    experts: int
+
+
 @dataclass
 class ExpertRoutingPress(ScorerPress):
     """Route each layer's KV to experts; give each expert a keep budget from the query mass routed to it.
@@ -230,7 +243,6 @@ class ExpertRoutingPress(ScorerPress):
         if self.router != "auto":
             self._check_layer_budget()
         self._budgets: dict[int, dict[int, int]] = {}
-        self._head_kept: dict[int, torch.Tensor] = {}
         self._learned: LearnedRouter | None = None
         self._learned_model: nn.Module | None = None
         self._adapters: dict[int, LayerAdapter] = {}
@@ -351,6 +363,31 @@ class ExpertRoutingPress(ScorerPress):
         attentions: torch.Tensor,
         kwargs: dict,
     ) -> torch.Tensor:
+        return self._scores(self._select(module, hidden_states, keys, values, attentions, kwargs))
+
+    @staticmethod
+    def _scores(selection: _Selection) -> torch.Tensor:
+        """``(B, H, T)`` scores: the chosen tokens above the others, each group ordered by token score."""
+        b, h, t = selection.token_scores.shape
+        device = selection.token_scores.device
+        if selection.experts == 1:  # one expert: the token scores themselves (so AdaKVPress can compare heads)
+            top = selection.token_scores.amax().item() + 1.0
+            return selection.token_scores.masked_fill(selection.protected, top)
+        # chosen tokens above every other token; the token score orders each group
+        positions = torch.arange(t - 1, -1, -1, device=device, dtype=torch.float).expand(b, h, t)
+        ranked = torch.zeros(b, h, t, device=device).scatter_(-1, selection.by_score, positions) / max(t, 1)
+        return selection.chosen.float() * 2.0 + ranked
+
+    def _select(
+        self,
+        module: nn.Module,
+        hidden_states: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        attentions: torch.Tensor,
+        kwargs: dict,
+    ) -> _Selection:
+        """Route, split the budget and choose the kept tokens of one layer (records ``stats``)."""
         b, h, t, _ = keys.shape
         idx = int(module.layer_idx)
         adapter = self._adapters.get(idx) or layer_adapter(module)
@@ -358,7 +395,7 @@ class ExpertRoutingPress(ScorerPress):
         needs_window = self._scorer == "attention"  # the window's attention over the context, as SnapKV
         window = self._window(t) if needs_window or self._router != "learned" else 0
 
-        # protected tokens: sinks first, then the most recent ones
+        # protected tokens: sinks first, then the most recent ones; the routable tokens lie between them
         n_sink = min(self.n_sink, n_kept)
         n_recent = min(self.n_recent, n_kept - n_sink, t - n_sink)
         protected = torch.zeros(t, dtype=torch.bool, device=keys.device)
@@ -366,26 +403,28 @@ class ExpertRoutingPress(ScorerPress):
         if n_recent:
             protected[t - n_recent :] = True
         n_protected = n_sink + n_recent
+        span = slice(n_sink, t - n_recent)
+
+        # unit keys, shared by the k-means and KeyDiff (the gate router computes them when it falls back)
+        unit = F.normalize(keys.float(), dim=-1) if self._scorer == "keydiff" or self._router != "gate" else None
 
         # token scores (ranking inside an expert) and the window's attention when needed
         attention = None
         if needs_window:
             # (B, H, groups * w, T): the window queries over every context token, causal
             attention = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
-        token_scores = self._token_scores(module, hidden_states, keys, values, attentions, kwargs, attention, window)
+        token_scores = self._token_scores(
+            module, hidden_states, keys, values, attentions, kwargs, attention, window, unit
+        )
 
         # tokens each head keeps: n_kept, or the heads' share of the layer's budget by score
         head_kept = self._split_heads(token_scores, protected, n_kept, n_protected)
-        self._head_kept[idx] = head_kept
 
-        # experts and the query mass routed to them
-        routable = ~protected
-        assignment, mass, router_used = self._route(
-            adapter, idx, hidden_states, keys, attention, token_scores, routable, window, kwargs
+        # experts, their sizes and the query mass routed to them
+        assignment, sizes, mass, router_used = self._route(
+            adapter, idx, hidden_states, keys, unit, attention, token_scores, span, window, kwargs
         )
         e = mass.shape[-1]
-        sizes = torch.zeros(b, h, e, dtype=torch.long, device=keys.device)
-        sizes.scatter_add_(2, assignment, routable.expand(b, h, t).long())
         kept = allocate_budget(mass, sizes, head_kept - n_protected, floor=self.expert_floor)
 
         # rank tokens inside their expert (protected tokens form bucket e, kept whole)
@@ -407,13 +446,7 @@ class ExpertRoutingPress(ScorerPress):
             kept.cpu(),
             n_protected,
         )
-        if e == 1:  # one expert: the token scores themselves (so AdaKVPress can compare heads)
-            top = token_scores.amax().item() + 1.0
-            return token_scores.masked_fill(protected, top)
-        # chosen tokens above every other token; the token score orders each group
-        positions = torch.arange(t - 1, -1, -1, device=keys.device, dtype=torch.float).expand(b, h, t)
-        ranked = torch.zeros(b, h, t, device=keys.device).scatter_(-1, by_score, positions) / max(t, 1)
-        return chosen.float() * 2.0 + ranked
+        return _Selection(token_scores, protected, by_score, chosen, head_kept, e)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -451,12 +484,17 @@ class ExpertRoutingPress(ScorerPress):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if self.compression_ratio == 0:
             return keys, values
-        idx = int(module.layer_idx)
-        scores = self.score(module, hidden_states, keys, values, attentions, kwargs)
-        # every head's chosen tokens score above its others; the layer keeps the largest head's share, and
-        # heads with a smaller share fill the same length with their next-best tokens (nothing is masked)
-        n_cut = int(self._head_kept.pop(idx).max())
-        return gather_kept(keys, values, scores.topk(n_cut, dim=-1).indices)
+        selection = self._select(module, hidden_states, keys, values, attentions, kwargs)
+        b, h, _ = selection.chosen.shape
+        n_cut = int(selection.head_kept.max())
+        if selection.experts > 1 and int(selection.head_kept.min()) == n_cut:
+            # every head chose exactly n_cut tokens: keep them, in context order
+            indices = selection.chosen.nonzero()[:, -1].view(b, h, n_cut)
+        else:
+            # the chosen tokens score above the others; the layer keeps the largest head's share, and heads
+            # with a smaller share fill the same length with their next-best tokens (nothing is masked)
+            indices = self._scores(selection).topk(n_cut, dim=-1).indices
+        return gather_kept(keys, values, indices)
 
     def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):
         """``(B, H)`` int64 tokens each head keeps: ``n_kept`` everywhere, or (``head_budget="adaptive"``) the
@@ -487,8 +525,15 @@ class ExpertRoutingPress(ScorerPress):
             )
         return window
 
-    def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention, window) -> torch.Tensor:
+    def _token_scores(
+        self, module, hidden_states, keys, values, attentions, kwargs, attention, window, unit=None
+    ) -> torch.Tensor:
         """``(B, H, T)`` ranking of the tokens inside an expert."""
+        if self._scorer == "keydiff" and unit is not None:
+            # KeyDiffPress's score (minus the cosine to the mean unit key) from the unit keys already at hand
+            anchor = unit.mean(dim=2, keepdim=True)  # (B, H, 1, D)
+            similarity = torch.matmul(unit, anchor.transpose(-1, -2)).squeeze(-1)
+            return -similarity / anchor.norm(dim=-1).clamp_min(1e-8)
         if self._base_scorer is not None:
             return self._base_scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
         if self._scorer == "learned":
@@ -509,54 +554,58 @@ class ExpertRoutingPress(ScorerPress):
             scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
         return scores[..., :t]
 
-    def _route(self, adapter, idx, hidden_states, keys, attention, token_scores, routable, window, kwargs):
-        """``(assignment (B, H, T), mass (B, H, E), router used)``."""
+    def _route(self, adapter, idx, hidden_states, keys, unit, attention, token_scores, span, window, kwargs):
+        """``(assignment (B, H, T), sizes (B, H, E), mass (B, H, E), router used)``; ``sizes`` count the
+        routable tokens (``span``, between the sinks and the recent tokens) of each expert."""
         b, h, t, _ = keys.shape
         if self._router == "gate":
             routing = self._gate(adapter, idx, hidden_states)
             if routing is not None:
                 probs = routing.probs.float()  # (B, T, E)
-                assignment = probs.argmax(-1)[:, None, :].expand(b, h, t)
+                assignment = probs.argmax(-1)[:, None, :].expand(b, h, t).contiguous()
+                sizes = torch.zeros(b, h, probs.shape[-1], dtype=torch.long, device=keys.device)
+                sizes.scatter_add_(2, assignment[..., span], torch.ones_like(assignment[..., span]))
                 query = probs[:, t - window :]  # (B, w, E)
                 k = min(self.top_k, probs.shape[-1])
                 top = query.topk(k, dim=-1)
                 routed = torch.zeros_like(query).scatter_(-1, top.indices, top.values)
                 routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
                 mass = routed.sum(1)[:, None, :].expand(b, h, -1).contiguous()
-                return assignment.contiguous(), mass, "gate"
-        # routable tokens are one contiguous run (sinks before it, recent tokens after it)
-        first = int(routable.long().argmax())
-        n_routable = int(routable.sum())
+                return assignment, sizes, mass, "gate"
+        if unit is None:
+            unit = F.normalize(keys.float(), dim=-1)
+        n_routable = span.stop - span.start
         experts = max(1, min(self.num_experts, n_routable))
-        clusters = spherical_kmeans(keys[:, :, first : first + n_routable], experts, self.kmeans_iterations)
+        clusters = spherical_kmeans(unit[:, :, span], experts, self.kmeans_iterations, normalized=True)
+        sizes = clusters.sizes
         assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
-        assignment[:, :, first : first + n_routable] = clusters.assignment
+        assignment[:, :, span] = clusters.assignment
         if self._router == "learned":  # predicted attention mass of each expert's tokens
-            weight = torch.softmax(token_scores.float().masked_fill(~routable, float("-inf")), dim=-1)
-            mass = torch.zeros(b, h, experts, device=keys.device).scatter_add_(2, assignment, weight)
-            return assignment, mass, "learned"
+            weight = torch.softmax(token_scores[..., span].float(), dim=-1)
+            mass = torch.zeros(b, h, experts, device=keys.device).scatter_add_(2, clusters.assignment, weight)
+            return assignment, sizes, mass, "learned"
         # keys: each window query routes to the top_k experts holding most of its attention
-        member = (assignment.unsqueeze(-2) == torch.arange(experts, device=keys.device)[:, None]) & routable
+        member = (clusters.assignment.unsqueeze(-2) == torch.arange(experts, device=keys.device)[:, None]).float()
         if attention is not None:  # measured: the window's attention summed over each expert's tokens
-            per_query = torch.matmul(member.float(), attention.transpose(-1, -2)).transpose(-1, -2)  # (B, H, w*g, E)
+            per_query = torch.matmul(attention[..., span], member.transpose(-1, -2))  # (B, H, w*g, E)
         else:  # estimated: softmax over experts of q . (the expert's mean key), q's mean logit to the expert
-            per_query = self._centroid_affinity(adapter, hidden_states, keys, member, window, kwargs)
+            per_query = self._centroid_affinity(adapter, hidden_states, keys[:, :, span], member, sizes, window, kwargs)
         k = min(self.top_k, experts)
         top = per_query.topk(k, dim=-1)
         routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)
         routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
-        return assignment, routed.sum(2), "keys" if self._router == "keys" else "keys (no MoE gate)"
+        return assignment, sizes, routed.sum(2), "keys" if self._router == "keys" else "keys (no MoE gate)"
 
     @staticmethod
-    def _centroid_affinity(adapter, hidden_states, keys, member, window, kwargs) -> torch.Tensor:
+    def _centroid_affinity(adapter, hidden_states, keys, member, sizes, window, kwargs) -> torch.Tensor:
         """``(B, H, groups * w, E)`` routing probabilities of the window queries from their mean logit to the
-        keys of each expert (empty experts get none); no pass over the context's tokens per query."""
+        keys of each expert (``member`` ``(B, H, E, T)`` marks them; empty experts get none); no pass over
+        the context's tokens per query."""
         queries = window_queries(adapter, hidden_states, keys.shape[1], window, kwargs["position_embeddings"])
         queries = queries.float() * adapter.scaling  # (B, H, g*w, D)
-        sizes = member.sum(-1, keepdim=True)  # (B, H, E, 1)
-        means = torch.matmul(member.float(), keys.float()) / sizes.clamp_min(1)  # (B, H, E, D)
+        means = torch.matmul(member, keys.float()) / sizes.unsqueeze(-1).clamp_min(1)  # (B, H, E, D)
         logits = torch.matmul(queries, means.transpose(-1, -2))  # (B, H, g*w, E)
-        logits = logits.masked_fill(sizes.squeeze(-1)[:, :, None, :] == 0, float("-inf"))
+        logits = logits.masked_fill(sizes[:, :, None, :] == 0, float("-inf"))
         return torch.softmax(logits, dim=-1)
 
     def _gate(self, adapter: LayerAdapter, idx: int, hidden_states: torch.Tensor):

@@ -31,7 +31,11 @@ class KeyClusters:
 
 
 def spherical_kmeans(
-    keys: torch.Tensor, num_experts: int, iterations: int = 4, max_fit_tokens: int | None = 256
+    keys: torch.Tensor,
+    num_experts: int,
+    iterations: int = 4,
+    max_fit_tokens: int | None = 256,
+    normalized: bool = False,
 ) -> KeyClusters:
     """Cluster ``keys`` ``(B, H, T, D)`` by cosine similarity into ``num_experts`` experts per head.
 
@@ -40,8 +44,9 @@ def spherical_kmeans(
     initialisation (the first token's key, then repeatedly the key least similar to every centroid
     chosen so far), then ``iterations`` rounds of assign-to-nearest-centroid and re-normalised mean;
     finally every token is assigned to its nearest centroid. Vectorised over batch, heads and tokens
-    (the only Python loops run over experts and iterations); centroid sums are one batched matmul
-    of the assignment indicator with the keys.
+    (the only Python loops run over experts and iterations); centroid sums are one batched matmul of
+    the assignment indicator with the keys. ``normalized=True`` says the keys are unit vectors
+    already (skips normalising them again).
 
     Raises
     ------
@@ -62,25 +67,29 @@ def spherical_kmeans(
     b, h, t, d = keys.shape
     if t < num_experts:
         raise ValueError(f"cannot split {t} tokens into num_experts={num_experts} experts")
-    x = torch.nn.functional.normalize(keys.float(), dim=-1)
+    x = keys.float() if normalized else torch.nn.functional.normalize(keys.float(), dim=-1)
     fit = x
     if max_fit_tokens is not None and t > max_fit_tokens:
-        fit = x[:, :, torch.linspace(0, t - 1, max_fit_tokens, device=keys.device).round().long()]
-    experts = torch.arange(num_experts, device=keys.device)[:, None]  # (E, 1)
-    picks = [torch.zeros(b, h, dtype=torch.long, device=keys.device)]
-    closest = torch.full(fit.shape[:3], float("-inf"), device=keys.device)  # best similarity to a chosen centroid
+        fit = x.index_select(2, torch.linspace(0, t - 1, max_fit_tokens, device=keys.device).round().long())
+    fit_t = fit.transpose(-1, -2)  # (B, H, D, Tf)
+    # farthest-point seeding: the first token's key, then repeatedly the key least similar to every centroid
+    # chosen so far
+    picks = [fit[:, :, :1]]
+    closest = None  # (B, H, 1, Tf) best similarity to a chosen centroid
     for _ in range(1, num_experts):
-        last = torch.gather(fit, 2, picks[-1][:, :, None, None].expand(-1, -1, 1, d))  # (B, H, 1, D)
-        closest = torch.maximum(closest, torch.matmul(fit, last.transpose(-1, -2)).squeeze(-1))
-        picks.append(closest.argmin(dim=-1))
-    init = torch.stack(picks, dim=-1)  # (B, H, E)
-    centroids = torch.gather(fit, 2, init[..., None].expand(-1, -1, -1, d))  # (B, H, E, D)
+        similarity = torch.matmul(picks[-1], fit_t)
+        closest = similarity if closest is None else torch.maximum(closest, similarity)
+        farthest = closest.argmin(dim=-1, keepdim=True)  # (B, H, 1, 1)
+        picks.append(torch.gather(fit, 2, farthest.expand(-1, -1, -1, d)))
+    centroids = torch.cat(picks, dim=2)  # (B, H, E, D)
+    experts = torch.arange(num_experts, device=keys.device)[:, None]  # (E, 1)
     for _ in range(iterations):
-        nearest = torch.matmul(fit, centroids.transpose(-1, -2)).argmax(dim=-1)  # (B, H, Tf)
+        # (B, H, E, Tf) similarities reduced with max over experts (argmax over a middle axis is slow on CPU)
+        nearest = torch.matmul(centroids, fit_t).max(dim=-2).indices  # (B, H, Tf)
         sums = torch.matmul((nearest.unsqueeze(-2) == experts).to(fit.dtype), fit)  # (B, H, E, D)
         norms = sums.norm(dim=-1, keepdim=True)
         centroids = torch.where(norms > 0, sums / norms.clamp_min(1e-12), centroids)
-    assignment = torch.matmul(x, centroids.transpose(-1, -2)).argmax(dim=-1)  # (B, H, T)
+    assignment = torch.matmul(centroids, x.transpose(-1, -2)).max(dim=-2).indices  # (B, H, T)
     sizes = torch.zeros(b, h, num_experts, dtype=torch.long, device=keys.device)
     sizes.scatter_add_(2, assignment, torch.ones_like(assignment))
     return KeyClusters(assignment, centroids, sizes)
