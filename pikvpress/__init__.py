@@ -28,7 +28,7 @@ from pikvpress.models import (
     tiny_model,
     tiny_tokenizer,
 )
-from pikvpress.presses import PRESSES, ExpertRoutingPress, QuantizationPress, RoutingStats
+from pikvpress.presses import PRESSES, AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress, RoutingStats
 from pikvpress.routing import LearnedRouter, load_router
 
 __version__ = "0.1.0"
@@ -38,6 +38,7 @@ if _os.environ.get("PIKVPRESS_KVPRESS_FIXES", "1").lower() not in ("0", "false",
 
 __all__ = [
     "DEFAULT_MODEL",
+    "AdaptiveSchedulingPress",
     "ExpertRoutingPress",
     "KVPRESS_FIXES",
     "LayerAdapter",

@@ -7,6 +7,7 @@ adaptive scheduling, quantization, the chained ``PiKVPress``) register here as t
 
 from kvpress.presses.base_press import BasePress
 
+from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress, RoutingStats
 from pikvpress.presses.quantization_press import QuantizationPress
 
@@ -15,4 +16,4 @@ PRESSES: dict[str, type[BasePress]] = {
     "quantization": QuantizationPress,
 }
 
-__all__ = ["PRESSES", "ExpertRoutingPress", "QuantizationPress", "RoutingStats"]
+__all__ = ["PRESSES", "AdaptiveSchedulingPress", "ExpertRoutingPress", "QuantizationPress", "RoutingStats"]
