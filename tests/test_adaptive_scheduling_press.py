@@ -12,6 +12,7 @@ from kvpress import PrefillDecodingPress
 from transformers import DynamicCache, pipeline
 
 from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
+from pikvpress.compat.patches import window_probs
 from pikvpress.models import get_adapter
 from pikvpress.scheduling import POLICIES, kept_indices
 
@@ -143,6 +144,39 @@ def test_kvpress_pipeline_with_one_question_stays_under_budget(family, tokenizer
     for n, tokens_seen in decoded:  # the ratio budget follows the tokens seen, not the pruned cache's length
         assert n < scheduling.layer_budget(tokens_seen) + 4
     assert min(n for n, _ in decoded) < decoded[-1][1] * 0.75  # it evicted
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe"])
+def test_one_query_short_path_equals_the_window_attention(family):
+    # the step's attention from the queries the model's attention used (kept from the second decode step on)
+    # and from queries projected again both equal window_probs, the harness's reference attention
+    model = get_tiny_model(family)
+    captured = {}
+
+    def grab(module, args, kwargs, output):  # registered before the press's hook: runs first
+        if kwargs["hidden_states"].shape[1] == 1:
+            captured[module.layer_idx] = (module, dict(kwargs), module.__dict__.get("pikvpress_decode_query"))
+
+    adapter = get_adapter(model)
+    hooks = [layer.attention.register_forward_hook(grab, with_kwargs=True) for layer in adapter.layers]
+    try:
+        decode(model, AdaptiveSchedulingPress(budget=1000), ids(batch=2), steps=2)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert captured
+    for idx, (module, kwargs, kept_query) in captured.items():
+        keys = kwargs["past_key_values"].layers[idx].keys
+        layer = adapter.layers[idx]
+        reference = window_probs(module, kwargs["hidden_states"], keys, 1, kwargs["position_embeddings"]).mean(dim=2)
+        assert kept_query is not None  # the attention wrapper kept the second step's queries
+        module.pikvpress_decode_query = kept_query
+        from_model = AdaptiveSchedulingPress._step_attention(module, layer, kwargs["hidden_states"], keys, 1, kwargs)
+        assert "pikvpress_decode_query" not in module.__dict__  # read once
+        projected = AdaptiveSchedulingPress._step_attention(module, layer, kwargs["hidden_states"], keys, 1, kwargs)
+        for probs in (from_model, projected):
+            torch.testing.assert_close(probs, reference, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
 
 
 def test_bad_arguments_are_rejected():

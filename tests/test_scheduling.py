@@ -104,10 +104,13 @@ def test_statistics_stay_aligned_through_appends_and_evictions():
             assert {0, 1} <= set(stats.position[r, hh].tolist())  # sinks survive every eviction
 
 
-def test_new_tokens_start_at_the_rows_mean_average():
+def test_new_tokens_start_at_a_uniform_share():
     stats = DecodeStatistics.start(torch.arange(3).view(1, 1, 3), prior=torch.tensor([[[0.6, 0.3, 0.0]]]))
-    stats.append(torch.tensor([[[3]]]))
-    assert stats.ema[0, 0, -1].item() == pytest.approx(0.3)
+    for step in range(100):  # many appends: the buffers grow, the earlier statistics stay
+        stats.append(torch.tensor([[[3 + step]]]))
+        assert stats.ema[0, 0, -1].item() == pytest.approx(1 / (4 + step))
+    assert stats.ema[0, 0, :3].tolist() == pytest.approx([0.6, 0.3, 0.0])
+    assert stats.position[0, 0].tolist() == list(range(103))
     assert stats.last_used[0, 0, -1].item() == -1 and stats.mass[0, 0, -1].item() == 0
 
 

@@ -241,10 +241,20 @@ def mask_pruned_keys(
     return attention_mask.masked_fill(~keep, torch.finfo(attention_mask.dtype).min)
 
 
+#: attention modules with this attribute set keep their last decode step's queries (at most
+#: ``DECODE_QUERY_TOKENS`` of them) in ``module.pikvpress_decode_query``, so a decode-time press reads the
+#: queries the model computed instead of projecting and rotating them again
+KEEP_DECODE_QUERY = "pikvpress_keep_decode_query"
+DECODE_QUERY_TOKENS = 64
+
+
 def with_aligned_mask(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an attention function so its mask matches the layer's key length and AdaKV's pruned keys."""
+    """Wrap an attention function so its mask matches the layer's key length and AdaKV's pruned keys (and,
+    on modules marked with ``KEEP_DECODE_QUERY``, keeps the decode step's queries)."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        if getattr(module, KEEP_DECODE_QUERY, False) and query.shape[2] <= DECODE_QUERY_TOKENS:
+            module.pikvpress_decode_query = query  # the step's post-RoPE queries, for AdaptiveSchedulingPress
         attention_mask = align_mask(attention_mask, key.shape[-2])
         masked = getattr(module, "masked_key_indices", None)
         if masked is None or query.shape[2] == key.shape[2]:

@@ -10,7 +10,7 @@ import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
-from pikvpress.compat.patches import gather_kept, window_probs
+from pikvpress.compat.patches import KEEP_DECODE_QUERY, gather_kept, window_probs
 from pikvpress.models.adapter import layer_adapter
 from pikvpress.scheduling import POLICIES, DecodeStatistics, kept_indices
 
@@ -115,6 +115,23 @@ class AdaptiveSchedulingPress(BasePress):
             return self.budget
         return max(1, math.ceil(tokens_seen * (1 - self.compression_ratio)))
 
+    @staticmethod
+    def _step_attention(module, adapter, hidden_states, keys, q_len, kwargs) -> torch.Tensor:
+        """``(B, H, T)`` attention of this step's queries over the cached keys, averaged over the queries of
+        each KV head. One query without attention sinks (a plain decode step) takes the short path."""
+        b, h = keys.shape[:2]
+        if q_len == 1 and adapter is not None and adapter.sinks is None:
+            # the queries the model's attention just used (kept by the compat layer's attention wrapper),
+            # else projected and rotated again
+            queries = module.__dict__.pop("pikvpress_decode_query", None)
+            if queries is None or queries.shape[2] != 1 or queries.shape[0] != b:
+                setattr(module, KEEP_DECODE_QUERY, True)  # from the next step on
+                queries = adapter.queries(hidden_states, kwargs["position_embeddings"])  # (B, Hq, 1, D)
+            queries = queries.reshape(b, h, -1, queries.shape[-1]) * adapter.scaling  # (B, H, g, D)
+            logits = torch.matmul(queries, keys.transpose(-1, -2)).float()
+            return torch.softmax(logits, dim=-1).mean(dim=2)
+        return window_probs(module, hidden_states, keys, q_len, kwargs["position_embeddings"]).mean(dim=2)
+
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
         q_len = hidden_states.shape[1]
@@ -146,15 +163,17 @@ class AdaptiveSchedulingPress(BasePress):
             new_positions = position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len)
         else:
             new_positions = cache_position.to(keys.device).view(1, 1, q_len).expand(b, h, q_len)
-        floor = int(stats.position.max()) + 1 if stats.length else 0
-        stats.append(new_positions.clamp_min(floor))
-        probs = window_probs(module, hidden_states, keys, q_len, kwargs["position_embeddings"])  # (B, H, g*q, T)
-        stats.observe(probs.mean(dim=2))
+        # tokens seen before this step; positions keep increasing even when the caller's restart below it
+        # (cache_position counting a pruned cache), and tokens seen grow by q_len every step
+        before = self._seen.get(idx, t - q_len)
+        first = int(new_positions.min())
+        if first < before:
+            new_positions = new_positions + (before - first)
+        stats.append(new_positions)
+        self._seen[idx] = max(before + q_len, int(new_positions.max()) + 1)
+        stats.observe(self._step_attention(module, adapter, hidden_states, keys, q_len, kwargs))
         self._since_eviction[idx] += 1
-        # tokens seen: never fewer than the last position + 1, and growing by q_len every step
-        seen = max(self._seen.get(idx, t - q_len) + q_len, int(new_positions.max()) + 1, int(cache_position[-1]) + 1)
-        self._seen[idx] = seen
-        budget = self.layer_budget(seen)
+        budget = self.layer_budget(self._seen[idx])
         if t > budget and (self._since_eviction[idx] >= self.interval or t >= budget + self.interval):
             kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
             layer.keys, layer.values = gather_kept(keys, values, kept)

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import torch
 
+_FIELDS = ("mass", "ema", "last_used", "position")
 
-@dataclass
+
 class DecodeStatistics:
     """What decoding queries did with each cached token of one layer, per batch row and KV head.
 
-    Every tensor is ``(B, H, T)`` and aligned with the layer's cache: entry ``[b, h, i]`` describes the
-    token the cache holds at index ``i`` of row ``b``, head ``h``. :meth:`keep` compacts them with the
-    same indices the cache is cut with, so they stay aligned after an eviction.
+    Every statistic is a ``(B, H, T)`` tensor aligned with the layer's cache: entry ``[b, h, i]`` describes
+    the token the cache holds at index ``i`` of row ``b``, head ``h``. :meth:`keep` compacts them with the
+    same indices the cache is cut with, so they stay aligned after an eviction. They live in buffers with
+    spare room, so a decode step writes its new tokens in place instead of copying every statistic.
 
     Parameters
     ----------
@@ -33,13 +33,21 @@ class DecodeStatistics:
         Attention above which a token counts as used; None: above uniform (1 / tokens in the cache).
     """
 
-    mass: torch.Tensor
-    ema: torch.Tensor
-    last_used: torch.Tensor
-    position: torch.Tensor
-    step: int = 0
-    decay: float = 0.9
-    threshold: float | None = None
+    def __init__(
+        self,
+        mass: torch.Tensor,
+        ema: torch.Tensor,
+        last_used: torch.Tensor,
+        position: torch.Tensor,
+        step: int = 0,
+        decay: float = 0.9,
+        threshold: float | None = None,
+    ) -> None:
+        self._length = position.shape[-1]
+        self._data = {"mass": mass, "ema": ema, "last_used": last_used, "position": position}
+        self.step = step
+        self.decay = decay
+        self.threshold = threshold
 
     @classmethod
     def start(
@@ -76,22 +84,45 @@ class DecodeStatistics:
             threshold=threshold,
         )
 
+    # --- the statistics, as (B, H, T) views of their buffers ---------------------------------------
+    def _get(self, name: str) -> torch.Tensor:
+        return self._data[name][..., : self._length]
+
+    def _set(self, name: str, value: torch.Tensor) -> None:
+        if value.shape != self._get(name).shape:
+            raise ValueError(f"{name} must have shape {tuple(self._get(name).shape)}, got {tuple(value.shape)}")
+        self._data[name] = value.to(self._data[name].dtype).clone()
+
+    mass = property(lambda self: self._get("mass"), lambda self, v: self._set("mass", v))
+    ema = property(lambda self: self._get("ema"), lambda self, v: self._set("ema", v))
+    last_used = property(lambda self: self._get("last_used"), lambda self, v: self._set("last_used", v))
+    position = property(lambda self: self._get("position"), lambda self, v: self._set("position", v))
+
     @property
     def length(self) -> int:
-        return self.position.shape[-1]
+        return self._length
 
+    # --- updates ------------------------------------------------------------------------------------
     def append(self, position: torch.Tensor) -> None:
         """Add the tokens just written to the cache (``position`` ``(B, H, n)``), at the end.
 
-        Their moving average starts at the row's mean, so a new token is neither favoured nor
-        penalised before its first observation.
+        Their moving average starts at ``1 / T`` (T counting them), a uniform share: a new token is
+        neither favoured nor penalised before its first observation.
         """
-        b, h, n = position.shape
-        start = self.ema.mean(dim=-1, keepdim=True).expand(b, h, n) if self.length else self.ema.new_zeros(b, h, n)
-        self.mass = torch.cat([self.mass, self.mass.new_zeros(b, h, n)], dim=-1)
-        self.ema = torch.cat([self.ema, start], dim=-1)
-        self.last_used = torch.cat([self.last_used, self.last_used.new_full((b, h, n), -1)], dim=-1)
-        self.position = torch.cat([self.position, position.to(self.position)], dim=-1)
+        n = position.shape[-1]
+        end = self._length + n
+        for name in _FIELDS:
+            buffer = self._data[name]
+            if buffer.shape[-1] < end:  # grow geometrically, so appends copy O(1) per token on average
+                grown = buffer.new_empty(*buffer.shape[:-1], max(2 * end, 64))
+                grown[..., : self._length] = buffer[..., : self._length]
+                self._data[name] = grown
+        new = slice(self._length, end)
+        self._data["mass"][..., new] = 0
+        self._data["ema"][..., new] = 1.0 / end
+        self._data["last_used"][..., new] = -1
+        self._data["position"][..., new] = position
+        self._length = end
 
     def observe(self, probs: torch.Tensor) -> None:
         """Record one decode step: ``probs`` ``(B, H, T)``, the attention each cached token received
@@ -99,15 +130,14 @@ class DecodeStatistics:
         if probs.shape != self.position.shape:
             raise ValueError(f"probs {tuple(probs.shape)} must match the statistics {tuple(self.position.shape)}")
         probs = probs.detach().float()
-        self.mass += probs
+        self.mass.add_(probs)
         self.ema.mul_(self.decay).add_(probs, alpha=1 - self.decay)
         threshold = self.threshold if self.threshold is not None else 1.0 / max(self.length, 1)
-        self.last_used = torch.where(probs > threshold, torch.full_like(self.last_used, self.step), self.last_used)
+        self.last_used.masked_fill_(probs > threshold, self.step)
         self.step += 1
 
     def keep(self, indices: torch.Tensor) -> None:
         """Compact to the tokens at ``indices`` ``(B, H, K)`` (the indices the cache is cut with)."""
-        self.mass = self.mass.gather(-1, indices)
-        self.ema = self.ema.gather(-1, indices)
-        self.last_used = self.last_used.gather(-1, indices)
-        self.position = self.position.gather(-1, indices)
+        for name in _FIELDS:
+            self._data[name] = self._get(name).gather(-1, indices)
+        self._length = indices.shape[-1]
