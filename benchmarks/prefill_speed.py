@@ -23,7 +23,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from evaluation.haystack import essays_text
+from evaluation.haystack import essay_context_ids
+from evaluation.timing import timed_hooks
 from pikvpress import ExpertRoutingPress, load_model
 
 logger = logging.getLogger(__name__)
@@ -44,42 +45,18 @@ def presses() -> dict[str, object]:
     }
 
 
-def context_ids(pipe, tokens: int) -> torch.Tensor:
-    words = essays_text().split(" ")
-    n = int(tokens * 0.72)
-    while True:
-        ids = pipe.preprocess(" ".join(words[:n]), [""], "", int(1e10))["context_ids"]
-        if ids.shape[1] >= tokens:
-            return ids[:, :tokens]
-        n = int(n * 1.1) + 8
-
-
 @torch.no_grad()
 def prefill_seconds(model, press, ids: torch.Tensor) -> tuple[float, float]:
     """(whole prefill, time inside the press's forward hooks) in seconds."""
     cache = DynamicCache()
-    in_hooks = [0.0]
-    if press is not None and not isinstance(press, KVzipPress):  # KVzip works after the prefill, not in hooks
-        hook = type(press).forward_hook
-
-        def timed(module, input, kwargs, output):
-            start = time.perf_counter()
-            try:
-                return hook(press, module, input, kwargs, output)
-            finally:
-                in_hooks[0] += time.perf_counter() - start
-
-        press.forward_hook = timed
+    timed = None if isinstance(press, KVzipPress) else press  # KVzip works after the prefill, not in hooks
     start = time.perf_counter()
-    try:
+    with timed_hooks(timed) as in_hooks:
         if press is None:
             model.model(input_ids=ids, past_key_values=cache)
         else:
             with press(model):
                 model.model(input_ids=ids, past_key_values=cache)
-    finally:
-        if press is not None:
-            press.__dict__.pop("forward_hook", None)
     return time.perf_counter() - start, in_hooks[0]
 
 
@@ -98,7 +75,7 @@ def main(argv: list[str] | None = None) -> None:
     configs = presses()
     rows = []
     for tokens in args.tokens:
-        ids = context_ids(pipe, tokens).to(model.device)
+        ids = essay_context_ids(pipe, tokens).to(model.device)
         prefill_seconds(model, None, ids)  # warm-up
         times: dict[str, list[float]] = {name: [] for name in configs}
         hooks: dict[str, list[float]] = {name: [] for name in configs}

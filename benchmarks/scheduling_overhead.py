@@ -24,7 +24,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from evaluation.haystack import essays_text
+from evaluation.haystack import essay_context_ids
+from evaluation.timing import timed_hooks
 from pikvpress import AdaptiveSchedulingPress, load_model
 
 logger = logging.getLogger(__name__)
@@ -47,47 +48,21 @@ def presses(budget: int, interval: int) -> dict[str, object]:
     }
 
 
-def context_ids(pipe, tokens: int) -> torch.Tensor:
-    words = essays_text().split(" ")
-    n = int(tokens * 0.72)
-    while True:
-        ids = pipe.preprocess(" ".join(words[:n]), [""], "", int(1e10))["context_ids"]
-        if ids.shape[1] >= tokens:
-            return ids[:, :tokens]
-        n = int(n * 1.1) + 8
-
-
 @torch.no_grad()
 def decode_seconds(model, press, prefilled: DynamicCache, first: torch.Tensor, start: int, steps: int):
     """(median step seconds, mean seconds per step inside the press's hooks)."""
     cache = copy.deepcopy(prefilled)
-    in_hooks = [0.0]
-    if press is not None:
-        hook = type(press).forward_hook
-
-        def timed(module, input, kwargs, output):
-            t0 = time.perf_counter()
-            try:
-                return hook(press, module, input, kwargs, output)
-            finally:
-                in_hooks[0] += time.perf_counter() - t0
-
-        press.forward_hook = timed
     times = []
     token = first
-    try:
-        with press(model) if press is not None else nullcontext():
-            for step in range(steps):
-                position = torch.tensor([start + step])
-                t0 = time.perf_counter()
-                logits = model(
-                    input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None]
-                ).logits
-                times.append(time.perf_counter() - t0)
-                token = logits[:, -1:].argmax(-1)
-    finally:
-        if press is not None:
-            press.__dict__.pop("forward_hook", None)
+    with timed_hooks(press) as in_hooks, press(model) if press is not None else nullcontext():
+        for step in range(steps):
+            position = torch.tensor([start + step])
+            t0 = time.perf_counter()
+            logits = model(
+                input_ids=token, past_key_values=cache, cache_position=position, position_ids=position[None]
+            ).logits
+            times.append(time.perf_counter() - t0)
+            token = logits[:, -1:].argmax(-1)
     return statistics.median(times), in_hooks[0] / steps
 
 
@@ -106,7 +81,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(args.threads)
     model, tokenizer = load_model(args.model) if args.model else load_model()
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
-    ids = context_ids(pipe, args.tokens).to(model.device)
+    ids = essay_context_ids(pipe, args.tokens).to(model.device)
     prefilled = DynamicCache()
     with torch.no_grad():
         logits = model(input_ids=ids, past_key_values=prefilled).logits

@@ -31,3 +31,15 @@ def essay_paths() -> tuple[Path, ...]:
 def essays_text() -> str:
     """All essays concatenated, in a fixed order."""
     return "\n\n".join(path.read_text(encoding="utf-8") for path in essay_paths())
+
+
+def essay_context_ids(pipe, tokens: int):
+    """``(1, tokens)`` context ids of the essays' first words wrapped in ``pipe``'s chat template (as kvpress's
+    pipeline wraps a context), cut to exactly ``tokens``."""
+    words = essays_text().split(" ")
+    n = int(tokens * 0.72)  # ~0.75 tokens per word in English prose; grown until long enough
+    while True:
+        ids = pipe.preprocess(" ".join(words[:n]), [""], "", int(1e10))["context_ids"]
+        if ids.shape[1] >= tokens:
+            return ids[:, :tokens]
+        n = int(n * 1.1) + 8
