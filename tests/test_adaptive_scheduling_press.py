@@ -129,7 +129,8 @@ def test_kvpress_pipeline_with_one_question_stays_under_budget(family, tokenizer
     seen = []
 
     def watch(module, args, kwargs, output):  # runs after the press's hook on layer 0
-        seen.append((kwargs["past_key_values"].layers[0].keys.shape[2], scheduling._seen.get(0)))
+        stats = scheduling.stats.get(0)
+        seen.append((kwargs["past_key_values"].layers[0].keys.shape[2], stats.seen if stats else None))
 
     hook = model.model.layers[0].self_attn.register_forward_hook(watch, with_kwargs=True)
     try:

@@ -114,6 +114,21 @@ def test_new_tokens_start_at_a_uniform_share():
     assert stats.last_used[0, 0, -1].item() == -1 and stats.mass[0, 0, -1].item() == 0
 
 
+def test_positions_below_the_tokens_seen_continue_after_them_and_evictions_count():
+    # 10 tokens seen, 4 cached after an eviction: a caller counting the pruned cache restarts at position 4
+    stats = DecodeStatistics.start(torch.arange(10).view(1, 1, 10))
+    stats.observe(torch.full((1, 1, 10), 0.1))
+    stats.keep(torch.tensor([[[0, 1, 8, 9]]]))
+    assert stats.since_eviction == 0 and stats.seen == 10
+    stats.append(torch.tensor([[[4, 5]]]))
+    assert stats.position[0, 0].tolist() == [0, 1, 8, 9, 10, 11] and stats.seen == 12
+    stats.append(torch.tensor([[[40]]]))  # a caller's true position beyond: kept as given
+    assert stats.position[0, 0, -1].item() == 40 and stats.seen == 41
+    stats.observe(torch.full((1, 1, 7), 1 / 7))
+    stats.observe(torch.full((1, 1, 7), 1 / 7))
+    assert stats.since_eviction == 2 and stats.step == 3
+
+
 def test_bad_arguments_are_rejected():
     stats = hand_built()
     with pytest.raises(ValueError, match="policy"):

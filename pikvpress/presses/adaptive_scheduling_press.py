@@ -97,8 +97,6 @@ class AdaptiveSchedulingPress(BasePress):
             raise ValueError(f"decay must be in [0, 1), got {self.decay!r}")
         if self.threshold is not None and not self.threshold >= 0:
             raise ValueError(f"threshold must be None or >= 0, got {self.threshold!r}")
-        self._since_eviction: dict[int, int] = {}
-        self._seen: dict[int, int] = {}
 
     def post_init_from_model(self, model: nn.Module) -> None:
         self.reset()
@@ -106,8 +104,6 @@ class AdaptiveSchedulingPress(BasePress):
     def reset(self) -> None:
         """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it)."""
         self.stats = {}
-        self._since_eviction = {}
-        self._seen = {}
 
     def layer_budget(self, tokens_seen: int) -> int:
         """Tokens per head a layer keeps once ``tokens_seen`` tokens have gone through the model."""
@@ -139,8 +135,6 @@ class AdaptiveSchedulingPress(BasePress):
         idx = int(module.layer_idx)
         if is_prefilling(cache_position, q_len):
             self.stats.pop(idx, None)
-            self._since_eviction.pop(idx, None)
-            self._seen.pop(idx, None)
             return output
         adapter = layer_adapter(module)
         if adapter is not None and adapter.is_sliding:
@@ -154,8 +148,6 @@ class AdaptiveSchedulingPress(BasePress):
             position = torch.arange(t - q_len, device=keys.device).expand(b, h, t - q_len)
             stats = DecodeStatistics.start(position, decay=self.decay, threshold=self.threshold)
             self.stats[idx] = stats
-            self._since_eviction[idx] = 0
-            self._seen.pop(idx, None)
         # positions of the new tokens: position_ids when the caller passes them (kvpress's pipeline passes
         # those, not cache_position, which then counts the pruned cache), else cache_position
         position_ids = kwargs.get("position_ids")
@@ -163,20 +155,11 @@ class AdaptiveSchedulingPress(BasePress):
             new_positions = position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len)
         else:
             new_positions = cache_position.to(keys.device).view(1, 1, q_len).expand(b, h, q_len)
-        # tokens seen before this step; positions keep increasing even when the caller's restart below it
-        # (cache_position counting a pruned cache), and tokens seen grow by q_len every step
-        before = self._seen.get(idx, t - q_len)
-        first = int(new_positions.min())
-        if first < before:
-            new_positions = new_positions + (before - first)
-        stats.append(new_positions)
-        self._seen[idx] = max(before + q_len, int(new_positions.max()) + 1)
+        stats.append(new_positions)  # continues after the tokens seen, however the caller counts
         stats.observe(self._step_attention(module, adapter, hidden_states, keys, q_len, kwargs))
-        self._since_eviction[idx] += 1
-        budget = self.layer_budget(self._seen[idx])
-        if t > budget and (self._since_eviction[idx] >= self.interval or t >= budget + self.interval):
+        budget = self.layer_budget(stats.seen)
+        if t > budget and (stats.since_eviction >= self.interval or t >= budget + self.interval):
             kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
             layer.keys, layer.values = gather_kept(keys, values, kept)
             stats.keep(kept)
-            self._since_eviction[idx] = 0
         return output

@@ -27,6 +27,8 @@ class DecodeStatistics:
         int64 position of the token in the sequence (recency and attention sinks are read from it).
     step : int
         Decode steps observed so far.
+    seen : int, optional
+        Tokens that have gone through the layer, evicted ones included (default: the tokens given).
     decay : float
         Weight of the previous average in the moving average, in [0, 1).
     threshold : float or None
@@ -40,12 +42,15 @@ class DecodeStatistics:
         last_used: torch.Tensor,
         position: torch.Tensor,
         step: int = 0,
+        seen: int | None = None,
         decay: float = 0.9,
         threshold: float | None = None,
     ) -> None:
         self._length = position.shape[-1]
         self._data = {"mass": mass, "ema": ema, "last_used": last_used, "position": position}
         self.step = step
+        self.seen = self._length if seen is None else seen
+        self.kept_at = step  # the step of the last eviction (or of the start)
         self.decay = decay
         self.threshold = threshold
 
@@ -102,13 +107,24 @@ class DecodeStatistics:
     def length(self) -> int:
         return self._length
 
+    @property
+    def since_eviction(self) -> int:
+        """Steps observed since the last :meth:`keep` (or since the start)."""
+        return self.step - self.kept_at
+
     # --- updates ------------------------------------------------------------------------------------
     def append(self, position: torch.Tensor) -> None:
         """Add the tokens just written to the cache (``position`` ``(B, H, n)``), at the end.
 
-        Their moving average starts at ``1 / T`` (T counting them), a uniform share: a new token is
-        neither favoured nor penalised before its first observation.
+        Positions that start below the tokens seen so far (a caller counting a pruned cache's length) are
+        shifted to continue after them, so positions keep increasing; ``seen`` grows by ``n`` at least, and
+        to the last position + 1. Their moving average starts at ``1 / T`` (T counting them), a uniform
+        share: a new token is neither favoured nor penalised before its first observation.
         """
+        first = int(position.min())
+        if first < self.seen:
+            position = position + (self.seen - first)
+        self.seen = max(self.seen + position.shape[-1], int(position.max()) + 1)
         n = position.shape[-1]
         end = self._length + n
         for name in _FIELDS:
@@ -141,3 +157,4 @@ class DecodeStatistics:
         for name in _FIELDS:
             self._data[name] = self._get(name).gather(-1, indices)
         self._length = indices.shape[-1]
+        self.kept_at = self.step
