@@ -14,7 +14,14 @@ from transformers import DynamicCache, pipeline
 from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
 from pikvpress.compat.patches import window_probs
 from pikvpress.models import get_adapter
-from pikvpress.scheduling import POLICIES, kept_indices
+from pikvpress.scheduling import (
+    POLICIES,
+    PREFILL_SCORES,
+    DecodeStatistics,
+    kept_indices,
+    scores_to_prior,
+    step_probs,
+)
 
 T = 40
 
@@ -147,10 +154,32 @@ def test_kvpress_pipeline_with_one_question_stays_under_budget(family, tokenizer
     assert min(n for n, _ in decoded) < decoded[-1][1] * 0.75  # it evicted
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe"])
-def test_one_query_short_path_equals_the_window_attention(family):
-    # the step's attention from the queries the model's attention used (kept from the second decode step on)
-    # and from queries projected again both equal window_probs, the harness's reference attention
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_adaptive_prior_is_the_prefill_press_scores_of_the_kept_tokens(family):
+    model = get_tiny_model(family)
+    scheduling = AdaptiveSchedulingPress(budget=1000, interval=8)
+    press = PrefillDecodingPress(
+        prefilling_press=ExpertRoutingPress(0.5, router="keys", num_experts=2, window_size=8),
+        decoding_press=scheduling,
+    )
+    modules = {layer.layer_idx: layer.attention for layer in get_adapter(model).layers}
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        model(input_ids=ids(), past_key_values=cache)
+        published = {idx: getattr(modules[idx], PREFILL_SCORES) for idx in full_layers(model)}
+        position = torch.tensor([T])
+        model(input_ids=ids(length=1), past_key_values=cache, cache_position=position, position_ids=position[None])
+        for idx, (cache_id, scores) in published.items():
+            assert cache_id == id(cache) and scores.shape == (1, cache.layers[idx].keys.shape[1], T // 2)
+            assert PREFILL_SCORES not in modules[idx].__dict__  # taken once
+            # the first step is not recorded yet (interval 8): the moving average is still the prior
+            torch.testing.assert_close(scheduling._stats[idx].ema[..., : T // 2], scores_to_prior(scores))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "olmoe", "deepseek_v3", "phimoe", "gpt_oss"])
+def test_decode_query_attention_equals_the_window_attention(family):
+    # the step's attention from the query the model's attention used (kept from the second decode step on)
+    # and from the query projected again both equal window_probs, the harness's reference attention
     model = get_tiny_model(family)
     captured = {}
 
@@ -166,18 +195,79 @@ def test_one_query_short_path_equals_the_window_attention(family):
         for hook in hooks:
             hook.remove()
     assert captured
-    for idx, (module, kwargs, kept_query) in captured.items():
+    for idx in full_layers(model):  # sliding-window layers are left alone
+        module, kwargs, kept_query = captured[idx]
         keys = kwargs["past_key_values"].layers[idx].keys
         layer = adapter.layers[idx]
         reference = window_probs(module, kwargs["hidden_states"], keys, 1, kwargs["position_embeddings"]).mean(dim=2)
         assert kept_query is not None  # the attention wrapper kept the second step's queries
         module.pikvpress_decode_query = kept_query
-        from_model = AdaptiveSchedulingPress._step_attention(module, layer, kwargs["hidden_states"], keys, 1, kwargs)
-        assert "pikvpress_decode_query" not in module.__dict__  # read once
-        projected = AdaptiveSchedulingPress._step_attention(module, layer, kwargs["hidden_states"], keys, 1, kwargs)
-        for probs in (from_model, projected):
+        from_model = AdaptiveSchedulingPress._decode_query(module, layer, kwargs["hidden_states"], kwargs)
+        assert from_model is kept_query and "pikvpress_decode_query" not in module.__dict__  # read once
+        projected = AdaptiveSchedulingPress._decode_query(module, layer, kwargs["hidden_states"], kwargs)
+        for query in (from_model, projected):
+            probs = step_probs(query * layer.scaling, keys, keys.shape[2] - 1, layer.sinks)[:, :, 0]
             torch.testing.assert_close(probs, reference, rtol=1e-5, atol=1e-6)
-            torch.testing.assert_close(probs.sum(-1), torch.ones(probs.shape[:2]))
+            total = probs.sum(-1)  # the attention sinks take their share
+            assert (total <= 1 + 1e-6).all() and (
+                layer.sinks is not None or torch.allclose(total, torch.ones_like(total))
+            )
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("interval", [1, 5])
+def test_batched_statistics_equal_step_by_step_statistics(family, interval):
+    # the press records decode steps in batches; a reference built step by step from window_probs (with the
+    # model's sinks) and DecodeStatistics.append/observe must agree on every statistic of every full layer
+    model = get_tiny_model(family)
+    press = AdaptiveSchedulingPress(budget=1000, interval=interval, prior_window=8)
+    reference: dict[int, DecodeStatistics] = {}
+    priors = {}
+
+    def follow(module, args, kwargs, output):
+        idx = module.layer_idx
+        keys = kwargs["past_key_values"].layers[idx].keys
+        q_len = kwargs["hidden_states"].shape[1]
+        if q_len > 1:  # the prefill: the prior is the attention of its last 8 queries
+            priors[idx] = window_probs(module, kwargs["hidden_states"], keys, 8, kwargs["position_embeddings"])
+            return
+        if idx not in reference:
+            b, h, t = keys.shape[:3]
+            start = torch.arange(t - 1).expand(b, h, t - 1)
+            reference[idx] = DecodeStatistics.start(start, prior=priors[idx].mean(dim=2))
+        stats = reference[idx]
+        stats.append(kwargs["position_ids"].view(-1, 1, 1).expand(keys.shape[0], keys.shape[1], 1))
+        probs = window_probs(module, kwargs["hidden_states"], keys, 1, kwargs["position_embeddings"])
+        stats.observe(probs.mean(dim=2))
+
+    adapter = get_adapter(model)
+    full = [layer for layer in adapter.layers if not layer.is_sliding]
+    with press(model):  # the press's hook first, so its statistics exist when the reference starts
+        hooks = [layer.attention.register_forward_hook(follow, with_kwargs=True) for layer in full]
+        try:
+            cache = DynamicCache(config=model.config)
+            input_ids = ids(batch=2)
+            t = input_ids.shape[1]
+            logits = model(input_ids=input_ids, past_key_values=cache).logits
+            for step in range(13):
+                token = logits[:, -1:].argmax(-1)
+                position = torch.tensor([t + step])
+                logits = model(
+                    input_ids=token, past_key_values=cache, cache_position=position, position_ids=position.expand(2, 1)
+                ).logits
+        finally:
+            for hook in hooks:
+                hook.remove()
+        assert any(press._pending.values()) or interval == 1  # some steps still wait to be recorded
+        stats = press.stats  # records them
+    assert set(reference) == {layer.layer_idx for layer in full}
+    for idx, expected in reference.items():
+        got = stats[idx]
+        assert got.step == expected.step == 13 and got.seen == expected.seen
+        torch.testing.assert_close(got.position, expected.position)
+        torch.testing.assert_close(got.mass, expected.mass, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.ema, expected.ema, rtol=1e-5, atol=1e-6)
+        assert torch.equal(got.last_used, expected.last_used)
 
 
 def test_bad_arguments_are_rejected():

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from pikvpress.scheduling import POLICIES, DecodeStatistics, kept_indices
+from pikvpress.scheduling import POLICIES, DecodeStatistics, kept_indices, scores_to_prior, step_probs
 
 # ten cached tokens, not in position order (a prefill press may leave them in any order)
 POSITIONS = [3, 0, 9, 5, 1, 8, 2, 7, 4, 6]
@@ -144,3 +144,50 @@ def test_bad_arguments_are_rejected():
         DecodeStatistics.start(torch.zeros(1, 1, 3, dtype=torch.long), prior=torch.zeros(1, 1, 4))
     with pytest.raises(ValueError, match="probs"):
         stats.observe(torch.zeros(1, 1, 3))
+
+
+@pytest.mark.parametrize("threshold", [None, 0.05])
+def test_record_steps_equals_appending_and_observing_step_by_step(threshold):
+    g = torch.Generator().manual_seed(3)
+    b, h, t, s = 2, 3, 7, 5
+    start = torch.arange(t).expand(b, h, t)
+    prior = torch.rand(b, h, t, generator=g)
+    one, batched = (DecodeStatistics.start(start, prior=prior, decay=0.8, threshold=threshold) for _ in range(2))
+    one.observe(torch.rand(b, h, t, generator=g).softmax(-1))
+    batched.mass, batched.ema, batched.last_used = one.mass, one.ema, one.last_used
+    batched.step = one.step
+    probs = torch.zeros(b, h, s, t + s)
+    for step in range(s):
+        probs[:, :, step, : t + step + 1] = torch.rand(b, h, t + step + 1, generator=g).softmax(-1)
+        one.append(torch.full((b, h, 1), t + step))
+        one.observe(probs[:, :, step, : t + step + 1])
+    batched.record_steps(torch.arange(t, t + s).expand(b, h, s), probs)
+    assert batched.step == one.step == s + 1 and batched.seen == one.seen == t + s and batched.length == t + s
+    torch.testing.assert_close(batched.position, one.position)
+    torch.testing.assert_close(batched.mass, one.mass)
+    torch.testing.assert_close(batched.ema, one.ema)
+    assert torch.equal(batched.last_used, one.last_used)
+    with pytest.raises(ValueError, match="probs"):
+        batched.record_steps(torch.zeros(b, h, 2, dtype=torch.long), torch.zeros(b, h, 2, t + s))
+
+
+def test_scores_to_prior_ranks_scores_into_a_distribution():
+    scores = torch.tensor([[[3.0, -1.0, 10.0, 3.0]]])
+    prior = scores_to_prior(scores)
+    # ranks from the lowest: -1 -> 1, 3 (index 0) -> 2, 3 (index 3) -> 3, 10 -> 4; over 4 * 5 / 2
+    torch.testing.assert_close(prior, torch.tensor([[[2.0, 1.0, 4.0, 3.0]]]) / 10)
+    torch.testing.assert_close(scores_to_prior(scores * 1e6 - 7), prior)  # any scale
+
+
+def test_step_probs_is_causal_across_steps_and_checks_shapes():
+    g = torch.Generator().manual_seed(0)
+    keys = torch.randn(1, 2, 6, 4, generator=g)
+    queries = torch.randn(1, 4, 3, 4, generator=g)  # two query heads per KV head, three steps after 3 tokens
+    probs = step_probs(queries, keys, 3)
+    assert probs.shape == (1, 2, 3, 6)
+    for step in range(3):
+        assert (probs[:, :, step, 3 + step + 1 :] == 0).all()
+        expected = torch.stack([torch.softmax(keys[0, j // 2, : 4 + step] @ queries[0, j, step], 0) for j in range(4)])
+        torch.testing.assert_close(probs[0, :, step, : 4 + step], expected.view(2, 2, -1).mean(dim=1))
+    with pytest.raises(ValueError, match="keys"):
+        step_probs(queries, keys, 2)

@@ -12,7 +12,14 @@ from torch import nn
 
 from pikvpress.compat.patches import KEEP_DECODE_QUERY, gather_kept, window_probs
 from pikvpress.models.adapter import layer_adapter
-from pikvpress.scheduling import POLICIES, DecodeStatistics, kept_indices
+from pikvpress.scheduling import (
+    POLICIES,
+    PREFILL_SCORES,
+    DecodeStatistics,
+    kept_indices,
+    scores_to_prior,
+    step_probs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +40,14 @@ class AdaptiveSchedulingPress(BasePress):
     - ``"h2o"``: heavy hitters, by accumulated attention mass;
     - ``"lru"``: by the last step a token was used;
     - ``"streaming"``: the most recent tokens (sinks plus a window);
-    - ``"adaptive"``: by the moving average of attention, started at ``1 / T`` (the prior) for the tokens
-      already cached when decoding starts.
+    - ``"adaptive"``: by the moving average of attention. For the tokens cached when decoding starts it
+      starts at a prior: the scores of the prefill press that kept them (ExpertRoutingPress publishes
+      them), turned into probabilities by rank; else, when the press sees the prefill itself, the attention
+      of the prefill's last ``prior_window`` queries; else ``1 / T``.
+
+    Decode steps are recorded in batches: each step's query (the one the model's attention used) is kept,
+    and the attention of all steps kept since the last record is computed in one masked matmul when the
+    press evicts, or every ``interval`` steps; the statistics equal step-by-step updates.
 
     The prefill is left to a prefill press (``PrefillDecodingPress(prefilling_press=...,
     decoding_press=AdaptiveSchedulingPress(...))``). Positions of the tokens cached before decoding are
@@ -60,6 +73,9 @@ class AdaptiveSchedulingPress(BasePress):
         Weight of the past in the moving average, in [0, 1).
     threshold : float, optional
         Attention above which a token counts as used (``lru``); default: above uniform (1 / T).
+    prior_window : int
+        Prefill queries whose attention is the ``adaptive`` prior when no prefill press gives scores; 0: a
+        uniform prior.
     """
 
     budget: int | None = None
@@ -70,7 +86,11 @@ class AdaptiveSchedulingPress(BasePress):
     recent_window: int = 32
     decay: float = 0.9
     threshold: float | None = None
-    stats: dict[int, DecodeStatistics] = field(default_factory=dict, init=False, repr=False)
+    prior_window: int = 32
+    _stats: dict[int, DecodeStatistics] = field(default_factory=dict, init=False, repr=False)
+    _pending: dict[int, _PendingSteps] = field(default_factory=dict, init=False, repr=False)
+    _priors: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _adapters: dict[int, tuple] = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.compression_ratio is None):
@@ -89,7 +109,7 @@ class AdaptiveSchedulingPress(BasePress):
             raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
         if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
             raise ValueError(f"interval must be an int >= 1, got {self.interval!r}")
-        for name in ("sink_tokens", "recent_window"):
+        for name in ("sink_tokens", "recent_window", "prior_window"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -103,7 +123,14 @@ class AdaptiveSchedulingPress(BasePress):
 
     def reset(self) -> None:
         """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it)."""
-        self.stats = {}
+        self._stats, self._pending, self._priors, self._adapters = {}, {}, {}, {}
+
+    @property
+    def stats(self) -> dict[int, DecodeStatistics]:
+        """Each layer's :class:`~pikvpress.scheduling.DecodeStatistics`, with every decode step recorded."""
+        for idx in list(self._pending):
+            self._flush(idx)
+        return self._stats
 
     def layer_budget(self, tokens_seen: int) -> int:
         """Tokens per head a layer keeps once ``tokens_seen`` tokens have gone through the model."""
@@ -111,55 +138,125 @@ class AdaptiveSchedulingPress(BasePress):
             return self.budget
         return max(1, math.ceil(tokens_seen * (1 - self.compression_ratio)))
 
-    @staticmethod
-    def _step_attention(module, adapter, hidden_states, keys, q_len, kwargs) -> torch.Tensor:
-        """``(B, H, T)`` attention of this step's queries over the cached keys, averaged over the queries of
-        each KV head. One query without attention sinks (a plain decode step) takes the short path."""
+    def _flush(self, idx: int) -> None:
+        """Record the decode steps of layer ``idx`` waiting in ``_pending`` into its statistics."""
+        pending = self._pending.pop(idx, None)
+        stats = self._stats.get(idx)
+        if pending is None or not pending.queries or stats is None:
+            return
+        keys = pending.layer.keys
         b, h = keys.shape[:2]
-        if q_len == 1 and adapter is not None and adapter.sinks is None:
-            # the queries the model's attention just used (kept by the compat layer's attention wrapper),
-            # else projected and rotated again
-            queries = module.__dict__.pop("pikvpress_decode_query", None)
-            if queries is None or queries.shape[2] != 1 or queries.shape[0] != b:
-                setattr(module, KEEP_DECODE_QUERY, True)  # from the next step on
-                queries = adapter.queries(hidden_states, kwargs["position_embeddings"])  # (B, Hq, 1, D)
-            queries = queries.reshape(b, h, -1, queries.shape[-1]) * adapter.scaling  # (B, H, g, D)
-            logits = torch.matmul(queries, keys.transpose(-1, -2)).float()
-            return torch.softmax(logits, dim=-1).mean(dim=2)
-        return window_probs(module, hidden_states, keys, q_len, kwargs["position_embeddings"]).mean(dim=2)
+        n, t = len(pending.queries), stats.length
+        if keys.shape[2] < t + n or stats.position.shape[:2] != (b, h):
+            return  # the cache changed under the press (another press cut it): these steps are lost
+        keys = keys[:, :, : t + n]
+        queries = torch.cat(pending.queries, dim=2) * pending.scaling  # (B, Hq, n, D)
+        probs = step_probs(queries, keys, t, pending.sinks)
+        positions = torch.cat(pending.positions, dim=-1).to(keys.device)  # (B or 1, n)
+        stats.record_steps(positions.view(-1, 1, n).expand(b, h, n), probs)
+
+    def _start(self, module: nn.Module, cache, idx: int, position: torch.Tensor) -> DecodeStatistics:
+        """Statistics for the tokens cached when decoding starts; the moving average starts at the prior."""
+        prior = None
+        published = module.__dict__.pop(PREFILL_SCORES, None)  # a prefill press's scores of the tokens it kept
+        own = self._priors.pop(idx, None)  # this press's window attention at the prefill
+        if published is not None and published[0] == id(cache) and published[1].shape == position.shape:
+            prior = scores_to_prior(published[1])
+        elif own is not None and own[0] == id(cache) and own[1].shape == position.shape:
+            prior = own[1]
+        return DecodeStatistics.start(position, prior=prior, decay=self.decay, threshold=self.threshold)
+
+    def _prefill(self, module, adapter, hidden_states, kwargs, idx: int) -> None:
+        """At the prefill: forget the layer's statistics; keep the last queries' attention as the prior."""
+        self._stats.pop(idx, None)
+        self._pending.pop(idx, None)
+        self._priors.pop(idx, None)
+        if self.policy != "adaptive" or not self.prior_window or adapter is None or adapter.is_sliding:
+            return
+        cache = kwargs["past_key_values"]
+        keys = cache.layers[idx].keys
+        window = min(self.prior_window, hidden_states.shape[1])
+        if keys.shape[2] != hidden_states.shape[1]:
+            return  # another press already cut this layer: its tokens no longer match the prefill's
+        probs = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        self._priors[idx] = (id(cache), probs.mean(dim=2))
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
         q_len = hidden_states.shape[1]
-        cache_position = kwargs["cache_position"]
         idx = int(module.layer_idx)
-        if is_prefilling(cache_position, q_len):
-            self.stats.pop(idx, None)
+        adapter, sliding = self._adapters.get(idx) or self._adapters.setdefault(idx, _adapter_of(module))
+        cache = kwargs["past_key_values"]
+        layer = cache.layers[idx]
+        keys = layer.keys
+        # a one-token step on a cache holding more than it is a decode step (no device sync to find out)
+        if (q_len > 1 or keys.shape[2] <= 1) and is_prefilling(kwargs["cache_position"], q_len):
+            self._prefill(module, adapter, hidden_states, kwargs, idx)
             return output
-        adapter = layer_adapter(module)
-        if adapter is not None and adapter.is_sliding:
+        if sliding:
             return output  # a sliding-window layer is bounded by its window already
-        layer = kwargs["past_key_values"].layers[idx]
-        keys, values = layer.keys, layer.values
         b, h, t, _ = keys.shape
-        stats = self.stats.get(idx)
-        if stats is None or stats.length != t - q_len or stats.position.shape[:2] != (b, h):
+        stats = self._stats.get(idx)
+        pending = self._pending.get(idx)
+        n_pending = len(pending.queries) if pending is not None else 0
+        if stats is None or stats.length + n_pending != t - q_len or stats.rows_heads != (b, h):
             # first decode step: the tokens already cached, in cache order
+            self._pending.pop(idx, None)
+            pending, n_pending = None, 0
             position = torch.arange(t - q_len, device=keys.device).expand(b, h, t - q_len)
-            stats = DecodeStatistics.start(position, decay=self.decay, threshold=self.threshold)
-            self.stats[idx] = stats
+            stats = self._stats[idx] = self._start(module, cache, idx, position)
         # positions of the new tokens: position_ids when the caller passes them (kvpress's pipeline passes
         # those, not cache_position, which then counts the pruned cache), else cache_position
         position_ids = kwargs.get("position_ids")
-        if position_ids is not None and position_ids.shape[-1] == q_len:
-            new_positions = position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len)
+        if position_ids is None or position_ids.shape[-1] != q_len:
+            position_ids = kwargs["cache_position"].view(1, q_len)
+        if q_len == 1 and adapter is not None:
+            # a plain decode step: keep its query; the steps are scored together when the press needs them
+            if pending is None:
+                pending = self._pending[idx] = _PendingSteps(layer, adapter.scaling, adapter.sinks)
+            pending.queries.append(self._decode_query(module, adapter, hidden_states, kwargs))
+            pending.positions.append(position_ids)
+            n_pending += 1
         else:
-            new_positions = cache_position.to(keys.device).view(1, 1, q_len).expand(b, h, q_len)
-        stats.append(new_positions)  # continues after the tokens seen, however the caller counts
-        stats.observe(self._step_attention(module, adapter, hidden_states, keys, q_len, kwargs))
-        budget = self.layer_budget(stats.seen)
-        if t > budget and (stats.since_eviction >= self.interval or t >= budget + self.interval):
+            self._flush(idx)
+            stats.append(position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len))
+            probs = window_probs(module, hidden_states, keys, q_len, kwargs["position_embeddings"])
+            stats.observe(probs.mean(dim=2))
+        seen = stats.seen + n_pending
+        budget = self.layer_budget(seen)
+        if t > budget and (stats.since_eviction + n_pending >= self.interval or t >= budget + self.interval):
+            self._flush(idx)
+            budget = self.layer_budget(stats.seen)
             kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
-            layer.keys, layer.values = gather_kept(keys, values, kept)
+            layer.keys, layer.values = gather_kept(keys, layer.values, kept)
             stats.keep(kept)
+        elif n_pending >= self.interval:
+            self._flush(idx)
         return output
+
+    @staticmethod
+    def _decode_query(module, adapter, hidden_states, kwargs) -> torch.Tensor:
+        """``(B, Hq, 1, D)`` post-RoPE query of this decode step: the one the model's attention just used
+        (kept by the compat layer's attention wrapper), else projected and rotated again."""
+        query = module.__dict__.pop("pikvpress_decode_query", None)
+        if query is None or query.shape[2] != 1 or query.shape[0] != hidden_states.shape[0]:
+            setattr(module, KEEP_DECODE_QUERY, True)  # from the next step on
+            query = adapter.queries(hidden_states, kwargs["position_embeddings"])
+        return query
+
+
+@dataclass
+class _PendingSteps:
+    """Decode steps of one layer not yet recorded in its statistics: each step's scaled query and position."""
+
+    layer: object
+    scaling: float
+    sinks: torch.Tensor | None
+    queries: list[torch.Tensor] = field(default_factory=list)
+    positions: list[torch.Tensor] = field(default_factory=list)
+
+
+def _adapter_of(module: nn.Module) -> tuple:
+    """``(adapter or None, is a sliding-window layer)`` of an attention module."""
+    adapter = layer_adapter(module)
+    return adapter, adapter is not None and adapter.is_sliding

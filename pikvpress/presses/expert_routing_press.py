@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pikvpress.compat.patches import gather_kept, window_probs, window_queries
+from pikvpress.scheduling.prior import PREFILL_SCORES
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
@@ -496,6 +497,9 @@ class ExpertRoutingPress(ScorerPress):
             # the chosen tokens score above the others; the layer keeps the largest head's share, and heads
             # with a smaller share fill the same length with their next-best tokens (nothing is masked)
             indices = self._scores(selection).topk(n_cut, dim=-1).indices
+        # the kept tokens' scores, for a decode-time press that starts from them (AdaptiveSchedulingPress)
+        kept_scores = selection.token_scores.gather(-1, indices)
+        setattr(module, PREFILL_SCORES, (id(kwargs.get("past_key_values")), kept_scores))
         return gather_kept(keys, values, indices)
 
     def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):

@@ -1,6 +1,16 @@
 """Decode-time scheduling: per-token statistics gathered while decoding, and the eviction policies on them."""
 
+from pikvpress.scheduling.attention import step_probs
 from pikvpress.scheduling.policies import POLICIES, kept_indices, policy_scores
+from pikvpress.scheduling.prior import PREFILL_SCORES, scores_to_prior
 from pikvpress.scheduling.statistics import DecodeStatistics
 
-__all__ = ["POLICIES", "DecodeStatistics", "kept_indices", "policy_scores"]
+__all__ = [
+    "POLICIES",
+    "PREFILL_SCORES",
+    "DecodeStatistics",
+    "kept_indices",
+    "policy_scores",
+    "scores_to_prior",
+    "step_probs",
+]

@@ -108,6 +108,11 @@ class DecodeStatistics:
         return self._length
 
     @property
+    def rows_heads(self) -> tuple[int, int]:
+        """``(B, H)``: batch rows and KV heads the statistics cover."""
+        return tuple(self._data["position"].shape[:2])
+
+    @property
     def since_eviction(self) -> int:
         """Steps observed since the last :meth:`keep` (or since the start)."""
         return self.step - self.kept_at
@@ -151,6 +156,39 @@ class DecodeStatistics:
         threshold = self.threshold if self.threshold is not None else 1.0 / max(self.length, 1)
         self.last_used.masked_fill_(probs > threshold, self.step)
         self.step += 1
+
+    def record_steps(self, position: torch.Tensor, probs: torch.Tensor) -> None:
+        """Record ``S`` decode steps at once, each of which appended one token and then attended.
+
+        ``position`` ``(B, H, S)``: the token each step appended; ``probs`` ``(B, H, S, T + S)``: the attention
+        of step ``s`` over the cache it saw (zero beyond its ``T + s + 1`` tokens). The result equals ``S``
+        calls of :meth:`append` and :meth:`observe` in turn (to float rounding), in a handful of tensor ops.
+        """
+        b, h, s = position.shape
+        t = self._length
+        if probs.shape != (b, h, s, t + s):
+            raise ValueError(f"probs {tuple(probs.shape)} must be {(b, h, s, t + s)} for {s} steps on {t} tokens")
+        device = probs.device
+        self.append(position)
+        # where append starts a token's moving average, one step at a time: 1 / (cache length at its step)
+        self.ema[..., t:] = 1.0 / torch.arange(t + 1, t + s + 1, device=device, dtype=torch.float32)
+        probs = probs.detach().float()
+        # step j weighs (1 - decay) * decay^(S-1-j); a token appended at step j decays from then on only
+        steps = torch.arange(s, device=device, dtype=torch.float32)
+        weights = torch.stack([torch.ones_like(steps), (1 - self.decay) * self.decay ** (s - 1 - steps)])
+        sums = torch.matmul(weights, probs)  # (B, H, 2, T): the mass and the moving average's new part
+        exponent = torch.full((t + s,), float(s), device=device)
+        exponent[t:] = s - steps
+        self.mass.add_(sums[:, :, 0])
+        self.ema.mul_(self.decay**exponent).add_(sums[:, :, 1])
+        if self.threshold is None:  # above a uniform share of the cache each step saw
+            threshold = 1.0 / torch.arange(t + 1, t + s + 1, device=device, dtype=torch.float64)
+        else:
+            threshold = torch.full((s,), float(self.threshold), device=device, dtype=torch.float64)
+        used = probs > threshold.float().view(s, 1)  # (B, H, S, T)
+        last = (used * (steps + 1).view(s, 1)).amax(dim=2)  # 1 + the last step a token was used; 0: none
+        self.last_used.copy_(torch.where(last > 0, self.step - 1 + last.long(), self.last_used))
+        self.step += s
 
     def keep(self, indices: torch.Tensor) -> None:
         """Compact to the tokens at ``indices`` ``(B, H, K)`` (the indices the cache is cut with)."""
