@@ -77,7 +77,7 @@ def build_prompts(tokenizer, samples: int, tokens: int, seed: int = 0) -> Prompt
         [{"role": "user", "content": marker + INSTRUCTION}], tokenize=False, add_generation_prompt=True
     )
     before, after = chat.split(marker)
-    encode = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]  # noqa: E731
+    encode = lambda text: tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     prefix, suffix = encode(before), encode(after)
     haystack = encode(essays_text())
     rng = random.Random(seed)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from evaluation.presses import EAGER_PRESSES, build_press, press_names, takes_ratio
+from evaluation.presses import EAGER_PRESSES, build_press, chain_presses, press_names, takes_ratio
 
 DATASETS = ("ruler", "longbench", "longbench-e", "longbench-v2", "needle")
 
@@ -135,16 +135,13 @@ class EvalConfig:
     def build_press(self, name: str, ratio: float):
         """A fresh press for one sweep point (composed presses included)."""
         if name in self.composed_presses:
-            from kvpress import ComposedPress
-
             parts = []
             for component in self.composed_presses[name]:
                 spec = dict(component)
                 part_name = spec.pop("press")
                 part_ratio = spec.pop("compression_ratio", ratio if takes_ratio(part_name) else 0.0)
                 parts.append(build_press(part_name, part_ratio, **spec))
-            parts = [p for p in parts if p is not None]
-            return parts[0] if len(parts) == 1 else ComposedPress(parts)
+            return chain_presses([p for p in parts if p is not None])
         return build_press(name, ratio)
 
     def to_dict(self) -> dict[str, Any]:

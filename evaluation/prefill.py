@@ -54,8 +54,8 @@ def can_reuse_prefill(press: BasePress | None, model: nn.Module) -> bool:
         return True
     if model.config._attn_implementation == "eager":
         return False
-    if isinstance(press, (DecodingPress, PrefillDecodingPress)):
-        return False
+    if isinstance(press, (DecodingPress, PrefillDecodingPress)) or getattr(press, "compresses_while_decoding", False):
+        return False  # it acts while the answer is generated, which a replayed prefill does not cover
     if getattr(press, "reads_decoder_inputs", False) and get_adapter(model).is_moe:
         return False  # the gate router reads the decoder layers' inputs, which a replay does not run
     if type(press).__call__ is not BasePress.__call__ and not getattr(press, "replays_with_hooks", False):

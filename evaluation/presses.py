@@ -14,11 +14,13 @@ from typing import Any
 from kvpress import (
     AdaKVPress,
     BasePress,
+    ComposedPress,
     ExpectedAttentionPress,
     KeyDiffPress,
     KnormPress,
     KVzipPress,
     ObservedAttentionPress,
+    PrefillDecodingPress,
     PyramidKVPress,
     RandomPress,
     SnapKVPress,
@@ -101,4 +103,21 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
                 f"press {name!r} removes no tokens; its compression_ratio must be 0, got {compression_ratio}"
             )
         return PRESSES[name](**kwargs)
-    return PRESSES[name](compression_ratio=compression_ratio, **kwargs)
+    press = PRESSES[name](compression_ratio=compression_ratio, **kwargs)
+    if getattr(press, "compresses_while_decoding", False):
+        # kvpress's pipeline keeps a press active while it answers only inside a (Prefill)DecodingPress
+        return PrefillDecodingPress(decoding_press=press)
+    return press
+
+
+def chain_presses(parts: list[BasePress]) -> BasePress | None:
+    """One press running ``parts`` in order: a ComposedPress of the prefill presses, inside a
+    PrefillDecodingPress when one part evicts while decoding (at most one may)."""
+    decoding = [p for p in parts if isinstance(p, PrefillDecodingPress)]
+    prefill = [p for p in parts if not isinstance(p, PrefillDecodingPress)]
+    if len(decoding) > 1:
+        raise ValueError("a chain of presses can hold at most one press that evicts while decoding")
+    prefill_press = None if not prefill else prefill[0] if len(prefill) == 1 else ComposedPress(prefill)
+    if not decoding:
+        return prefill_press
+    return PrefillDecodingPress(prefilling_press=prefill_press, decoding_press=decoding[0].decoding_press)

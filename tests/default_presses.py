@@ -21,6 +21,7 @@ from kvpress import (
     KeyDiffPress,
     KnormPress,
     ObservedAttentionPress,
+    PrefillDecodingPress,
     PyramidKVPress,
     RandomPress,
     SnapKVPress,
@@ -29,7 +30,7 @@ from kvpress import (
 )
 from kvpress.utils import compute_n_kept
 
-from pikvpress import ExpertRoutingPress, QuantizationPress
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress
 from pikvpress.routing import LearnedRouter, RouterSpec
 from pikvpress.routing.learned import SHIPPED_DIR
 
@@ -76,6 +77,9 @@ class PressCase:
     lossless : bool
         Decoding from the compressed cache is exact (pruning presses). Lossy presses (quantization)
         are instead held to decoding that equals dense attention over their dequantized cache.
+    decodes : bool
+        The press also evicts while decoding (AdaptiveSchedulingPress): reference decoding runs under it
+        too, and the kvpress pipeline gets one question (kvpress's rule for decoding presses).
     """
 
     name: str
@@ -87,6 +91,7 @@ class PressCase:
     deterministic: bool = True
     bad_kwargs: list[dict] = field(default_factory=list)
     lossless: bool = True
+    decodes: bool = False
 
 
 def _pyramid_kept(press, module, k_len, ratio):
@@ -102,6 +107,14 @@ def _composed_kept(press, module, k_len, ratio):
 
 def _routing_kept(press, module, k_len, ratio):
     return press.layer_kept(module.layer_idx, k_len)  # learned per-layer budgets once the press has run
+
+
+def _all_kept(press, module, k_len, ratio):
+    return k_len  # a decode-time press leaves the prefill alone
+
+
+def _prefill_press_kept(press, module, k_len, ratio):
+    return compute_n_kept(k_len, press.prefilling_press.compression_ratio)
 
 
 BAD_RATIOS = [{"compression_ratio": -0.1}, {"compression_ratio": 1.0}, {"compression_ratio": 1.5}]
@@ -159,6 +172,24 @@ PRESS_CASES: list[PressCase] = [
         lambda r: ExpertRoutingPress(r, router="learned", num_experts=2, router_weights=tiny_router_dir()),
         kept=_routing_kept,
         bad_kwargs=BAD_RATIOS,
+    ),
+    PressCase(  # evicts while decoding, every 2 steps, down to (1 - ratio) of the tokens seen; wrapped the way
+        # kvpress's pipeline runs a press while it decodes (it computes its prior at the prefill too)
+        "adaptive_scheduling",
+        lambda r: PrefillDecodingPress(
+            decoding_press=AdaptiveSchedulingPress(compression_ratio=r, interval=2, sink_tokens=2, recent_window=2)
+        ),
+        kept=_all_kept,
+        decodes=True,
+    ),
+    PressCase(
+        "prefill_knorm_decoding_h2o",
+        lambda r: PrefillDecodingPress(
+            prefilling_press=KnormPress(r),
+            decoding_press=AdaptiveSchedulingPress(budget=16, policy="h2o", interval=2, recent_window=2),
+        ),
+        kept=_prefill_press_kept,
+        decodes=True,
     ),
     PressCase(
         "adakv_expert_routing_keys",

@@ -7,11 +7,12 @@ from itertools import pairwise
 
 import pytest
 import torch
-from conftest import get_tiny_model
-from kvpress import PrefillDecodingPress
+from conftest import dequantized_copy, get_tiny_model
+from kvpress import ComposedPress, KnormPress, PrefillDecodingPress
 from transformers import DynamicCache, pipeline
 
-from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress
+from pikvpress.cache import PackedKVLayer
 from pikvpress.compat.patches import window_probs
 from pikvpress.models import get_adapter
 from pikvpress.scheduling import (
@@ -268,6 +269,37 @@ def test_batched_statistics_equal_step_by_step_statistics(family, interval):
         torch.testing.assert_close(got.mass, expected.mass, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.ema, expected.ema, rtol=1e-5, atol=1e-6)
         assert torch.equal(got.last_used, expected.last_used)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+@pytest.mark.parametrize("layout", ["kivi", "per_token"])
+def test_packed_layers_stay_packed_under_budget_and_decode_as_their_dequantized_cache(family, layout):
+    model = get_tiny_model(family)
+    quantize = QuantizationPress(bits=4, group_size=4, key_group_size=8, residual_length=4, layout=layout)
+    scheduling = AdaptiveSchedulingPress(budget=20, interval=3, sink_tokens=2, recent_window=4)
+    press = PrefillDecodingPress(
+        prefilling_press=ComposedPress([KnormPress(0.25), quantize]), decoding_press=scheduling
+    )
+    lengths = []
+
+    def watch(cache):
+        for idx in full_layers(model):
+            layer = cache.layers[idx]
+            assert isinstance(layer, PackedKVLayer)
+            pending = scheduling._pending.get(idx)
+            assert layer.keys.shape[2] == scheduling._stats[idx].length + (len(pending.queries) if pending else 0)
+            lengths.append(layer.keys.shape[2])
+
+    cache = decode(model, press, ids(batch=2), steps=12, watch=watch)
+    assert max(lengths) < 20 + 3 and min(lengths) == 20  # it evicted, within budget + interval
+    # the packed cache it leaves is what the model reads: one more step equals dense attention over it
+    dense = dequantized_copy(model, cache)
+    step = torch.tensor([[7], [9]])
+    position = torch.tensor([T + 12])
+    with torch.no_grad():
+        packed_logits = model(input_ids=step, past_key_values=cache, position_ids=position.expand(2, 1)).logits
+        dense_logits = model(input_ids=step, past_key_values=dense, position_ids=position.expand(2, 1)).logits
+    torch.testing.assert_close(packed_logits, dense_logits, rtol=1e-4, atol=1e-4)
 
 
 def test_bad_arguments_are_rejected():

@@ -76,8 +76,15 @@ def test_generate_continues_from_compressed_cache(case: PressCase, family: str):
         out = model.generate(
             ids, max_new_tokens=NEW_TOKENS, do_sample=False, past_key_values=DynamicCache(config=model.config)
         )
-    cache, logits = prefill(model, case.make(RATIO), ids)
-    expected = greedy_continue(model, cache, logits, CONTEXT_LEN, NEW_TOKENS)
+    if case.decodes:  # the press evicts while decoding: the reference decodes by hand under it too
+        press = case.make(RATIO)
+        with torch.no_grad(), press(model):
+            cache = DynamicCache(config=model.config)
+            logits = model(input_ids=ids, past_key_values=cache).logits
+            expected = greedy_continue(model, cache, logits, CONTEXT_LEN, NEW_TOKENS)
+    else:
+        cache, logits = prefill(model, case.make(RATIO), ids)
+        expected = greedy_continue(model, cache, logits, CONTEXT_LEN, NEW_TOKENS)
     generated = out[0, CONTEXT_LEN:].tolist()
     eos = model.generation_config.eos_token_id
     # generate stops at EOS; up to there it must match decoding the compressed cache by hand
@@ -138,6 +145,8 @@ def test_kvpress_pipeline_answers_and_removes_answers(case: PressCase, family: s
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
     context = "The quick brown fox jumps over the lazy dog. " * 2
     questions = ["Who jumps?", "Over what?"]
+    if case.decodes:  # kvpress's pipeline takes one question with a press that acts while decoding
+        questions = questions[:1]
     cache = DynamicCache()
     both = pipe(context, questions=questions, press=case.make(RATIO), max_new_tokens=NEW_TOKENS, cache=cache)
     compressed_lengths = [layer.keys.shape[2] for layer in cache.layers]
@@ -149,6 +158,8 @@ def test_kvpress_pipeline_answers_and_removes_answers(case: PressCase, family: s
     for layer, length in zip(get_adapter(model).layers, compressed_lengths):
         if case.masks_instead_of_pruning or layer.is_sliding:
             assert length == context_len
+        elif case.decodes:  # it evicted while answering (the pipeline then cut the answer off)
+            assert length < context_len
         else:
             assert length == case.kept(case.make(RATIO), layer.attention, context_len, RATIO)
 

@@ -72,9 +72,44 @@ def test_yaml_config_with_composed_press(tmp_path):
     assert press is not config.build_press("snapkv_then_knorm", 0.5)  # fresh per run
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "needle.yaml", "composed.yaml"])
+@pytest.mark.parametrize("name", ["quick.yaml", "needle.yaml", "composed.yaml", "adaptive_scheduling.yaml"])
 def test_shipped_configs_validate(name):
     load_config(Path(__file__).parents[1] / "evaluation" / "configs" / name)
+
+
+def test_presses_that_evict_while_decoding_run_inside_prefill_decoding_press(tmp_path):
+    from kvpress import ComposedPress, KnormPress, PrefillDecodingPress
+
+    from evaluation.prefill import can_reuse_prefill
+    from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
+
+    path = Path(__file__).parents[1] / "evaluation" / "configs" / "adaptive_scheduling.yaml"
+    config = load_config(path, [f"output_dir={tmp_path}"])
+    alone = config.build_press("adaptive_scheduling", 0.5)
+    assert isinstance(alone, PrefillDecodingPress) and alone.prefilling_press is None
+    assert isinstance(alone.decoding_press, AdaptiveSchedulingPress) and alone.decoding_press.compression_ratio == 0.5
+    assert config.build_press("scheduling_h2o", 0.25).decoding_press.policy == "h2o"
+    chained = config.build_press("routing_then_scheduling", 0.5)
+    assert isinstance(chained.prefilling_press, ExpertRoutingPress)
+    assert chained.prefilling_press.compression_ratio == 0.5 and chained.decoding_press.compression_ratio == 0.0
+    model = get_tiny_model("llama")
+    assert not can_reuse_prefill(alone, model) and not can_reuse_prefill(AdaptiveSchedulingPress(budget=8), model)
+    composed = ComposedPress([KnormPress(0.5), AdaptiveSchedulingPress(compression_ratio=0.5)])
+    assert not can_reuse_prefill(composed, model)
+    twice = "composed_presses={twice: [{press: adaptive_scheduling}, {press: adaptive_scheduling, policy: h2o}]}"
+    with pytest.raises(ValueError, match="at most one"):  # caught when the config loads
+        load_config(None, ["dataset=needle", "press_name=[twice]", twice])
+
+
+def test_adaptive_scheduling_sweep_evicts_while_answering(tmp_path):
+    model = get_tiny_model("llama")
+    _, results, prefills = run_sweep(
+        model, tmp_path, reuse=True, extra=["press_name=[no_press, knorm, adaptive_scheduling]", "compression_ratio=[0.5]"]
+    )
+    kv = {r["press"]: r["kv_bytes"] for r in results}
+    assert kv["adaptive_scheduling"] < kv["no_press"]  # the answer's cache was cut while it was generated
+    assert prefills == 4 + 4  # no_press and knorm share one prefill per sample; the scheduler runs its own
+    assert all(0 <= r["score"] <= 100 for r in results)
 
 
 # --- prefill reuse ------------------------------------------------------------------------------------

@@ -68,7 +68,9 @@ def test_observe_accumulates_averages_and_marks_use():
     )
     stats.observe(torch.tensor([[[0.7, 0.1, 0.1, 0.1]]]))
     stats.observe(torch.tensor([[[0.1, 0.6, 0.2, 0.1]]]))
-    torch.testing.assert_close(stats.mass, torch.tensor([[[0.8, 0.7, 0.3, 0.2]]]))
+    # the prior counts as one step of mass (H2O counts the prefill's attention)
+    torch.testing.assert_close(stats.mass, torch.tensor([[[1.2, 1.0, 0.5, 0.3]]]))
+    assert (DecodeStatistics.start(torch.arange(4).view(1, 1, 4)).mass == 0).all()  # no prior: no mass
     # ema = 0.5 * (0.5 * prior + 0.5 * p1) + 0.5 * p2
     prior, p1, p2 = (
         torch.tensor([0.4, 0.3, 0.2, 0.1]),

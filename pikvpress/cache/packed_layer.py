@@ -453,6 +453,30 @@ class PackedKVLayer(CacheLayerMixin):
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
 
+    def gathered(self, indices: torch.Tensor) -> PackedKVLayer:
+        """A new layer, packed the same way, holding only the tokens at ``indices`` ``(B, Hkv, K)``.
+
+        What a press that evicts tokens while decoding stores: the kept tokens are dequantized and packed
+        again (their latest ``residual_length`` stay in full precision). Per-token groups (values, and keys
+        in the ``"per_token"`` layout) keep their grid; KIVI's per-channel key groups are re-formed from the
+        kept tokens, one more rounding for those keys.
+        """
+        keys, values = self.dequantized()
+        b, h, k = indices.shape
+        keys = keys.gather(2, indices.unsqueeze(-1).expand(b, h, k, keys.shape[-1]))
+        values = values.gather(2, indices.unsqueeze(-1).expand(b, h, k, values.shape[-1]))
+        return PackedKVLayer.from_dense(
+            keys,
+            values,
+            bits=self.bits,
+            group_size=self.group_size,
+            key_group_size=self.key_group_size,
+            residual_length=self.residual_length,
+            stats_dtype=self.stats_dtype,
+            layout=self.layout,
+            config=self.config,
+        )
+
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices, ...])
 

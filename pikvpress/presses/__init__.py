@@ -12,6 +12,7 @@ from pikvpress.presses.expert_routing_press import ExpertRoutingPress, RoutingSt
 from pikvpress.presses.quantization_press import QuantizationPress
 
 PRESSES: dict[str, type[BasePress]] = {
+    "adaptive_scheduling": AdaptiveSchedulingPress,
     "expert_routing": ExpertRoutingPress,
     "quantization": QuantizationPress,
 }

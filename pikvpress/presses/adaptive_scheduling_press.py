@@ -5,11 +5,13 @@ from __future__ import annotations
 import logging
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
+from pikvpress.cache import PackedKVLayer, PackedKVView
 from pikvpress.compat.patches import KEEP_DECODE_QUERY, gather_kept, window_probs
 from pikvpress.models.adapter import layer_adapter
 from pikvpress.scheduling import (
@@ -37,7 +39,7 @@ class AdaptiveSchedulingPress(BasePress):
     compacted with them. The ``sink_tokens`` earliest and ``recent_window`` latest tokens are kept first;
     the rest by ``policy``:
 
-    - ``"h2o"``: heavy hitters, by accumulated attention mass;
+    - ``"h2o"``: heavy hitters, by accumulated attention mass (the prior, below, counts as one step);
     - ``"lru"``: by the last step a token was used;
     - ``"streaming"``: the most recent tokens (sinks plus a window);
     - ``"adaptive"``: by the moving average of attention. For the tokens cached when decoding starts it
@@ -48,6 +50,10 @@ class AdaptiveSchedulingPress(BasePress):
     Decode steps are recorded in batches: each step's query (the one the model's attention used) is kept,
     and the attention of all steps kept since the last record is computed in one masked matmul when the
     press evicts, or every ``interval`` steps; the statistics equal step-by-step updates.
+
+    A layer packed by :class:`~pikvpress.QuantizationPress` stays packed: the press reads its keys
+    dequantized and, on eviction, stores a new packed layer holding the kept tokens
+    (:meth:`~pikvpress.cache.PackedKVLayer.gathered`).
 
     The prefill is left to a prefill press (``PrefillDecodingPress(prefilling_press=...,
     decoding_press=AdaptiveSchedulingPress(...))``). Positions of the tokens cached before decoding are
@@ -77,6 +83,9 @@ class AdaptiveSchedulingPress(BasePress):
         Prefill queries whose attention is the ``adaptive`` prior when no prefill press gives scores; 0: a
         uniform prior.
     """
+
+    #: the press evicts while decoding: harnesses must keep it active during generation (no shared prefill)
+    compresses_while_decoding: ClassVar[bool] = True
 
     budget: int | None = None
     compression_ratio: float | None = None
@@ -144,7 +153,7 @@ class AdaptiveSchedulingPress(BasePress):
         stats = self._stats.get(idx)
         if pending is None or not pending.queries or stats is None:
             return
-        keys = pending.layer.keys
+        keys = _dense(pending.layer.keys)
         b, h = keys.shape[:2]
         n, t = len(pending.queries), stats.length
         if keys.shape[2] < t + n or stats.position.shape[:2] != (b, h):
@@ -171,14 +180,14 @@ class AdaptiveSchedulingPress(BasePress):
         self._stats.pop(idx, None)
         self._pending.pop(idx, None)
         self._priors.pop(idx, None)
-        if self.policy != "adaptive" or not self.prior_window or adapter is None or adapter.is_sliding:
-            return
+        if self.policy not in ("adaptive", "h2o") or not self.prior_window or adapter is None or adapter.is_sliding:
+            return  # lru and streaming do not read a prior
         cache = kwargs["past_key_values"]
         keys = cache.layers[idx].keys
         window = min(self.prior_window, hidden_states.shape[1])
         if keys.shape[2] != hidden_states.shape[1]:
             return  # another press already cut this layer: its tokens no longer match the prefill's
-        probs = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        probs = window_probs(module, hidden_states, _dense(keys), window, kwargs["position_embeddings"])
         self._priors[idx] = (id(cache), probs.mean(dim=2))
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
@@ -220,7 +229,7 @@ class AdaptiveSchedulingPress(BasePress):
         else:
             self._flush(idx)
             stats.append(position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len))
-            probs = window_probs(module, hidden_states, keys, q_len, kwargs["position_embeddings"])
+            probs = window_probs(module, hidden_states, _dense(keys), q_len, kwargs["position_embeddings"])
             stats.observe(probs.mean(dim=2))
         seen = stats.seen + n_pending
         budget = self.layer_budget(seen)
@@ -228,7 +237,10 @@ class AdaptiveSchedulingPress(BasePress):
             self._flush(idx)
             budget = self.layer_budget(stats.seen)
             kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
-            layer.keys, layer.values = gather_kept(keys, layer.values, kept)
+            if isinstance(layer, PackedKVLayer):  # a QuantizationPress layer: the kept tokens, packed again
+                cache.layers[idx] = layer.gathered(kept)
+            else:
+                layer.keys, layer.values = gather_kept(keys, layer.values, kept)
             stats.keep(kept)
         elif n_pending >= self.interval:
             self._flush(idx)
@@ -254,6 +266,11 @@ class _PendingSteps:
     sinks: torch.Tensor | None
     queries: list[torch.Tensor] = field(default_factory=list)
     positions: list[torch.Tensor] = field(default_factory=list)
+
+
+def _dense(keys):
+    """Keys as a dense tensor (a packed layer's keys dequantized)."""
+    return keys.dequantize() if isinstance(keys, PackedKVView) else keys
 
 
 def _adapter_of(module: nn.Module) -> tuple:

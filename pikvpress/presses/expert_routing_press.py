@@ -17,10 +17,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from pikvpress.compat.patches import gather_kept, window_probs, window_queries
-from pikvpress.scheduling.prior import PREFILL_SCORES
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
+from pikvpress.scheduling.prior import PREFILL_SCORES
 
 logger = logging.getLogger(__name__)
 

@@ -65,7 +65,8 @@ class DecodeStatistics:
         """Statistics for the tokens already cached (``position`` ``(B, H, T)``), before any decode step.
 
         ``prior`` ``(B, H, T)`` (for example a prefill press's scores, on the scale of attention
-        probabilities) starts the moving average; without it every token starts at ``1 / T``.
+        probabilities) starts the moving average and counts as one step of accumulated mass (H2O counts
+        the prefill's attention too); without it every token starts at ``1 / T`` and no mass.
         """
         if position.ndim != 3:
             raise ValueError(f"position must be (batch, heads, tokens), got shape {tuple(position.shape)}")
@@ -81,7 +82,7 @@ class DecodeStatistics:
                 raise ValueError(f"prior {tuple(prior.shape)} must match position {tuple(position.shape)}")
             ema = prior.detach().float().clone()
         return cls(
-            mass=torch.zeros(position.shape, dtype=torch.float32, device=position.device),
+            mass=ema.clone() if prior is not None else torch.zeros_like(ema),  # the prior counts as one step
             ema=ema,
             last_used=torch.full(position.shape, -1, dtype=torch.long, device=position.device),
             position=position.detach().long().clone(),
@@ -121,14 +122,14 @@ class DecodeStatistics:
     def append(self, position: torch.Tensor) -> None:
         """Add the tokens just written to the cache (``position`` ``(B, H, n)``), at the end.
 
-        Positions that start below the tokens seen so far (a caller counting a pruned cache's length) are
-        shifted to continue after them, so positions keep increasing; ``seen`` grows by ``n`` at least, and
+        Positions that start below the tokens seen so far (a caller counting a pruned cache's length, or a
+        left-padded batch row) are shifted, row by row, to continue after them, so positions keep increasing; ``seen`` grows by ``n`` at least, and
         to the last position + 1. Their moving average starts at ``1 / T`` (T counting them), a uniform
         share: a new token is neither favoured nor penalised before its first observation.
         """
-        first = int(position.min())
-        if first < self.seen:
-            position = position + (self.seen - first)
+        # per batch row: a left-padded row counts its positions from its first real token
+        first = position.amin(dim=(1, 2), keepdim=True)
+        position = position + (self.seen - first).clamp_min(0)
         self.seen = max(self.seen + position.shape[-1], int(position.max()) + 1)
         n = position.shape[-1]
         end = self._length + n
