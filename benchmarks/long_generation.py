@@ -30,13 +30,13 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
-from kvpress import DecodingPress, ExpectedAttentionPress, KnormPress, StreamingLLMPress
+from kvpress import DecodingPress, ExpectedAttentionPress, KnormPress, PrefillDecodingPress, StreamingLLMPress
 from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from evaluation.haystack import essays_text
-from pikvpress import AdaptiveSchedulingPress, load_model
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -46,15 +46,21 @@ QUESTION = "What is the special magic number mentioned in the text?"
 ANSWER_PREFIX = "The special magic number mentioned in the text is"
 
 
-def presses(budget: int, interval: int) -> dict[str, object]:
+def presses(budget: int, interval: int, prompt_tokens: int) -> dict[str, object]:
     """Every decode-time press at one budget (tokens per layer kept after an eviction)."""
 
     def decoding(base) -> DecodingPress:
         return DecodingPress(base_press=base, compression_interval=interval, target_size=budget)
 
+    # PiKV's chain: the routing press leaves `budget` tokens of every layer after the prefill, and its scores
+    # become the scheduler's prior
+    routing = ExpertRoutingPress(compression_ratio=1 - budget / prompt_tokens, layer_budget="uniform")
     return {
         "AdaptiveSchedulingPress(adaptive)": AdaptiveSchedulingPress(budget=budget, interval=interval),
         "AdaptiveSchedulingPress(h2o)": AdaptiveSchedulingPress(budget=budget, policy="h2o", interval=interval),
+        "ExpertRoutingPress -> AdaptiveSchedulingPress(adaptive)": PrefillDecodingPress(
+            prefilling_press=routing, decoding_press=AdaptiveSchedulingPress(budget=budget, interval=interval)
+        ),
         "DecodingPress(knorm)": decoding(KnormPress()),
         "DecodingPress(expected_attention)": decoding(ExpectedAttentionPress()),
         "DecodingPress(streaming_llm)": decoding(StreamingLLMPress()),
@@ -168,6 +174,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=256, help="generated tokens before the question")
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--interval", type=int, default=16)
+    parser.add_argument("--only", nargs="+", default=None, help="run only these presses (names as in the table)")
     parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -176,7 +183,10 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model) if args.model else load_model()
     prompts = build_prompts(tokenizer, args.samples, args.tokens)
     configs = [
-        (budget, name, press) for budget in args.budgets for name, press in presses(budget, args.interval).items()
+        (budget, name, press)
+        for budget in args.budgets
+        for name, press in presses(budget, args.interval, prompts.ids.shape[1]).items()
+        if args.only is None or name in args.only
     ]
     progress = tqdm(total=len(configs) + 1, desc="long generation", unit="press")
     full = run(model, tokenizer, prompts, args.steps)

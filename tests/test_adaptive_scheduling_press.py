@@ -155,6 +155,29 @@ def test_kvpress_pipeline_with_one_question_stays_under_budget(family, tokenizer
     assert min(n for n, _ in decoded) < decoded[-1][1] * 0.75  # it evicted
 
 
+def test_kvpress_pipeline_keeps_the_prefill_prior_across_its_two_press_contexts(tokenizer):
+    # the pipeline prefills under the press, leaves its context (PrefillDecodingPress resets the scheduler),
+    # then decodes under it again: the first decode step must still start from the prefill's attention
+    model = get_tiny_model("llama")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    scheduling = AdaptiveSchedulingPress(compression_ratio=0.5, interval=4, prior_window=4)
+    started = []
+    start = scheduling._start
+
+    def recording(module, cache, idx, position):
+        stats = start(module, cache, idx, position)
+        started.append(stats.ema.clone())  # before any decode step is recorded
+        return stats
+
+    scheduling._start = recording
+    context = "The quick brown fox jumps over the lazy dog. " * 4
+    pipe(context, question="Who jumps?", press=PrefillDecodingPress(decoding_press=scheduling), max_new_tokens=4)
+    assert len(started) == len(full_layers(model))
+    for ema in started:  # the last 4 prefill queries' attention, not a uniform 1 / T
+        assert not torch.allclose(ema, torch.full_like(ema, 1 / ema.shape[-1]), rtol=0.05)
+        torch.testing.assert_close(ema.sum(-1), torch.ones(ema.shape[:2]))
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_adaptive_prior_is_the_prefill_press_scores_of_the_kept_tokens(family):
     model = get_tiny_model(family)
@@ -268,6 +291,7 @@ def test_batched_statistics_equal_step_by_step_statistics(family, interval):
         torch.testing.assert_close(got.position, expected.position)
         torch.testing.assert_close(got.mass, expected.mass, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(got.ema, expected.ema, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(got.prior, expected.prior, rtol=1e-5, atol=1e-6)
         assert torch.equal(got.last_used, expected.last_used)
 
 

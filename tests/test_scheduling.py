@@ -49,6 +49,16 @@ def test_each_policy_keeps_what_its_rule_says(policy, positions):
     assert {POSITIONS[i] for i in kept[0, 0].tolist()} == positions
 
 
+def test_adaptive_scores_unused_tokens_by_their_prior_and_used_ones_by_their_average():
+    stats = hand_built()
+    prior = torch.full((1, 1, 10), 0.1)
+    prior[0, 0, POSITIONS.index(6)] = 0.28  # never used: its prior holds, above position 4's average 0.25
+    prior[0, 0, POSITIONS.index(7)] = 0.90  # used at step 6: its average 0.15 counts, not this prior
+    stats.prior = prior
+    kept = kept_indices(stats, 5, "adaptive", sink_tokens=1, recent_window=2)
+    assert {POSITIONS[i] for i in kept[0, 0].tolist()} == {0, 8, 9, 2, 6}
+
+
 def test_lru_breaks_ties_by_recency_and_budget_smaller_than_protected_keeps_sinks_first():
     stats = hand_built()
     # positions 2 and 4 were both last used at step 7: the more recent one (4, at the higher cache index
@@ -168,6 +178,7 @@ def test_record_steps_equals_appending_and_observing_step_by_step(threshold):
     torch.testing.assert_close(batched.position, one.position)
     torch.testing.assert_close(batched.mass, one.mass)
     torch.testing.assert_close(batched.ema, one.ema)
+    torch.testing.assert_close(batched.prior, one.prior)  # new tokens' priors: 1 / (length at their step)
     assert torch.equal(batched.last_used, one.last_used)
     with pytest.raises(ValueError, match="probs"):
         batched.record_steps(torch.zeros(b, h, 2, dtype=torch.long), torch.zeros(b, h, 2, t + s))

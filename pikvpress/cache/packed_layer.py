@@ -465,17 +465,12 @@ class PackedKVLayer(CacheLayerMixin):
         b, h, k = indices.shape
         keys = keys.gather(2, indices.unsqueeze(-1).expand(b, h, k, keys.shape[-1]))
         values = values.gather(2, indices.unsqueeze(-1).expand(b, h, k, values.shape[-1]))
-        return PackedKVLayer.from_dense(
-            keys,
-            values,
-            bits=self.bits,
-            group_size=self.group_size,
-            key_group_size=self.key_group_size,
-            residual_length=self.residual_length,
-            stats_dtype=self.stats_dtype,
-            layout=self.layout,
-            config=self.config,
-        )
+        return PackedKVLayer.from_dense(keys, values, **self.packing())
+
+    def packing(self) -> dict[str, Any]:
+        """The constructor arguments this layer was built with (how it packs), for a new layer packed alike."""
+        names = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout", "config")
+        return {name: getattr(self, name) for name in names}
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         self._map_batch(lambda t: t[indices, ...])

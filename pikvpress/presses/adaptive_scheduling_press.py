@@ -131,8 +131,12 @@ class AdaptiveSchedulingPress(BasePress):
         self.reset()
 
     def reset(self) -> None:
-        """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it)."""
-        self._stats, self._pending, self._priors, self._adapters = {}, {}, {}, {}
+        """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it).
+
+        The priors of the last prefill stay: kvpress's pipeline prefills in one press context and decodes in
+        another, with a reset between. A prior is used only on the cache it was computed for (same cache
+        object and length), once, and the next prefill replaces it."""
+        self._stats, self._pending, self._adapters = {}, {}, {}
 
     @property
     def stats(self) -> dict[int, DecodeStatistics]:

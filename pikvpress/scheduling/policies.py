@@ -7,8 +7,9 @@ import torch
 from pikvpress.scheduling.statistics import DecodeStatistics
 
 #: ``h2o``: heavy hitters by accumulated attention mass; ``lru``: by the last step a token was used;
-#: ``streaming``: the most recent tokens; ``adaptive``: by the moving average of attention (started at the
-#: prefill prior). Every policy keeps the attention sinks and the recent window first.
+#: ``streaming``: the most recent tokens; ``adaptive``: by the moving average of attention for the tokens a decode
+#: step used, by their prior (the prefill press's scores) for the others. Every policy keeps the attention sinks
+#: and the recent window first.
 POLICIES = ("adaptive", "h2o", "lru", "streaming")
 
 
@@ -17,8 +18,8 @@ def policy_scores(stats: DecodeStatistics, policy: str) -> torch.Tensor:
     position = stats.position.double()
     if policy == "h2o":
         return stats.mass.double()
-    if policy == "adaptive":
-        return stats.ema.double()
+    if policy == "adaptive":  # the moving average once a decode step used the token, its prior until then
+        return torch.where(stats.last_used >= 0, stats.ema, stats.prior).double()
     if policy == "lru":  # the last use, and among tokens last used at the same step the more recent one
         return stats.last_used.double() + 0.5 * position / (position.amax(dim=-1, keepdim=True) + 1)
     if policy == "streaming":

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-_FIELDS = ("mass", "ema", "last_used", "position")
+_FIELDS = ("mass", "ema", "last_used", "position", "prior")
 
 
 class DecodeStatistics:
@@ -25,6 +25,9 @@ class DecodeStatistics:
         int64 last decode step at which the token received more than ``threshold``; -1 if never.
     position : torch.Tensor
         int64 position of the token in the sequence (recency and attention sinks are read from it).
+    prior : torch.Tensor, optional
+        float32 what was known of the token before any decode step used it (the moving average's start);
+        default: ``ema``.
     step : int
         Decode steps observed so far.
     seen : int, optional
@@ -41,13 +44,15 @@ class DecodeStatistics:
         ema: torch.Tensor,
         last_used: torch.Tensor,
         position: torch.Tensor,
+        prior: torch.Tensor | None = None,
         step: int = 0,
         seen: int | None = None,
         decay: float = 0.9,
         threshold: float | None = None,
     ) -> None:
         self._length = position.shape[-1]
-        self._data = {"mass": mass, "ema": ema, "last_used": last_used, "position": position}
+        prior = ema.clone() if prior is None else prior
+        self._data = {"mass": mass, "ema": ema, "last_used": last_used, "position": position, "prior": prior}
         self.step = step
         self.seen = self._length if seen is None else seen
         self.kept_at = step  # the step of the last eviction (or of the start)
@@ -103,6 +108,7 @@ class DecodeStatistics:
     ema = property(lambda self: self._get("ema"), lambda self, v: self._set("ema", v))
     last_used = property(lambda self: self._get("last_used"), lambda self, v: self._set("last_used", v))
     position = property(lambda self: self._get("position"), lambda self, v: self._set("position", v))
+    prior = property(lambda self: self._get("prior"), lambda self, v: self._set("prior", v))
 
     @property
     def length(self) -> int:
@@ -142,6 +148,7 @@ class DecodeStatistics:
         new = slice(self._length, end)
         self._data["mass"][..., new] = 0
         self._data["ema"][..., new] = 1.0 / end
+        self._data["prior"][..., new] = 1.0 / end
         self._data["last_used"][..., new] = -1
         self._data["position"][..., new] = position
         self._length = end
@@ -173,6 +180,7 @@ class DecodeStatistics:
         self.append(position)
         # where append starts a token's moving average, one step at a time: 1 / (cache length at its step)
         self.ema[..., t:] = 1.0 / torch.arange(t + 1, t + s + 1, device=device, dtype=torch.float32)
+        self.prior[..., t:] = self.ema[..., t:]
         probs = probs.detach().float()
         # step j weighs (1 - decay) * decay^(S-1-j); a token appended at step j decays from then on only
         steps = torch.arange(s, device=device, dtype=torch.float32)
