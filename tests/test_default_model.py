@@ -54,9 +54,13 @@ def test_press_on_default_model(case: PressCase, default_model, needle):
     assert isinstance(result["answer"], str) and result["answer"].strip()
     context_len = len(pipe.preprocess(needle.context, [""], "", 10**6)["context_ids"][0])
     for layer in get_adapter(model).layers:
+        length = cache.layers[layer.layer_idx].keys.shape[2]
+        if case.decodes:  # it evicted while answering (the pipeline then cut the answer off)
+            assert length < context_len
+            continue
         expected = context_len if case.masks_instead_of_pruning else case.kept(
             press, layer.attention, context_len, 0.5)
-        assert cache.layers[layer.layer_idx].keys.shape[2] == expected
+        assert length == expected
     # ratio 0 changes nothing, bit for bit
     ids = tokenizer(needle.context, return_tensors="pt").input_ids[:, :128]
     _, ref_logits = prefill(model, None, ids)
