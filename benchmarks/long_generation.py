@@ -22,7 +22,6 @@ held (tokens per layer) while decoding.
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 import time
@@ -35,8 +34,9 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
+from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
 from evaluation.haystack import essays_text
-from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, load_model
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
 
 logger = logging.getLogger(__name__)
 
@@ -167,20 +167,15 @@ def run(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name or path (default: SmolLM2-135M-Instruct)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=1024, help="context tokens per prompt")
     parser.add_argument("--samples", type=int, default=8)
     parser.add_argument("--steps", type=int, default=256, help="generated tokens before the question")
     parser.add_argument("--budgets", type=int, nargs="+", default=[256, 512])
     parser.add_argument("--interval", type=int, default=16)
     parser.add_argument("--only", nargs="+", default=None, help="run only these presses (names as in the table)")
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model) if args.model else load_model()
+    model, tokenizer = load_benchmark_model(args)
     prompts = build_prompts(tokenizer, args.samples, args.tokens)
     configs = [
         (budget, name, press)

@@ -12,7 +12,6 @@ directly: whole-prefill differences of a few percent drown in machine noise) aga
 
 from __future__ import annotations
 
-import argparse
 import logging
 import statistics
 import time
@@ -23,9 +22,10 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
+from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
 from evaluation.haystack import essay_context_ids
 from evaluation.timing import timed_hooks
-from pikvpress import ExpertRoutingPress, load_model
+from pikvpress import ExpertRoutingPress
 
 logger = logging.getLogger(__name__)
 
@@ -61,16 +61,11 @@ def prefill_seconds(model, press, ids: torch.Tensor) -> tuple[float, float]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name or path (default: SmolLM2-135M-Instruct)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 2048, 4096])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model) if args.model else load_model()
+    model, tokenizer = load_benchmark_model(args)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     configs = presses()
     rows = []

@@ -11,7 +11,6 @@ spent inside the press's hooks per step (statistics, scoring, evictions), measur
 
 from __future__ import annotations
 
-import argparse
 import copy
 import logging
 import statistics
@@ -24,9 +23,10 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
+from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
 from evaluation.haystack import essay_context_ids
 from evaluation.timing import timed_hooks
-from pikvpress import AdaptiveSchedulingPress, load_model
+from pikvpress import AdaptiveSchedulingPress
 
 logger = logging.getLogger(__name__)
 
@@ -67,19 +67,14 @@ def decode_seconds(model, press, prefilled: DynamicCache, first: torch.Tensor, s
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default=None, help="model name or path (default: SmolLM2-135M-Instruct)")
+    parser = benchmark_parser(__doc__)
     parser.add_argument("--tokens", type=int, default=1024)
     parser.add_argument("--budget", type=int, default=512)
     parser.add_argument("--interval", type=int, default=16)
     parser.add_argument("--steps", type=int, default=128)
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    model, tokenizer = load_model(args.model) if args.model else load_model()
+    model, tokenizer = load_benchmark_model(args)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     ids = essay_context_ids(pipe, args.tokens).to(model.device)
     prefilled = DynamicCache()

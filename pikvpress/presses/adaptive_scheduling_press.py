@@ -160,7 +160,7 @@ class AdaptiveSchedulingPress(BasePress):
         keys = _dense(pending.layer.keys)
         b, h = keys.shape[:2]
         n, t = len(pending.queries), stats.length
-        if keys.shape[2] < t + n or stats.position.shape[:2] != (b, h):
+        if keys.shape[2] < t + n or stats.rows_heads != (b, h):
             return  # the cache changed under the press (another press cut it): these steps are lost
         keys = keys[:, :, : t + n]
         queries = torch.cat(pending.queries, dim=2) * pending.scaling  # (B, Hq, n, D)
@@ -263,7 +263,8 @@ class AdaptiveSchedulingPress(BasePress):
 
 @dataclass
 class _PendingSteps:
-    """Decode steps of one layer not yet recorded in its statistics: each step's scaled query and position."""
+    """Decode steps of one layer not yet recorded in its statistics: each step's query (scaled by ``scaling``
+    when they are recorded) and position ids."""
 
     layer: object
     scaling: float
