@@ -28,7 +28,7 @@ from kvpress import (
     TOVAPress,
 )
 
-from pikvpress.presses import PRESSES
+from pikvpress.presses import PRESSES, PiKVPress
 
 PressFactory = Callable[[float], BasePress]
 
@@ -105,8 +105,10 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
         return PRESSES[name](**kwargs)
     press = PRESSES[name](compression_ratio=compression_ratio, **kwargs)
     if getattr(press, "compresses_while_decoding", False):
-        # kvpress's pipeline keeps a press active while it answers only inside a (Prefill)DecodingPress
-        return PrefillDecodingPress(decoding_press=press)
+        # kvpress's pipeline keeps a press active while it answers only inside a (Prefill)DecodingPress;
+        # PiKVPress also shapes the prefill (routing, sharding), so it is both presses of the wrapper
+        prefill = press if isinstance(press, PiKVPress) else None
+        return PrefillDecodingPress(prefilling_press=prefill, decoding_press=press)
     return press
 
 
@@ -117,7 +119,11 @@ def chain_presses(parts: list[BasePress]) -> BasePress | None:
     prefill = [p for p in parts if not isinstance(p, PrefillDecodingPress)]
     if len(decoding) > 1:
         raise ValueError("a chain of presses can hold at most one press that evicts while decoding")
+    if decoding and prefill and decoding[0].prefilling_press is not None:
+        raise ValueError("PiKVPress with scheduling stores the prefill itself; it cannot follow other presses")
     prefill_press = None if not prefill else prefill[0] if len(prefill) == 1 else ComposedPress(prefill)
     if not decoding:
         return prefill_press
+    if prefill_press is None:
+        return decoding[0]
     return PrefillDecodingPress(prefilling_press=prefill_press, decoding_press=decoding[0].decoding_press)

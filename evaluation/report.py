@@ -15,7 +15,18 @@ import pandas as pd
 
 logger = logging.getLogger(__name__)
 
-_META = {"dataset", "model", "press", "compression_ratio", "num_samples", "kv_bytes", "seconds", "score", "grid"}
+_META = {
+    "dataset",
+    "model",
+    "press",
+    "compression_ratio",
+    "num_samples",
+    "kv_bytes",
+    "kv_bytes_read",
+    "seconds",
+    "score",
+    "grid",
+}
 
 
 def collect(results_dir: str | Path) -> pd.DataFrame:
@@ -51,6 +62,18 @@ def score_table(runs: pd.DataFrame, value: str = "score") -> pd.DataFrame:
 def kv_table(runs: pd.DataFrame) -> pd.DataFrame:
     """Mean KV-cache bytes after prefill: ``MiB (fraction of no_press)`` per press and ratio."""
     mib = score_table(runs, "kv_bytes") / 2**20
+    if "no_press" not in mib.index:
+        return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB")
+    baseline = float(mib.loc["no_press"].dropna().iloc[0])
+    return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB ({v / baseline:.2f}x)")
+
+
+def read_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean KV bytes the last decode step of each answer read, ``MiB (fraction of no_press)``; empty without
+    that measurement (runs from before it was recorded)."""
+    if "kv_bytes_read" not in runs or runs["kv_bytes_read"].isna().all():
+        return pd.DataFrame()
+    mib = score_table(runs.dropna(subset=["kv_bytes_read"]), "kv_bytes_read") / 2**20
     if "no_press" not in mib.index:
         return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB")
     baseline = float(mib.loc["no_press"].dropna().iloc[0])
@@ -128,6 +151,9 @@ def write_report(results_dir: str | Path) -> Path:
         sections += [f"## {title}", "", "Score (0-100; rows = presses, columns = compression ratio)", "",
                      scores.to_markdown(floatfmt=".1f"), "", "KV cache after prefill", "",
                      kv.to_markdown(), ""]
+        read = read_table(group)
+        if not read.empty:
+            sections += ["KV bytes read by a decode step", "", read.to_markdown(), ""]
         if not tasks.empty:
             sections += ["Per task", "", tasks.to_markdown(floatfmt=".1f"), ""]
         slug = f"{dataset}_{Path(str(model)).name}".replace("/", "_")

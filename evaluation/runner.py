@@ -27,7 +27,7 @@ from transformers import DynamicCache, pipeline
 from evaluation.config import EvalConfig
 from evaluation.datasets import load_rows, score_predictions
 from evaluation.prefill import can_reuse_prefill, capture_prefill, replay_press
-from pikvpress.cache import cache_nbytes
+from pikvpress.cache import cache_bytes_read, cache_nbytes
 
 logger = logging.getLogger(__name__)
 
@@ -66,8 +66,12 @@ class Run:
                     continue
                 self.done[int(record["index"])] = record
 
-    def record(self, index: int, predicted_answer: str, kv_bytes: int, seconds: float) -> None:
+    def record(
+        self, index: int, predicted_answer: str, kv_bytes: int, seconds: float, kv_bytes_read: float | None = None
+    ) -> None:
         record = dict(index=index, predicted_answer=predicted_answer, kv_bytes=kv_bytes, seconds=seconds)
+        if kv_bytes_read is not None:
+            record["kv_bytes_read"] = kv_bytes_read
         with open(self.directory / PREDICTIONS, "a") as f:
             f.write(json.dumps(record) + "\n")
             f.flush()
@@ -87,6 +91,8 @@ class Run:
             kv_bytes=float(predictions["kv_bytes"].mean()),
             seconds=float(predictions["seconds"].sum()),
         )
+        if "kv_bytes_read" in predictions and predictions["kv_bytes_read"].notna().all():
+            metrics["kv_bytes_read"] = float(predictions["kv_bytes_read"].mean())
         _atomic_write(self.directory / METRICS, json.dumps(metrics, indent=2))
         return metrics
 
@@ -116,6 +122,25 @@ def _chat_template(tokenizer, enabled: bool) -> Iterator[None]:
         yield
     finally:
         tokenizer.chat_template = saved
+
+
+@contextlib.contextmanager
+def _last_step_reads(model) -> Iterator[dict]:
+    """While active, ``reads["bytes"]`` is the KV bytes the model's latest forward read
+    (:func:`~pikvpress.cache.cache_bytes_read` of its cache right after the forward, before kvpress's pipeline
+    removes the answer)."""
+    reads: dict = {"bytes": None}
+
+    def hook(module, args, kwargs, output) -> None:
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            reads["bytes"] = cache_bytes_read(cache)
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        yield reads
+    finally:
+        handle.remove()
 
 
 class Evaluator:
@@ -160,11 +185,13 @@ class Evaluator:
     @torch.no_grad()
     def _answer(self, cache, context_ids, question_ids, row) -> str:
         lengths = [cache.get_seq_length(i) for i in range(len(cache))]
-        answer = self.pipe.generate_answer(
-            question_ids=question_ids, cache=cache, context_length=context_ids.shape[1],
-            max_new_tokens=self._max_new_tokens(row),
-        )
+        with _last_step_reads(self.model) as reads:
+            answer = self.pipe.generate_answer(
+                question_ids=question_ids, cache=cache, context_length=context_ids.shape[1],
+                max_new_tokens=self._max_new_tokens(row),
+            )
         self.pipe._remove_answer_from_cache(cache, lengths)
+        self.last_step_reads = reads["bytes"]
         return answer
 
     @torch.no_grad()
@@ -173,7 +200,8 @@ class Evaluator:
         start = time.perf_counter()
         context, question, answer_prefix = self._texts(row)
         cache = DynamicCache()
-        with _chat_template(self.tokenizer, bool(row.get("use_chat_template", True))):
+        chat = bool(row.get("use_chat_template", True))
+        with _chat_template(self.tokenizer, chat), _last_step_reads(self.model) as reads:
             answer = self.pipe(
                 context,
                 question=question,
@@ -184,7 +212,7 @@ class Evaluator:
                 cache=cache,
             )["answer"]
         self.prefills += 1
-        run.record(index, answer, cache_nbytes(cache), time.perf_counter() - start)
+        run.record(index, answer, cache_nbytes(cache), time.perf_counter() - start, reads["bytes"])
 
     # ---------------------------------------------------------------------------------------------
     def run(self, rows: pd.DataFrame | None = None) -> list[dict[str, Any]]:
@@ -233,5 +261,6 @@ class Evaluator:
             cache = replay_press(self.model, prefill, press)
             kv_bytes = cache_nbytes(cache)
             answer = self._answer(cache, context_ids, question_ids, row)
-            run.record(index, answer, kv_bytes, shared_seconds + time.perf_counter() - start)
+            seconds = shared_seconds + time.perf_counter() - start
+            run.record(index, answer, kv_bytes, seconds, self.last_step_reads)
             progress.update()

@@ -7,7 +7,15 @@ every supported family (set ``PIKVPRESS_KVPRESS_FIXES=0`` in the environment to 
 import os as _os
 
 from pikvpress.attention import disable_packed_attention, enable_packed_attention
-from pikvpress.cache import PackedKVLayer, PackedKVView, cache_nbytes
+from pikvpress.cache import (
+    ExpertShardedCache,
+    PackedKVLayer,
+    PackedKVView,
+    ShardedKVLayer,
+    cache_bytes_read,
+    cache_nbytes,
+    cache_nbytes_per_device,
+)
 from pikvpress.compat import (
     KVPRESS_FIXES,
     apply_kvpress_fixes,
@@ -28,7 +36,14 @@ from pikvpress.models import (
     tiny_model,
     tiny_tokenizer,
 )
-from pikvpress.presses import PRESSES, AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress, RoutingStats
+from pikvpress.presses import (
+    PRESSES,
+    AdaptiveSchedulingPress,
+    ExpertRoutingPress,
+    PiKVPress,
+    QuantizationPress,
+    RoutingStats,
+)
 from pikvpress.routing import LearnedRouter, load_router
 
 __version__ = "0.1.0"
@@ -38,23 +53,28 @@ if _os.environ.get("PIKVPRESS_KVPRESS_FIXES", "1").lower() not in ("0", "false",
 
 __all__ = [
     "DEFAULT_MODEL",
+    "KVPRESS_FIXES",
+    "PRESSES",
+    "SUPPORTED_FAMILIES",
     "AdaptiveSchedulingPress",
     "ExpertRoutingPress",
-    "KVPRESS_FIXES",
+    "ExpertShardedCache",
     "LayerAdapter",
     "LearnedRouter",
-    "ModelAdapter",
     "MoERouter",
-    "PRESSES",
+    "ModelAdapter",
     "PackedKVLayer",
     "PackedKVView",
+    "PiKVPress",
     "QuantizationPress",
     "RoutingResult",
     "RoutingStats",
-    "SUPPORTED_FAMILIES",
+    "ShardedKVLayer",
     "UnsupportedModelError",
     "apply_kvpress_fixes",
+    "cache_bytes_read",
     "cache_nbytes",
+    "cache_nbytes_per_device",
     "disable_packed_attention",
     "enable_packed_attention",
     "get_adapter",

@@ -23,7 +23,6 @@ to ``pikv_<base>`` for the duration of any forward whose cache holds a packed la
 
 from __future__ import annotations
 
-import math
 import sys
 from collections.abc import Callable
 from typing import Any
@@ -34,8 +33,11 @@ from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMa
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
 from pikvpress.cache.packed_layer import ATTENTION_PREFIX, LAYER_TAG, PackedKVLayer
+from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.compat.patches import align_mask
 from pikvpress.kernels.decode_attention import (
+    choose_num_splits,
+    dense_attention_partial,
     merge_attention_states,
     packed_attention_with_residual,
     packed_decode_attention_partial,
@@ -43,6 +45,7 @@ from pikvpress.kernels.decode_attention import (
 )
 from pikvpress.kernels.quantize import _use_triton
 from pikvpress.models.adapter import language_model
+from pikvpress.routing.shards import select_shards, shard_scores
 
 __all__ = [
     "disable_packed_attention",
@@ -50,6 +53,7 @@ __all__ = [
     "packed_attention_name",
     "packed_layer_attention",
     "register_packed_attention",
+    "sharded_layer_attention",
 ]
 
 _HOOKS_ATTR = "_pikv_packed_attention_hooks"
@@ -114,41 +118,6 @@ def _packed_kv_mask(keep: torch.Tensor | None, b: int, hq: int, hkv: int, p: int
 
 
 # --------------------------------------------------------------------------------------------------
-# dense partial over the residual (CUDA path)
-# --------------------------------------------------------------------------------------------------
-
-
-def _dense_partial(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: torch.Tensor | None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """float32 attention of ``q`` (B, Hq, Lq, D) over ``k`` (B, Hkv, R, D), ``v`` (B, Hkv, R, Dv);
-    ``keep`` broadcastable to (B, Hq, Lq, R). Returns out (B, Hq, Lq, Dv) and lse (B, Hq, Lq)."""
-    b, hq, lq, d = q.shape
-    hkv, r, dv = k.shape[1], k.shape[2], v.shape[-1]
-    g = hq // hkv
-    logits = torch.matmul(q.float().reshape(b, hkv, g * lq, d), k.float().transpose(-1, -2)) * scale
-    logits = logits.view(b, hq, lq, r)
-    if keep is not None:
-        logits = logits.masked_fill(~keep, float("-inf"))
-    lse = torch.logsumexp(logits, dim=-1)
-    finite = torch.isfinite(lse)
-    p = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
-    p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
-    out = torch.matmul(p.view(b, hkv, g * lq, r), v.float()).view(b, hq, lq, dv)
-    return out, lse
-
-
-def _num_splits(q: torch.Tensor, programs: int, packed_len: int) -> int:
-    """Sequence splits for the packed kernel: enough programs (``programs`` per split) to fill the
-    GPU twice over, >= 256 tokens each."""
-    if not q.is_cuda:
-        return 1
-    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
-    want = math.ceil(2 * sms / max(1, programs))
-    return max(1, min(want, math.ceil(packed_len / 256)))
-
-
-# --------------------------------------------------------------------------------------------------
 # the attention function
 # --------------------------------------------------------------------------------------------------
 
@@ -187,7 +156,7 @@ def packed_layer_attention(
         kv_mask = _packed_kv_mask(keep, b, hq, hkv, p)
         q2 = query.reshape(b, hq * lq, d)  # (h, l) rows: row // (Hq*Lq/Hkv) is the kv head
         kq, vq = layer.packed_keys, layer.packed_values
-        splits = _num_splits(query, programs_per_split(b, hq * lq, hkv, kq.shape[3], vq.shape[3]), p)
+        splits = choose_num_splits(query, programs_per_split(b, hq * lq, hkv, kq.shape[3], vq.shape[3]), p)
         out_p, lse_p = packed_decode_attention_partial(
             q2, layer.packed_keys, layer.packed_values, scale, splits, kv_mask=kv_mask
         )
@@ -195,16 +164,111 @@ def packed_layer_attention(
         outs.append(out_p.view(b, hq, lq, -1))
         lses.append(lse_p.view(b, hq, lq))
     if r > 0:
-        out_r, lse_r = _dense_partial(query, key, value, scale, None if keep is None else keep[..., p:])
+        out_r, lse_r = dense_attention_partial(query, key, value, scale, None if keep is None else keep[..., p:])
         outs.append(out_r)
         lses.append(lse_r)
-    if s_aux is not None:  # sinks: one more logit per head in the softmax, contributing no value
-        dv = outs[0].shape[-1] if outs else value.shape[-1]
-        outs.append(torch.zeros((b, hq, lq, dv), dtype=torch.float32, device=query.device))
-        lses.append(s_aux.float().view(1, hq, 1).expand(b, hq, lq))
+    if s_aux is not None:
+        out_a, lse_a = _sinks_partial(s_aux, b, hq, lq, outs[0].shape[-1] if outs else value.shape[-1], query.device)
+        outs.append(out_a)
+        lses.append(lse_a)
     if not outs:
         return torch.zeros((b, lq, hq, value.shape[-1]), dtype=query.dtype, device=query.device)
     out, _ = merge_attention_states(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+    return out.transpose(1, 2).to(query.dtype).contiguous()
+
+
+def _sinks_partial(s_aux: torch.Tensor, b: int, hq: int, lq: int, dv: int, device: torch.device):
+    """Attention sinks (GPT-OSS) as a partial: one more logit per head in the softmax, contributing no value."""
+    out = torch.zeros((b, hq, lq, dv), dtype=torch.float32, device=device)
+    return out, s_aux.float().to(device).view(1, hq, 1).expand(b, hq, lq)
+
+
+def sharded_layer_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: ShardedKVLayer,
+    scaling: float | None = None,
+    s_aux: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, Hq, Lq, D) over ``layer``'s shards followed by its tail ``key`` / ``value``
+    (B, Hkv, R, D|Dv, the new tokens last); returns (B, Lq, Hq, Dv) in ``query``'s dtype.
+
+    With ``layer.top_k_shards`` set, each query row (query head and token) reads only its best shards by the
+    shards' summaries (:func:`~pikvpress.routing.shard_scores`), and a (batch row, KV head) of a shard is read
+    when any of its query rows chose it. Each shard computes its partial (output, lse) on its own device (the
+    packed kernel for packed shards); the partials move to the query's device, are merged, exchanged with the
+    other ranks in one collective when the layer spans a process group, and merged with the tail's partial
+    (causal among the new tokens) and the attention sinks. With every shard read the result is dense
+    attention over the layer's tokens. Records ``layer.bytes_read`` (key/value bytes read on this rank).
+    """
+    b, hq, lq, d = query.shape
+    hkv, r = key.shape[1], key.shape[2]
+    g = hq // hkv
+    p = layer.sharded_length
+    n = p + r
+    device = query.device
+    scale = float(scaling) if scaling is not None else d**-0.5
+    keep = _keep(attention_mask, module, b, hq, hkv, lq, p, n, device)
+    shard_keep = None  # (B, Hkv, P): the shards' tokens precede every query, so the last query row tells
+    if keep is not None and p > 0:
+        m = keep[..., -1, :p]
+        m = m.reshape(1, 1, p) if m.ndim < 3 else m
+        if m.shape[1] == hq and hq != hkv:
+            m = m[:, ::g]
+        if not bool(m.all()):
+            shard_keep = m.expand(b, hkv, p)
+    rows_q = query.reshape(b, hkv, g * lq, d)  # the query rows of each kv head: (query head, token)
+    chosen = None
+    if layer.top_k_shards is not None and layer.top_k_shards < layer.num_shards:
+        counts = torch.tensor(layer.shard_lengths, device=device).expand(b, hkv, -1)
+        centroid = layer.key_sum / counts.unsqueeze(-1).clamp_min(1)
+        scores = shard_scores(rows_q * scale, layer.key_min, layer.key_max, centroid, counts, layer.shard_score)
+        chosen = select_shards(scores, layer.top_k_shards)  # (B, Hkv, G, S)
+    outs, lses = [], []
+    bytes_read = float(key.numel() * key.element_size() + value.numel() * value.element_size())
+    for s, shard in layer.local_shards:
+        if shard.length == 0:
+            continue
+        rows = None
+        if chosen is not None:
+            rows = chosen[..., s].any(dim=-1)
+            n_rows = int(rows.sum())
+            if n_rows == 0:
+                continue
+        else:
+            n_rows = b * hkv
+        token_keep = None if shard_keep is None else shard_keep.gather(-1, shard.index.to(device, torch.int64))
+        out_s, lse_s = shard.partial(rows_q, scale, rows, token_keep)
+        out_s, lse_s = out_s.to(device), lse_s.to(device)
+        if chosen is not None:
+            lse_s = lse_s.masked_fill(~chosen[..., s], float("-inf"))
+        outs.append(out_s)
+        lses.append(lse_s)
+        bytes_read += shard.row_kv_nbytes * n_rows
+    layer.bytes_read = bytes_read
+    dv = value.shape[-1]
+    if outs:
+        out_sh, lse_sh = merge_attention_states(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+    else:
+        out_sh = torch.zeros((b, hkv, g * lq, dv), dtype=torch.float32, device=device)
+        lse_sh = torch.full((b, hkv, g * lq), float("-inf"), dtype=torch.float32, device=device)
+    if layer.group is not None and layer.group.world_size > 1:
+        sent = layer.group.payload_bytes
+        out_sh, lse_sh = layer.group.merge(
+            out_sh, lse_sh, f"layer {getattr(module, 'layer_idx', '?')}'s partial attention"
+        )
+        layer.bytes_sent = layer.group.payload_bytes - sent
+    partials = [(out_sh.view(b, hq, lq, dv), lse_sh.view(b, hq, lq))]
+    if r > 0:
+        partials.append(dense_attention_partial(query, key, value, scale, None if keep is None else keep[..., p:]))
+    if s_aux is not None:
+        partials.append(_sinks_partial(s_aux, b, hq, lq, dv, device))
+    out, _ = merge_attention_states(
+        torch.stack([o for o, _ in partials], dim=3), torch.stack([l for _, l in partials], dim=3), dim=3
+    )
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
@@ -244,7 +308,8 @@ def register_packed_attention(base: str) -> str:
             return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
         if module.training and kwargs.get("dropout", 0.0):
             raise ValueError("packed KV attention does not support dropout; call model.eval()")
-        out = packed_layer_attention(
+        read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
+        out = read(
             module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
         )
         return out, None
@@ -262,7 +327,7 @@ def register_packed_attention(base: str) -> str:
 
 
 def _has_packed_layer(cache: Any) -> bool:
-    return any(isinstance(layer, PackedKVLayer) for layer in getattr(cache, "layers", ()))
+    return any(isinstance(layer, (PackedKVLayer, ShardedKVLayer)) for layer in getattr(cache, "layers", ()))
 
 
 def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:

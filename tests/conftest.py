@@ -34,14 +34,15 @@ def get_tiny_model(family: str, attn_implementation: str | None = None, case=Non
 
 
 def dequantized_copy(model, cache):
-    """A dense DynamicCache holding exactly the keys and values a (packed) cache represents."""
+    """A dense DynamicCache holding exactly the keys and values a (packed or sharded) cache represents."""
     from transformers import DynamicCache
 
-    from pikvpress.cache import PackedKVLayer
+    from pikvpress.cache import PackedKVLayer, ShardedKVLayer
 
     dense = DynamicCache(config=model.config)
     for idx, layer in enumerate(cache.layers):
-        k, v = layer.dequantized() if isinstance(layer, PackedKVLayer) else (layer.keys, layer.values)
+        stored = isinstance(layer, (PackedKVLayer, ShardedKVLayer))
+        k, v = layer.dequantized() if stored else (layer.keys, layer.values)
         target = dense.layers[idx]
         target.lazy_initialization(k, v)
         target.keys, target.values = k.clone(), v.clone()

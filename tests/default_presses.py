@@ -30,7 +30,7 @@ from kvpress import (
 )
 from kvpress.utils import compute_n_kept
 
-from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, PiKVPress, QuantizationPress
 from pikvpress.routing import LearnedRouter, RouterSpec
 from pikvpress.routing.learned import SHIPPED_DIR
 
@@ -113,6 +113,22 @@ def _all_kept(press, module, k_len, ratio):
     return k_len  # a decode-time press leaves the prefill alone
 
 
+def _pikv_kept(press, module, k_len, ratio):
+    return k_len if press.routing is None else press.routing.layer_kept(module.layer_idx, k_len)
+
+
+def _pikv_scheduling(r: float) -> BasePress:
+    """PiKVPress with a scheduler, wrapped the way kvpress's pipeline runs a press while it decodes (the same
+    press prefills, shards, and evicts inside the shards every 2 steps down to (1 - r) of the tokens seen)."""
+    press = PiKVPress(
+        scheduling=AdaptiveSchedulingPress(compression_ratio=r, interval=2, sink_tokens=2, recent_window=2),
+        num_shards=2,
+        tail_length=2,
+        flush_tokens=1,
+    )
+    return PrefillDecodingPress(prefilling_press=press, decoding_press=press)
+
+
 def _prefill_press_kept(press, module, k_len, ratio):
     return compute_n_kept(k_len, press.prefilling_press.compression_ratio)
 
@@ -191,6 +207,32 @@ PRESS_CASES: list[PressCase] = [
         kept=_prefill_press_kept,
         decodes=True,
     ),
+    # PiKVPress (issue 7): routing -> (packing) -> 4 shards of a 40-token context, every shard read (exact over
+    # what is stored); the tail keeps 4 tokens and decode tokens flush to the shards 4 at a time
+    PressCase(
+        "pikv_routing_sharded",
+        lambda r: PiKVPress(
+            routing=ExpertRoutingPress(r, router="gate", num_experts=4, window_size=8),
+            num_shards=4,
+            tail_length=4,
+            flush_tokens=1,
+        ),
+        kept=_pikv_kept,
+        lossless=False,
+        bad_kwargs=[{"compression_ratio": 1.0}, {"compression_ratio": -0.5}],
+    ),
+    PressCase(
+        "pikv_routing_int8_sharded",
+        lambda r: PiKVPress(
+            routing=ExpertRoutingPress(r, router="keys", num_experts=2, window_size=8),
+            compression=QuantizationPress(bits=8, group_size=4, key_group_size=4, residual_length=2),
+            num_shards=2,
+            flush_tokens=2,
+        ),
+        kept=_pikv_kept,
+        lossless=False,
+    ),
+    PressCase("pikv_scheduling_sharded", _pikv_scheduling, kept=_all_kept, lossless=False, decodes=True),
     PressCase(
         "adakv_expert_routing_keys",
         lambda r: AdaKVPress(ExpertRoutingPress(r, router="keys", num_experts=4, window_size=8)),

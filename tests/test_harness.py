@@ -72,7 +72,9 @@ def test_yaml_config_with_composed_press(tmp_path):
     assert press is not config.build_press("snapkv_then_knorm", 0.5)  # fresh per run
 
 
-@pytest.mark.parametrize("name", ["quick.yaml", "needle.yaml", "composed.yaml", "adaptive_scheduling.yaml"])
+@pytest.mark.parametrize(
+    "name", ["quick.yaml", "needle.yaml", "composed.yaml", "adaptive_scheduling.yaml", "pikv.yaml", "pikv_top_k.yaml"]
+)
 def test_shipped_configs_validate(name):
     load_config(Path(__file__).parents[1] / "evaluation" / "configs" / name)
 
@@ -110,6 +112,38 @@ def test_adaptive_scheduling_sweep_evicts_while_answering(tmp_path):
     assert kv["adaptive_scheduling"] < kv["no_press"]  # the answer's cache was cut while it was generated
     assert prefills == 4 + 4  # no_press and knorm share one prefill per sample; the scheduler runs its own
     assert all(0 <= r["score"] <= 100 for r in results)
+
+
+PIKV = (
+    "composed_presses={"
+    "read_all: [{press: pikv, num_shards: 4, tail_length: 4}], "
+    "read_one: [{press: pikv, num_shards: 4, tail_length: 4, top_k_shards: 1}], "
+    "sched: [{press: pikv, num_shards: 4, tail_length: 4, scheduling: {compression_ratio: 0.5, interval: 2}}]}"
+)
+
+
+def test_pikv_press_from_yaml_builds_and_records_bytes_read(tmp_path):
+    from kvpress import PrefillDecodingPress
+
+    from pikvpress import ExpertRoutingPress, PiKVPress
+
+    config = load_config(None, ["dataset=needle", "press_name=[read_all, read_one, sched]", PIKV])
+    read_all = config.build_press("read_all", 0.5)
+    assert isinstance(read_all, PiKVPress) and isinstance(read_all.routing, ExpertRoutingPress)
+    assert read_all.routing.compression_ratio == 0.5 and read_all.compression_ratio == 0.5
+    sched = config.build_press("sched", 0.25)  # the same press prefills (routing, sharding) and evicts
+    assert isinstance(sched, PrefillDecodingPress) and sched.prefilling_press is sched.decoding_press
+    model = get_tiny_model("qwen3_moe")
+    presses = "press_name=[no_press, read_all, read_one, sched]"
+    _, results, _ = run_sweep(model, tmp_path, reuse=True, extra=[presses, "compression_ratio=[0.5]", PIKV])
+    by_press = {r["press"]: r for r in results}
+    assert by_press["read_all"]["kv_bytes"] < by_press["no_press"]["kv_bytes"]
+    # reading one shard of four: fewer bytes read per decode step than reading all, from the same cache
+    assert by_press["read_one"]["kv_bytes"] == by_press["read_all"]["kv_bytes"]
+    assert by_press["read_one"]["kv_bytes_read"] < 0.8 * by_press["read_all"]["kv_bytes_read"]
+    # the last decode step read the context, the question and the answer so far
+    assert by_press["no_press"]["kv_bytes_read"] > by_press["no_press"]["kv_bytes"]
+    assert "KV bytes read by a decode step" in write_report(tmp_path).read_text()
 
 
 # --- prefill reuse ------------------------------------------------------------------------------------

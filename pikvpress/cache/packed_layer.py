@@ -30,6 +30,7 @@ from typing import Any, Literal
 import torch
 from transformers.cache_utils import CacheLayerMixin
 
+from pikvpress.cache.view import KVView
 from pikvpress.kernels.quantize import (
     ALLOWED_BITS,
     ALLOWED_STATS_DTYPES,
@@ -85,7 +86,7 @@ def check_head_dims(group_size: int, bits: int, key_dim: int, value_dim: int, wh
             raise ValueError(f"bits={bits} cannot pack the {name} head dim {dim}{where} into whole bytes")
 
 
-class PackedKVView:
+class PackedKVView(KVView):
     """The keys or values of a :class:`PackedKVLayer`, as a lazy, sliceable stand-in for a tensor.
 
     Slicing along the token axis (``view[:, :, :n]``, ``view[..., :n, :]``) returns a shorter view;
@@ -94,65 +95,10 @@ class PackedKVView:
     ``TypeError`` that says what to do instead.
     """
 
-    def __init__(self, layer: PackedKVLayer, which: Literal["keys", "values"], length: int):
-        self.layer = layer
-        self.which = which
-        self.length = length
-
-    @property
-    def shape(self) -> torch.Size:
-        b, h, _, d = self.layer._dense_shape(self.which)
-        return torch.Size((b, h, self.length, d))
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.layer.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.layer.device
-
-    @property
-    def ndim(self) -> int:
-        return 4
-
-    def dim(self) -> int:
-        return 4
-
-    def size(self, dim: int | None = None):
-        return self.shape if dim is None else self.shape[dim]
-
-    def numel(self) -> int:
-        return self.shape.numel()
-
-    def dequantize(self) -> torch.Tensor:
-        """The dense ``(B, H, length, D)`` tensor (packed tokens dequantized, residual as stored)."""
-        return self.layer._dense(self.which)[:, :, : self.length]
-
-    def __getitem__(self, index: Any) -> PackedKVView:
-        if not isinstance(index, tuple):
-            index = (index,)
-        if index and index[0] is Ellipsis:  # [..., :n, :] or [..., :n]
-            rest = index[1:]
-            index = (slice(None),) * (4 - len(rest)) + rest
-        index = index + (slice(None),) * (4 - len(index))
-        if len(index) != 4 or any(i != slice(None) for j, i in enumerate(index) if j != 2):
-            raise TypeError(f"a PackedKVView can only be sliced along the token axis (dim 2), got {index!r}")
-        sl = index[2]
-        if not isinstance(sl, slice) or sl.step not in (None, 1) or sl.start not in (None, 0):
-            raise TypeError(f"a PackedKVView can only keep a prefix of its tokens ([:, :, :n]), got {sl!r}")
-        stop = self.length if sl.stop is None else sl.stop
-        if stop < 0:
-            stop = max(0, self.length + stop)
-        return PackedKVView(self.layer, self.which, min(stop, self.length))
-
-    @classmethod
-    def __torch_function__(cls, func, types, args=(), kwargs=None):
-        raise TypeError(
-            f"{func.__name__} got the packed {cls.__name__} of a PackedKVLayer, not a tensor. Packed layers are "
-            "written by QuantizationPress, which must be the last press of a ComposedPress; call "
-            ".dequantize() on the view for a dense copy."
-        )
+    hint = (
+        "Packed layers are written by QuantizationPress, which must be the last press of a ComposedPress; "
+        "call .dequantize() on the view for a dense copy."
+    )
 
     def __repr__(self) -> str:
         return f"PackedKVView({self.which}, shape={tuple(self.shape)}, bits={self.layer.bits})"
@@ -369,6 +315,14 @@ class PackedKVLayer(CacheLayerMixin):
                 self.packed_values, self.residual_values = merged, rest
                 self._packed_len_values += move
 
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append tokens ``(B, Hkv, n, D|Dv)`` to the residual and pack whole key groups out of it."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.residual_keys = torch.cat([self.residual_keys, key_states.to(self.device, self.dtype)], dim=2)
+        self.residual_values = torch.cat([self.residual_values, value_states.to(self.device, self.dtype)], dim=2)
+        self._flush()
+
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -381,9 +335,7 @@ class PackedKVLayer(CacheLayerMixin):
                 "PackedKVLayer keys and values were cropped to different lengths; crop both (layer.keys = "
                 "layer.keys[:, :, :n]; layer.values = layer.values[:, :, :n])"
             )
-        self.residual_keys = torch.cat([self.residual_keys, key_states.to(self.dtype)], dim=2)
-        self.residual_values = torch.cat([self.residual_values, value_states.to(self.dtype)], dim=2)
-        self._flush()
+        self.append(key_states, value_states)
         if self.packed_attention_active():
             keys, values = (
                 self.residual_keys.view_as(self.residual_keys),

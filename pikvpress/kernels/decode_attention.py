@@ -55,6 +55,8 @@ except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
 
 __all__ = [
+    "choose_num_splits",
+    "dense_attention_partial",
     "dense_decode_attention_partial",
     "merge_attention_states",
     "packed_attention_with_residual",
@@ -886,3 +888,38 @@ def packed_decode_attention(
     out, lse = packed_decode_attention_partial(q, k_packed, v_packed, scale, num_splits, kv_mask=kv_mask)
     merged, _ = merge_attention_states(out, lse, dim=2)
     return merged.to(q.dtype)
+
+
+def dense_attention_partial(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, keep: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 (output, log-sum-exp) of ``q`` ``(B, Hq, Lq, D)`` over dense ``k`` ``(B, Hkv, R, D)`` and ``v``
+    ``(B, Hkv, R, Dv)`` (grouped-query: query head ``h`` reads kv head ``h // (Hq // Hkv)``), any device.
+
+    ``keep`` is a bool mask broadcastable to ``(B, Hq, Lq, R)`` (False drops the token). Returns ``out``
+    ``(B, Hq, Lq, Dv)`` and ``lse`` ``(B, Hq, Lq)``; a query that keeps no token gets ``out = 0``,
+    ``lse = -inf`` (an empty partial for :func:`merge_attention_states`).
+    """
+    b, hq, lq, d = q.shape
+    hkv, r, dv = k.shape[1], k.shape[2], v.shape[-1]
+    g = hq // hkv
+    logits = torch.matmul(q.float().reshape(b, hkv, g * lq, d), k.float().transpose(-1, -2)) * scale
+    logits = logits.view(b, hq, lq, r)
+    if keep is not None:
+        logits = logits.masked_fill(~keep, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
+    out = torch.matmul(p.view(b, hkv, g * lq, r), v.float()).view(b, hq, lq, dv)
+    return out, lse
+
+
+def choose_num_splits(q: torch.Tensor, programs: int, packed_len: int) -> int:
+    """Sequence splits for the packed kernel: enough programs (``programs`` per split) to fill the GPU twice
+    over, >= 256 tokens each; 1 off CUDA."""
+    if not q.is_cuda:
+        return 1
+    sms = torch.cuda.get_device_properties(q.device).multi_processor_count
+    want = math.ceil(2 * sms / max(1, programs))
+    return max(1, min(want, math.ceil(packed_len / 256)))

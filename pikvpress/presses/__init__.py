@@ -9,12 +9,21 @@ from kvpress.presses.base_press import BasePress
 
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress, RoutingStats
+from pikvpress.presses.pikv_press import PiKVPress
 from pikvpress.presses.quantization_press import QuantizationPress
 
 PRESSES: dict[str, type[BasePress]] = {
     "adaptive_scheduling": AdaptiveSchedulingPress,
     "expert_routing": ExpertRoutingPress,
+    "pikv": PiKVPress,
     "quantization": QuantizationPress,
 }
 
-__all__ = ["PRESSES", "AdaptiveSchedulingPress", "ExpertRoutingPress", "QuantizationPress", "RoutingStats"]
+__all__ = [
+    "PRESSES",
+    "AdaptiveSchedulingPress",
+    "ExpertRoutingPress",
+    "PiKVPress",
+    "QuantizationPress",
+    "RoutingStats",
+]

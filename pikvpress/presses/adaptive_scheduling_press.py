@@ -11,7 +11,7 @@ import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
-from pikvpress.cache import PackedKVLayer, PackedKVView
+from pikvpress.cache import KVView, PackedKVLayer, ShardedKVLayer
 from pikvpress.compat.patches import KEEP_DECODE_QUERY, gather_kept, window_probs
 from pikvpress.models.adapter import layer_adapter
 from pikvpress.scheduling import (
@@ -19,6 +19,7 @@ from pikvpress.scheduling import (
     PREFILL_SCORES,
     DecodeStatistics,
     kept_indices,
+    priority_order,
     scores_to_prior,
     step_probs,
 )
@@ -240,6 +241,11 @@ class AdaptiveSchedulingPress(BasePress):
         if t > budget and (stats.since_eviction + n_pending >= self.interval or t >= budget + self.interval):
             self._flush(idx)
             budget = self.layer_budget(stats.seen)
+            if isinstance(layer, ShardedKVLayer):  # each shard keeps its share of the budget, by the policy
+                order = priority_order(stats, self.policy, self.sink_tokens, self.recent_window)
+                kept = layer.evict(order, budget)
+                stats.keep(kept)
+                return output
             kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
             if isinstance(layer, PackedKVLayer):  # a QuantizationPress layer: the kept tokens, packed again
                 cache.layers[idx] = layer.gathered(kept)
@@ -275,7 +281,7 @@ class _PendingSteps:
 
 def _dense(keys):
     """Keys as a dense tensor (a packed layer's keys dequantized)."""
-    return keys.dequantize() if isinstance(keys, PackedKVView) else keys
+    return keys.dequantize() if isinstance(keys, KVView) else keys
 
 
 def _adapter_of(module: nn.Module) -> tuple:

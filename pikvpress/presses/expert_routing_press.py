@@ -20,6 +20,7 @@ from pikvpress.compat.patches import gather_kept, window_probs, window_queries
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
+from pikvpress.routing.shards import ROUTED_EXPERTS
 from pikvpress.scheduling.prior import PREFILL_SCORES
 
 logger = logging.getLogger(__name__)
@@ -88,7 +89,7 @@ class RoutingStats:
 @dataclass(frozen=True)
 class _Selection:
     """One layer's choice: ``(B, H, T)`` token scores, protected mask ``(T,)``, tokens by descending score,
-    chosen mask, ``(B, H)`` tokens each head keeps, and the number of experts."""
+    chosen mask, ``(B, H)`` tokens each head keeps, the number of experts and ``(B, H, T)`` each token's expert."""
 
     token_scores: torch.Tensor
     protected: torch.Tensor
@@ -96,6 +97,7 @@ class _Selection:
     chosen: torch.Tensor
     head_kept: torch.Tensor
     experts: int
+    assignment: torch.Tensor
 
 
 @dataclass
@@ -449,7 +451,7 @@ class ExpertRoutingPress(ScorerPress):
             kept.cpu(),
             n_protected,
         )
-        return _Selection(token_scores, protected, by_score, chosen, head_kept, e)
+        return _Selection(token_scores, protected, by_score, chosen, head_kept, e, assignment)
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -498,8 +500,12 @@ class ExpertRoutingPress(ScorerPress):
             # with a smaller share fill the same length with their next-best tokens (nothing is masked)
             indices = self._scores(selection).topk(n_cut, dim=-1).indices
         # the kept tokens' scores, for a decode-time press that starts from them (AdaptiveSchedulingPress)
+        cache_id = id(kwargs.get("past_key_values"))
         kept_scores = selection.token_scores.gather(-1, indices)
-        setattr(module, PREFILL_SCORES, (id(kwargs.get("past_key_values")), kept_scores))
+        setattr(module, PREFILL_SCORES, (cache_id, kept_scores))
+        # the kept tokens' experts (-1: sink and recent tokens), for a sharded cache that places tokens by expert
+        experts = selection.assignment.masked_fill(selection.protected, -1).gather(-1, indices)
+        setattr(module, ROUTED_EXPERTS, (cache_id, experts, selection.experts))
         return gather_kept(keys, values, indices)
 
     def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):

@@ -1,7 +1,7 @@
 """Decode-time scheduling: per-token statistics gathered while decoding, and the eviction policies on them."""
 
 from pikvpress.scheduling.attention import step_probs
-from pikvpress.scheduling.policies import POLICIES, kept_indices, policy_scores
+from pikvpress.scheduling.policies import POLICIES, kept_indices, policy_scores, priority_order
 from pikvpress.scheduling.prior import PREFILL_SCORES, scores_to_prior
 from pikvpress.scheduling.statistics import DecodeStatistics
 
@@ -11,6 +11,7 @@ __all__ = [
     "DecodeStatistics",
     "kept_indices",
     "policy_scores",
+    "priority_order",
     "scores_to_prior",
     "step_probs",
 ]

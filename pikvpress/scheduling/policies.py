@@ -27,16 +27,10 @@ def policy_scores(stats: DecodeStatistics, policy: str) -> torch.Tensor:
     raise ValueError(f"policy must be one of {POLICIES}, got {policy!r}")
 
 
-def kept_indices(
-    stats: DecodeStatistics, budget: int, policy: str, sink_tokens: int = 4, recent_window: int = 32
-) -> torch.Tensor:
-    """``(B, H, min(budget, T))`` int64 cache indices to keep, in cache order.
-
-    The ``sink_tokens`` earliest positions come first, then the ``recent_window`` latest positions, then
-    the other tokens by :func:`policy_scores` (ties: the lower cache index first).
-    """
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
-        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+def priority_order(stats: DecodeStatistics, policy: str, sink_tokens: int = 4, recent_window: int = 32) -> torch.Tensor:
+    """``(B, H, T)`` int64 cache indices, best first: the ``sink_tokens`` earliest positions, then the
+    ``recent_window`` latest positions, then the other tokens by :func:`policy_scores` (ties: the lower cache
+    index first)."""
     for name, value in (("sink_tokens", sink_tokens), ("recent_window", recent_window)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
@@ -48,5 +42,15 @@ def kept_indices(
     if sink_tokens:
         tier.scatter_(-1, stats.position.topk(min(sink_tokens, t), dim=-1, largest=False).indices, 2)
     by_score = torch.argsort(scores, dim=-1, descending=True, stable=True)
-    order = by_score.gather(-1, torch.argsort(tier.gather(-1, by_score), dim=-1, descending=True, stable=True))
-    return order[..., : min(budget, t)].sort(dim=-1).values
+    return by_score.gather(-1, torch.argsort(tier.gather(-1, by_score), dim=-1, descending=True, stable=True))
+
+
+def kept_indices(
+    stats: DecodeStatistics, budget: int, policy: str, sink_tokens: int = 4, recent_window: int = 32
+) -> torch.Tensor:
+    """``(B, H, min(budget, T))`` int64 cache indices to keep, in cache order: the first ``budget`` of
+    :func:`priority_order`."""
+    if isinstance(budget, bool) or not isinstance(budget, int) or budget < 1:
+        raise ValueError(f"budget must be an int >= 1, got {budget!r}")
+    order = priority_order(stats, policy, sink_tokens, recent_window)
+    return order[..., : min(budget, stats.length)].sort(dim=-1).values

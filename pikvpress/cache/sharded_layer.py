@@ -1,0 +1,585 @@
+"""A transformers cache layer whose tokens live in ``S`` shards spread over devices or ranks.
+
+Tokens live in two parts, in sequence order::
+
+    [ shards: tokens 0 .. N-1, each in one of S shards ]  [ tail: tokens N .. N+R-1, full precision ]
+
+The tail holds the most recent tokens on the query's device (on every rank); it is always attended
+and is where new tokens land. When it holds ``tail_length + S * flush_tokens`` tokens or more, its
+oldest whole blocks of ``S * flush_tokens`` tokens move to the shards, ``flush_tokens`` to each shard
+per block and row (:func:`~pikvpress.routing.shard_assignment` chooses which). Every shard holds the
+same number of tokens in every (batch row, KV head), so shards stay rectangular; shard lengths differ
+by at most one token after a placement, and an eviction (:meth:`ShardedKVLayer.evict`) splits the kept
+tokens evenly again.
+
+Each shard (:class:`~pikvpress.cache.shard.KVShard`) sits on one device (``devices``) or belongs to one
+rank of a process group (``group``; the other ranks keep only its summary and length). The routing
+summary of every shard, the per-channel min / max and the sum of its keys per (batch row, KV head), is
+kept on the query's device, so the attention function can rank shards for each query
+(:func:`~pikvpress.routing.shard_scores`) and read only the ``top_k_shards`` best.
+
+``update`` returns the tail tagged with this layer when pikvpress's attention function is active (it
+then reads the shards itself, :mod:`pikvpress.attention`), and the whole layer gathered in sequence
+order otherwise. ``keys`` / ``values`` are the tail tensors while nothing is sharded (so kvpress presses
+prune the prefill as usual) and :class:`ShardedKVView` objects after.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+from transformers.cache_utils import CacheLayerMixin
+
+from pikvpress.cache.packed_layer import ATTENTION_PREFIX, LAYER_TAG
+from pikvpress.cache.shard import KVShard
+from pikvpress.cache.view import KVView
+from pikvpress.routing.shards import PLACEMENTS, SHARD_SCORES, shard_assignment, shard_counts
+
+logger = logging.getLogger(__name__)
+
+
+class ShardedKVView(KVView):
+    """The keys or values of a :class:`ShardedKVLayer` (sliceable along tokens; assign back to crop)."""
+
+    hint = "call .dequantize() on the view for the layer's tokens gathered in sequence order."
+
+
+def check_shard_args(
+    num_shards: Any,
+    placement: Any,
+    top_k_shards: Any,
+    shard_score: Any,
+    tail_length: Any,
+    flush_tokens: Any,
+    devices: Any = None,
+    world_size: int | None = None,
+) -> None:
+    """Validate sharding arguments; raise ``ValueError`` naming the argument and the allowed values."""
+    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
+        raise ValueError(f"num_shards must be an int >= 1, got {num_shards!r}")
+    if placement not in PLACEMENTS:
+        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
+    if top_k_shards is not None and (
+        isinstance(top_k_shards, bool) or not isinstance(top_k_shards, int) or not 1 <= top_k_shards <= num_shards
+    ):
+        raise ValueError(f"top_k_shards must be None or an int in 1..num_shards={num_shards}, got {top_k_shards!r}")
+    if shard_score not in SHARD_SCORES:
+        raise ValueError(f"shard_score must be one of {SHARD_SCORES}, got {shard_score!r}")
+    for name, value, low in (("tail_length", tail_length, 0), ("flush_tokens", flush_tokens, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
+    if devices is not None:
+        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
+            raise ValueError(f"devices must be a non-empty list of devices, got {devices!r}")
+        if len(devices) > num_shards or num_shards % len(devices):
+            raise ValueError(
+                f"num_shards={num_shards} shards cannot be spread evenly over {len(devices)} devices {list(devices)}; "
+                "give a device list whose length divides num_shards"
+            )
+    if world_size is not None and (world_size > num_shards or num_shards % world_size):
+        raise ValueError(
+            f"num_shards={num_shards} shards cannot be spread evenly over the process group's {world_size} ranks; "
+            "use a multiple of the world size"
+        )
+
+
+class ShardedKVLayer(CacheLayerMixin):
+    """A cache layer holding its tokens in ``num_shards`` shards plus a full-precision tail.
+
+    Parameters
+    ----------
+    num_shards : int
+        Shards per layer (``S``).
+    placement : {"experts", "contiguous", "round_robin"}
+        Which shard a token goes to (:func:`~pikvpress.routing.shard_assignment`); ``"experts"`` follows the
+        routing press's experts when :meth:`distribute` is given them, and the keys' clusters otherwise.
+    devices : list of str or torch.device, optional
+        One device per block of ``S / len(devices)`` consecutive shards; default: the query's device.
+    group : object, optional
+        A :class:`~pikvpress.distributed.ShardGroup`: shard ``s`` belongs to rank ``s * world_size // S``
+        and only that rank holds its tokens.
+    top_k_shards : int, optional
+        Shards each query reads (by ``shard_score``); None reads them all (exact attention).
+    shard_score : {"bound", "centroid"}
+        How shards are ranked for a query (:func:`~pikvpress.routing.shard_scores`).
+    tail_length : int
+        Most recent tokens kept in the tail, on the query's device, always attended.
+    flush_tokens : int
+        Tokens each shard receives per row when the tail overflows.
+    packing : dict, optional
+        :class:`~pikvpress.cache.PackedKVLayer` arguments for packed shards; None keeps shards dense.
+    config : transformers.PretrainedConfig, optional
+        The model config (``update`` checks whether pikvpress's attention function is active).
+    kmeans_iterations : int
+        Rounds of the key clustering behind ``placement="experts"`` without routed experts.
+    """
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(
+        self,
+        num_shards: int = 4,
+        placement: str = "experts",
+        devices: Sequence[str | torch.device] | None = None,
+        group: Any = None,
+        top_k_shards: int | None = None,
+        shard_score: str = "bound",
+        tail_length: int = 0,
+        flush_tokens: int = 16,
+        packing: dict[str, Any] | None = None,
+        config: Any = None,
+        kmeans_iterations: int = 4,
+    ):
+        world = None if group is None else group.world_size
+        check_shard_args(num_shards, placement, top_k_shards, shard_score, tail_length, flush_tokens, devices, world)
+        if devices is not None and group is not None:
+            raise ValueError("give devices or a process group, not both")
+        self.num_shards = num_shards
+        self.placement = placement
+        self.devices = None if devices is None else [torch.device(d) for d in devices]
+        self.group = group
+        self.top_k_shards = top_k_shards
+        self.shard_score = shard_score
+        self.tail_length = tail_length
+        self.flush_tokens = flush_tokens
+        self.packing = None if packing is None else {**packing, "residual_length": 0, "config": None}
+        self.config = config
+        self.kmeans_iterations = kmeans_iterations
+        self.is_initialized = False
+        self.dtype: torch.dtype = torch.float32
+        self.device: torch.device = torch.device("cpu")
+        self.tail_keys: torch.Tensor | None = None
+        self.tail_values: torch.Tensor | None = None
+        self.shards: list[KVShard | None] = []
+        self.shard_lengths = [0] * num_shards
+        self.sharded_length = 0
+        self.boundaries: list[int] = [0]
+        self.key_min = self.key_max = self.key_sum = None  # (B, H, S, D) float32 on the query's device
+        self.bytes_read = 0.0  # key/value bytes the last attention call read (this rank)
+        self.bytes_sent = 0  # bytes this rank sent in the last attention call's collective
+        self._warned_dense = False
+
+    # ----------------------------------------------------------------------------------------------
+    # placement
+    # ----------------------------------------------------------------------------------------------
+    def owner(self, shard: int) -> int:
+        """The rank holding shard ``shard`` (0 without a process group)."""
+        return 0 if self.group is None else shard * self.group.world_size // self.num_shards
+
+    def is_local(self, shard: int) -> bool:
+        """Whether this process holds shard ``shard``'s tokens."""
+        return self.group is None or self.owner(shard) == self.group.rank
+
+    def shard_device(self, shard: int) -> torch.device:
+        """The device shard ``shard`` lives on."""
+        if self.devices is None:
+            return self.device
+        return self.devices[shard * len(self.devices) // self.num_shards]
+
+    @property
+    def has_shards(self) -> bool:
+        """Whether any token has moved to the shards."""
+        return bool(self.shards)
+
+    @property
+    def local_shards(self) -> list[tuple[int, KVShard]]:
+        """``(shard id, shard)`` of the shards this process holds."""
+        return [(s, shard) for s, shard in enumerate(self.shards) if shard is not None]
+
+    # ----------------------------------------------------------------------------------------------
+    # lengths and bytes
+    # ----------------------------------------------------------------------------------------------
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        b, h, _, dk = key_states.shape
+        self.tail_keys = key_states.new_empty((b, h, 0, dk))
+        self.tail_values = value_states.new_empty((b, h, 0, value_states.shape[-1]))
+        self.is_initialized = True
+
+    @property
+    def tail_length_now(self) -> int:
+        """Tokens in the tail."""
+        return 0 if self.tail_keys is None else self.tail_keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        return self.sharded_length + self.tail_length_now if self.is_initialized else 0
+
+    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
+        return self.get_seq_length() + cache_position.shape[0], 0
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def _tail_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values) if t is not None)
+
+    def _summary_nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.key_min, self.key_max, self.key_sum) if t is not None)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes this process holds for the layer: its shards (keys, values, indices), the tail and the summaries."""
+        return sum(shard.nbytes for _, shard in self.local_shards) + self._tail_nbytes() + self._summary_nbytes()
+
+    def nbytes_per_device(self) -> dict[str, int]:
+        """Bytes held on each device by this process (the tail and summaries count on the query's device)."""
+        out: dict[str, int] = {str(self.device): self._tail_nbytes() + self._summary_nbytes()}
+        for _, shard in self.local_shards:
+            out[str(shard.device)] = out.get(str(shard.device), 0) + shard.nbytes
+        return out
+
+    # ----------------------------------------------------------------------------------------------
+    # keys / values
+    # ----------------------------------------------------------------------------------------------
+    def _dense_shape(self, which: str) -> tuple[int, int, int, int]:
+        tail = self.tail_keys if which == "keys" else self.tail_values
+        if tail is None:
+            return (0, 0, 0, 0)
+        b, h, r, d = tail.shape
+        return (b, h, self.sharded_length + r, d)
+
+    def _dense(self, which: str) -> torch.Tensor:
+        """Every token in sequence order on the query's device (shards gathered, packed ones dequantized)."""
+        tail = self.tail_keys if which == "keys" else self.tail_values
+        if not self.has_shards:
+            return tail
+        if self.group is not None and self.group.world_size > 1:
+            raise RuntimeError(
+                "this layer's shards live on other ranks of the process group; its keys and values cannot be "
+                "gathered on one rank. Read it with pikvpress's attention (pikvpress.enable_packed_attention(model))"
+            )
+        b, h, _, d = tail.shape
+        out = tail.new_empty((b, h, self.sharded_length, d))
+        for _, shard in self.local_shards:
+            keys, values = shard.dense()
+            data = (keys if which == "keys" else values).to(self.device, self.dtype)
+            out.scatter_(2, shard.index.to(self.device, torch.int64).unsqueeze(-1).expand(-1, -1, -1, d), data)
+        return torch.cat([out, tail], dim=2)
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(keys, values)`` in sequence order."""
+        return self._dense("keys"), self._dense("values")
+
+    @property
+    def keys(self) -> torch.Tensor | ShardedKVView | None:  # type: ignore[override]
+        if not self.is_initialized:
+            return None
+        if not self.has_shards:
+            return self.tail_keys
+        return ShardedKVView(self, "keys", self.get_seq_length())
+
+    @keys.setter
+    def keys(self, value: Any) -> None:
+        self._assign("keys", value)
+
+    @property
+    def values(self) -> torch.Tensor | ShardedKVView | None:  # type: ignore[override]
+        if not self.is_initialized:
+            return None
+        if not self.has_shards:
+            return self.tail_values
+        return ShardedKVView(self, "values", self.get_seq_length())
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        self._assign("values", value)
+
+    def _assign(self, which: str, value: Any) -> None:
+        if value is None:
+            self.reset()
+            return
+        if isinstance(value, ShardedKVView) and value.layer is self and value.which == which:
+            if which == "keys":  # kvpress crops keys then values: crop once, on the keys
+                self.crop(value.length)
+            return
+        if isinstance(value, torch.Tensor) and not self.has_shards:
+            if which == "keys":
+                self.tail_keys = value
+            else:
+                self.tail_values = value
+            return
+        raise TypeError(
+            f"a ShardedKVLayer's {which} can only be cropped (layer.{which} = layer.{which}[:, :, :n]) once its "
+            f"tokens are sharded; got {type(value).__name__}"
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # moving tokens to the shards
+    # ----------------------------------------------------------------------------------------------
+    def _check_ready(self) -> None:
+        if self.tail_keys.shape[:3] != self.tail_values.shape[:3]:
+            raise RuntimeError(
+                f"ShardedKVLayer keys and values disagree: {tuple(self.tail_keys.shape)} vs "
+                f"{tuple(self.tail_values.shape)}; crop or prune both"
+            )
+
+    def distribute(
+        self, count: int | None = None, experts: torch.Tensor | None = None, num_experts: int | None = None
+    ) -> None:
+        """Move the oldest ``count`` tail tokens (default: all but the last ``tail_length``) to the shards.
+
+        ``experts`` ``(B, H, count)`` (expert of each token, -1 for none, out of ``num_experts``) steers
+        ``placement="experts"``; without it the keys' clusters (or, once shards exist, the shards' mean keys) do.
+
+        Raises
+        ------
+        ValueError
+            When the first distribution has fewer tokens than shards.
+        """
+        self._check_ready()
+        if count is None:
+            count = max(0, self.tail_length_now - self.tail_length)
+        if count <= 0:
+            return
+        if not self.has_shards and count < self.num_shards:
+            raise ValueError(
+                f"cannot split {count} tokens into num_shards={self.num_shards} shards; use at most {count} shards "
+                f"or a longer context (tail_length={self.tail_length} tokens stay unsharded)"
+            )
+        keys, values = self.tail_keys[:, :, :count], self.tail_values[:, :, :count]
+        centroids = None
+        if self.has_shards and experts is None and self.placement == "experts":
+            centroids = torch.nn.functional.normalize(self.key_sum, dim=-1)
+        assignment = shard_assignment(
+            keys,
+            self.num_shards,
+            self.placement,
+            experts=experts,
+            num_experts=num_experts,
+            centroids=centroids,
+            kmeans_iterations=self.kmeans_iterations,
+        )
+        counts = shard_counts(count, self.num_shards)
+        # tokens grouped by shard, in sequence order inside a shard (every row has counts[s] tokens in shard s)
+        order = torch.argsort(assignment, dim=-1, stable=True)
+        b, h, _, dk = keys.shape
+        dv = values.shape[-1]
+        if not self.has_shards:
+            self.shards = [
+                KVShard(self.shard_device(s), self.packing) if self.is_local(s) else None
+                for s in range(self.num_shards)
+            ]
+            self.key_min = torch.zeros(b, h, self.num_shards, dk, dtype=torch.float32, device=self.device)
+            self.key_max = torch.zeros_like(self.key_min)
+            self.key_sum = torch.zeros_like(self.key_min)
+        if self.boundaries[-1] != self.sharded_length:
+            self.boundaries.append(self.sharded_length)
+        start = 0
+        for s, n in enumerate(counts):
+            if n == 0:
+                continue
+            pos = order[..., start : start + n]
+            start += n
+            k = keys.gather(2, pos.unsqueeze(-1).expand(b, h, n, dk))
+            kf = k.float()
+            fresh = self.shard_lengths[s] == 0
+            self.key_min[:, :, s] = kf.amin(2) if fresh else torch.minimum(self.key_min[:, :, s], kf.amin(2))
+            self.key_max[:, :, s] = kf.amax(2) if fresh else torch.maximum(self.key_max[:, :, s], kf.amax(2))
+            self.key_sum[:, :, s] += kf.sum(2)
+            self.shard_lengths[s] += n
+            shard = self.shards[s]
+            if shard is not None:
+                v = values.gather(2, pos.unsqueeze(-1).expand(b, h, n, dv))
+                shard.append(k, v, pos + self.sharded_length)
+        self.sharded_length += count
+        self.tail_keys = self.tail_keys[:, :, count:].clone()
+        self.tail_values = self.tail_values[:, :, count:].clone()
+
+    def _flush(self) -> None:
+        """Move whole blocks of ``S * flush_tokens`` tokens from the tail while it is over ``tail_length``."""
+        block = self.num_shards * self.flush_tokens
+        over = self.tail_length_now - self.tail_length
+        if over >= block:
+            self.distribute(over // block * block)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append tokens to the tail (first moving its overflow, or the prefill, to the shards); return the tail
+        tagged with this layer (pikvpress attention) or every token in sequence order (any other attention)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        if self.has_shards:
+            self._flush()
+        elif self.tail_length_now - self.tail_length >= self.num_shards:
+            self.distribute()  # the first step after the prefill: shard it
+        self.tail_keys = torch.cat([self.tail_keys, key_states.to(self.dtype)], dim=2)
+        self.tail_values = torch.cat([self.tail_values, value_states.to(self.dtype)], dim=2)
+        if not self.has_shards:
+            return self.tail_keys, self.tail_values
+        if self.attention_active():
+            keys, values = self.tail_keys.view_as(self.tail_keys), self.tail_values.view_as(self.tail_values)
+            setattr(keys, LAYER_TAG, self)
+            setattr(values, LAYER_TAG, self)
+            return keys, values
+        if not self._warned_dense:
+            logger.warning(
+                "a sharded KV layer is read by attention implementation %r, which needs dense tensors: gathering "
+                "every shard each step. Use pikvpress.enable_packed_attention(model).",
+                getattr(self.config, "_attn_implementation", None),
+            )
+            self._warned_dense = True
+        return self.dequantized()
+
+    def attention_active(self) -> bool:
+        """Whether the model reading this layer runs pikvpress's attention function."""
+        impl = getattr(self.config, "_attn_implementation", None)
+        return isinstance(impl, str) and impl.startswith(ATTENTION_PREFIX)
+
+    # ----------------------------------------------------------------------------------------------
+    # eviction, cropping, batch ops
+    # ----------------------------------------------------------------------------------------------
+    def _quotas(self, budget: int) -> list[int]:
+        """Tokens each shard keeps out of ``budget``: as even as the shard lengths allow (water-filling)."""
+        quotas = [0] * self.num_shards
+        remaining = min(budget, self.sharded_length)
+        open_shards = sorted(range(self.num_shards), key=lambda s: self.shard_lengths[s])
+        while remaining > 0 and open_shards:
+            share, extra = divmod(remaining, len(open_shards))
+            s = open_shards[0]
+            room = self.shard_lengths[s] - quotas[s]
+            if room <= share:  # the shortest shard keeps everything it has
+                quotas[s] += room
+                remaining -= room
+                open_shards.pop(0)
+                continue
+            for i, t in enumerate(open_shards):
+                quotas[t] += share + (i >= len(open_shards) - extra)
+            remaining = 0
+        return quotas
+
+    def evict(self, order: torch.Tensor, budget: int) -> torch.Tensor:
+        """Keep ``budget`` tokens per row; return their sequence indices ``(B, H, K)``, increasing.
+
+        ``order`` ``(B, H, N)`` lists the layer's sequence indices by priority (best first). The tail keeps every
+        token (it is the recent window, at most ``tail_length + S * flush_tokens``); each shard keeps its best
+        tokens by ``order``, the shards' share of the budget split as evenly as their lengths allow. Indices and
+        summaries are renumbered to the kept sequence.
+        """
+        if not self.has_shards:
+            kept = order[..., :budget].sort(dim=-1).values
+            self.tail_keys = self.tail_keys.gather(2, kept.unsqueeze(-1).expand(-1, -1, -1, self.tail_keys.shape[-1]))
+            self.tail_values = self.tail_values.gather(
+                2, kept.unsqueeze(-1).expand(-1, -1, -1, self.tail_values.shape[-1])
+            )
+            return kept
+        if self.group is not None and self.group.world_size > 1:
+            raise NotImplementedError("evicting from shards spread over a process group is not supported")
+        n = self.get_seq_length()
+        rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
+        quotas = self._quotas(max(0, budget - self.tail_length_now))
+        kept_parts = []
+        for s, shard in self.local_shards:
+            index = shard.index.to(order.device, torch.int64)
+            positions = rank.gather(-1, index).topk(quotas[s], dim=-1, largest=False).indices.sort(dim=-1).values
+            shard.keep(positions)
+            kept_parts.append(index.gather(-1, positions))
+            self.shard_lengths[s] = quotas[s]
+        tail = torch.arange(self.sharded_length, n, device=order.device).expand(*order.shape[:2], -1)
+        kept = torch.cat([*kept_parts, tail], dim=-1).sort(dim=-1).values
+        # renumber: a token's new index is its rank among the kept ones
+        for _, shard in self.local_shards:
+            new = torch.searchsorted(kept, shard.index.to(kept.device, torch.int64))
+            shard.index = new.to(shard.device, torch.int32)
+        self.sharded_length = sum(quotas)
+        self.boundaries = [0, self.sharded_length]
+        self._refresh_summaries()
+        return kept
+
+    def _refresh_summaries(self) -> None:
+        """Recompute every shard's key min / max / sum from its tokens."""
+        for s, shard in self.local_shards:
+            keys = shard.dense()[0].to(self.device).float()
+            if keys.shape[2] == 0:
+                continue
+            self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = (
+                keys.amin(2),
+                keys.amax(2),
+                keys.sum(2),
+            )
+
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` tokens (negative: drop ``-max_length`` from the end).
+
+        Tokens after the last placement boundary at or before ``max_length`` come back from the shards to the
+        tail, so shards stay rectangular.
+        """
+        n = self.get_seq_length()
+        if max_length < 0:
+            max_length = n - abs(max_length)
+        max_length = max(0, max_length)
+        if n <= max_length:
+            return
+        if max_length >= self.sharded_length:
+            keep = max_length - self.sharded_length
+            self.tail_keys = self.tail_keys[:, :, :keep].clone()
+            self.tail_values = self.tail_values[:, :, :keep].clone()
+            return
+        if self.group is not None and self.group.world_size > 1:
+            raise NotImplementedError(
+                "cropping a sharded layer below its sharded length is not supported over a process group"
+            )
+        cut = max(c for c in self.boundaries if c <= max_length)
+        parts_k, parts_v, parts_i = [], [], []
+        for s, shard in self.local_shards:
+            length = int((shard.index[0, 0] < cut).sum()) if shard.length else 0
+            k, v, i = shard.split(length)
+            parts_k.append(k.to(self.device, self.dtype))
+            parts_v.append(v.to(self.device, self.dtype))
+            parts_i.append(i.to(self.device, torch.int64))
+            self.shard_lengths[s] = length
+        index = torch.cat(parts_i, dim=-1)
+        order = index.argsort(dim=-1)[..., : max_length - cut]
+        gather = lambda t: t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
+        self.tail_keys = gather(torch.cat(parts_k, dim=2))
+        self.tail_values = gather(torch.cat(parts_v, dim=2))
+        self.sharded_length = cut
+        self.boundaries = [c for c in self.boundaries if c <= cut]
+        if cut == 0:
+            self.shards, self.key_min, self.key_max, self.key_sum = [], None, None, None
+            self.shard_lengths = [0] * self.num_shards
+            self.boundaries = [0]
+        else:
+            self._refresh_summaries()
+
+    def _map_batch(self, fn) -> None:
+        for _, shard in self.local_shards:
+            shard.map_batch(fn)
+        if self.tail_keys is not None:
+            self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
+        if self.key_min is not None:
+            self.key_min, self.key_max, self.key_sum = fn(self.key_min), fn(self.key_max), fn(self.key_sum)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._map_batch(lambda t: t[indices.to(t.device), ...])
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
+
+    def offload(self) -> None:
+        """Shards stay where they are placed."""
+
+    def prefetch(self) -> None:
+        """Shards stay where they are placed."""
+
+    def reset(self) -> None:
+        """Drop every token (the layer stays initialised, with its dtype and device)."""
+        self.shards, self.shard_lengths, self.sharded_length = [], [0] * self.num_shards, 0
+        self.boundaries = [0]
+        self.key_min = self.key_max = self.key_sum = None
+        if self.tail_keys is not None:
+            self.tail_keys = self.tail_keys[:, :, :0].clone()
+            self.tail_values = self.tail_values[:, :, :0].clone()
+
+    def __repr__(self) -> str:
+        return (
+            f"ShardedKVLayer(num_shards={self.num_shards}, placement={self.placement!r}, "
+            f"shard_lengths={self.shard_lengths}, tail={self.tail_length_now}, nbytes={self.nbytes})"
+        )

@@ -1,0 +1,119 @@
+"""Shards over torch.distributed ranks: the process group a sharded cache lives on, and its one collective.
+
+Every rank runs the same model on the same inputs (the weights are replicated, as in vLLM / SGLang decode
+context parallelism) and holds the tokens of its own shards only. At each decode step and layer, a rank
+computes the partial attention of the query over the shards it holds, ``(output, lse)``, and
+:meth:`ShardGroup.merge` all-gathers those partials (``B x Hq x Lq x (Dv + 1)`` float32 per rank, never
+keys or values) and merges them exactly by log-sum-exp, in rank order, so that every rank ends with the
+same attention output. Works with NCCL on GPUs and gloo on CPU; launch with ``torchrun``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from pikvpress.kernels.decode_attention import merge_attention_states
+
+logger = logging.getLogger(__name__)
+
+
+class ShardGroup:
+    """The ranks a sharded cache spreads its shards over.
+
+    Parameters
+    ----------
+    process_group : torch.distributed.ProcessGroup or "default" or None
+        The group (None / ``"default"``: the default group of ``init_process_group``).
+    timeout : float
+        Seconds a rank waits for the others at a collective before it raises (a dead or stalled rank).
+
+    Raises
+    ------
+    RuntimeError
+        If torch.distributed is not initialised.
+    ValueError
+        If this process is not a member of ``process_group`` or ``timeout`` is not positive.
+    """
+
+    def __init__(self, process_group: Any = "default", timeout: float = 300.0):
+        if not dist.is_available() or not dist.is_initialized():
+            raise RuntimeError(
+                "torch.distributed is not initialised: launch with torchrun and call "
+                "torch.distributed.init_process_group(backend='nccl' on GPUs or 'gloo' on CPU) before sharding "
+                "a cache over a process group"
+            )
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or timeout <= 0:
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if process_group is not None and not isinstance(process_group, (str, dist.ProcessGroup)):
+            raise ValueError(
+                f"process_group must be a torch.distributed ProcessGroup or 'default', got {type(process_group).__name__}"
+            )
+        if isinstance(process_group, str) and process_group != "default":
+            raise ValueError(f"process_group must be a ProcessGroup or 'default', got {process_group!r}")
+        self.group = None if process_group in (None, "default") else process_group
+        self.rank = dist.get_rank(self.group)
+        if self.rank < 0:
+            raise ValueError(f"this process (global rank {dist.get_rank()}) is not a member of process_group")
+        self.world_size = dist.get_world_size(self.group)
+        self.backend = str(dist.get_backend(self.group))
+        self.timeout = float(timeout)
+        self.payload_bytes = 0  # bytes this rank contributed to collectives since the last reset_counters
+        self.collectives = 0
+
+    # ----------------------------------------------------------------------------------------------
+    def _device(self, tensor: torch.Tensor) -> torch.device:
+        """The device a collective of this backend takes (gloo: CPU; NCCL: the tensor's GPU)."""
+        return torch.device("cpu") if self.backend == "gloo" else tensor.device
+
+    def _wait(self, work: Any, what: str) -> None:
+        try:
+            work.wait(timeout=datetime.timedelta(seconds=self.timeout))
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: {what} with the other ranks did not complete within "
+                f"{self.timeout:g} s ({error}). A rank has probably died or stopped decoding; every rank must run "
+                "the same model call on the same inputs."
+            ) from error
+
+    def check_consistent(self, settings: dict[str, Any]) -> None:
+        """Raise ``ValueError`` on every rank unless all ranks pass equal ``settings`` (a collective)."""
+        gathered: list[Any] = [None] * self.world_size
+        dist.all_gather_object(gathered, settings, group=self.group)
+        mismatched = [r for r, other in enumerate(gathered) if other != settings]
+        if mismatched:
+            raise ValueError(
+                f"rank {self.rank}: the ranks of the process group disagree on the sharded cache's settings: "
+                f"this rank has {settings}, rank {mismatched[0]} has {gathered[mismatched[0]]}"
+            )
+
+    def merge(
+        self, out: torch.Tensor, lse: torch.Tensor, what: str = "partial attention"
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """All-gather every rank's partial ``out`` ``(..., Dv)`` and ``lse`` ``(...)`` (float32) and merge them
+        exactly, in rank order. One collective; returns ``(out, lse)`` on ``out``'s device."""
+        dv = out.shape[-1]
+        payload = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).to(self._device(out)).contiguous()
+        gathered = [torch.empty_like(payload) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(gathered, payload, group=self.group, async_op=True), f"exchanging {what}")
+        self.payload_bytes += payload.numel() * payload.element_size()
+        self.collectives += 1
+        stacked = torch.stack(gathered, dim=-2).to(out.device)  # (..., W, Dv + 1)
+        return merge_attention_states(stacked[..., :dv], stacked[..., dv], dim=-1)
+
+    def reset_counters(self) -> None:
+        """Zero :attr:`payload_bytes` and :attr:`collectives`."""
+        self.payload_bytes = 0
+        self.collectives = 0
+
+    @property
+    def bytes_sent_per_payload_byte(self) -> int:
+        """Bytes a rank puts on the wire per byte of its payload in an all-gather (ring: one copy to each peer)."""
+        return self.world_size - 1
+
+    def __repr__(self) -> str:
+        return f"ShardGroup(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"

@@ -1,0 +1,270 @@
+"""PiKVPress: expert routing -> compression -> expert-sharded storage at prefill; routed sharded attention and
+scheduling while decoding."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Generator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from kvpress.presses.base_press import BasePress, is_prefilling
+from torch import nn
+
+from pikvpress.attention import enable_packed_attention
+from pikvpress.cache.sharded_layer import ShardedKVLayer, check_shard_args
+from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
+from pikvpress.presses.expert_routing_press import ExpertRoutingPress
+from pikvpress.presses.quantization_press import QuantizationPress
+from pikvpress.routing.shards import ROUTED_EXPERTS
+
+logger = logging.getLogger(__name__)
+
+_PACKING = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout")
+
+
+def _component(value: Any, cls: type, name: str, **defaults: Any) -> Any:
+    """A component press from an instance, a dict of its fields (the harness's YAML), or None."""
+    if value is None or isinstance(value, cls):
+        return value
+    if isinstance(value, dict):
+        return cls(**{**defaults, **value})
+    raise ValueError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
+
+
+@dataclass
+class PiKVPress(BasePress):
+    """The PiKV system: route, compress and shard each layer's KV at prefill; read it routed and sharded.
+
+    Prefill (each full-attention layer, after its attention ran on the whole context):
+
+    1. ``routing`` (an :class:`ExpertRoutingPress`) decides which tokens are kept, and which expert each kept
+       token belongs to;
+    2. the kept tokens move to a :class:`~pikvpress.cache.ShardedKVLayer` of ``num_shards`` shards placed by
+       ``placement`` (``"experts"``: the shard holding the token's expert, balanced), on ``devices`` or on the
+       ranks of ``process_group``; the last ``tail_length`` tokens stay in the tail, on the query's device;
+    3. with ``compression`` (a :class:`QuantizationPress`), every shard stores its tokens packed its way.
+
+    Decode: each query reads the tail and its ``top_k_shards`` best shards (all of them when None: exact
+    attention over what is stored), each shard computing its partial attention where it lives, merged exactly
+    by log-sum-exp (one all-gather of (output, lse) per layer and step across ranks). With ``scheduling`` (an
+    :class:`AdaptiveSchedulingPress`), its policy evicts inside the shards every ``interval`` steps, each shard
+    keeping its share of the budget. kvpress's pipeline runs a press while answering only inside a
+    ``PrefillDecodingPress``: wrap a press with scheduling as
+    ``PrefillDecodingPress(prefilling_press=press, decoding_press=press)`` (the harness does).
+
+    Parameters
+    ----------
+    routing : ExpertRoutingPress or dict, optional
+        The prefill's token selection and expert assignment; a dict builds one with these fields.
+    compression : QuantizationPress or dict, optional
+        How shards pack their tokens (bits, group sizes, layout); None keeps them dense.
+    scheduling : AdaptiveSchedulingPress or dict, optional
+        Decode-time eviction inside the shards (single-process caches).
+    num_shards : int
+        Shards per layer.
+    top_k_shards : int, optional
+        Shards each query reads, in 1..num_shards; None reads all.
+    shard_score : {"bound", "centroid"}
+        How shards are ranked for a query: Quest's upper bound on ``q . k`` from the shard's key min/max, or the
+        affinity to its mean key.
+    placement : {"experts", "contiguous", "round_robin"}
+        Token-to-shard rule (:func:`~pikvpress.routing.shard_assignment`).
+    devices : list of str, optional
+        Devices the shards are spread over (their number must divide ``num_shards``); default: the model's.
+    process_group : torch.distributed.ProcessGroup or "default", optional
+        Spread the shards over this group's ranks instead (every rank runs the same calls); needs
+        ``torch.distributed`` initialised (``torchrun``).
+    tail_length : int, optional
+        Most recent tokens kept unsharded and always read; default: ``compression.residual_length`` with
+        compression, else 32.
+    flush_tokens : int
+        Tokens each shard receives per row when the tail overflows while decoding.
+    timeout : float
+        Seconds a rank waits for the others at a collective before raising.
+    compression_ratio : float, optional
+        The routing press's ``compression_ratio`` (fraction of the context removed): sets it when ``routing`` is
+        a dict, must match it when it is a press, and builds ``ExpertRoutingPress(compression_ratio)`` when
+        ``routing`` is None. The harness's sweep passes it.
+
+    Examples
+    --------
+    >>> press = PiKVPress(
+    ...     routing=ExpertRoutingPress(compression_ratio=0.5),
+    ...     compression=QuantizationPress(bits=4),
+    ...     num_shards=4,
+    ...     top_k_shards=2,
+    ... )
+    >>> with press(model):
+    ...     out = model.generate(input_ids, max_new_tokens=32)
+    """
+
+    routing: ExpertRoutingPress | dict | None = None
+    compression: QuantizationPress | dict | None = None
+    scheduling: AdaptiveSchedulingPress | dict | None = None
+    num_shards: int = 4
+    top_k_shards: int | None = None
+    shard_score: str = "bound"
+    placement: str = "experts"
+    devices: Sequence[str] | None = None
+    process_group: Any = None
+    tail_length: int | None = None
+    flush_tokens: int = 16
+    timeout: float = 300.0
+    compression_ratio: float | None = None
+    _group: Any = field(default=None, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        ratio = self.compression_ratio
+        if ratio is not None and (isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0 <= ratio < 1):
+            raise ValueError(f"compression_ratio must be None or in [0, 1), got {ratio!r}")
+        self.routing = _component(self.routing, ExpertRoutingPress, "routing", compression_ratio=ratio or 0.0)
+        self.compression = _component(self.compression, QuantizationPress, "compression")
+        self.scheduling = _component(self.scheduling, AdaptiveSchedulingPress, "scheduling", compression_ratio=0.0)
+        if self.routing is None and ratio:  # a ratio alone: the default routing press removes that share
+            self.routing = ExpertRoutingPress(compression_ratio=ratio)
+        if self.routing is not None:
+            if ratio is not None and ratio != self.routing.compression_ratio:
+                raise ValueError(
+                    f"compression_ratio={ratio} differs from the routing press's {self.routing.compression_ratio}"
+                )
+            self.compression_ratio = self.routing.compression_ratio
+        if self.tail_length is None:
+            self.tail_length = self.compression.residual_length if self.compression is not None else 32
+        check_shard_args(
+            self.num_shards,
+            self.placement,
+            self.top_k_shards,
+            self.shard_score,
+            self.tail_length,
+            self.flush_tokens,
+            self.devices,
+        )
+        if self.devices is not None and self.process_group is not None:
+            raise ValueError("give devices or process_group, not both")
+        if self.scheduling is not None and self.process_group is not None:
+            raise ValueError(
+                "scheduling evicts from shards held in this process only; it is not supported with process_group"
+            )
+
+    #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
+    replays_with_hooks: ClassVar[bool] = True
+
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def reads_decoder_inputs(self) -> bool:
+        """Whether the routing press reads the decoder layers' inputs (the MoE gate router)."""
+        return self.routing is not None and self.routing.reads_decoder_inputs
+
+    @property
+    def compresses_while_decoding(self) -> bool:
+        """Whether the press evicts while decoding (it has a scheduling press)."""
+        return self.scheduling is not None
+
+    @property
+    def group(self) -> Any:
+        """The :class:`~pikvpress.distributed.ShardGroup` of ``process_group`` (after the press met a model)."""
+        return self._group
+
+    def settings(self) -> dict[str, Any]:
+        """What every rank of a process group must agree on."""
+        packing = None if self.compression is None else {k: str(getattr(self.compression, k)) for k in _PACKING}
+        return {
+            "num_shards": self.num_shards,
+            "top_k_shards": self.top_k_shards,
+            "shard_score": self.shard_score,
+            "placement": self.placement,
+            "tail_length": self.tail_length,
+            "flush_tokens": self.flush_tokens,
+            "packing": packing,
+            "routing": None if self.routing is None else repr(self.routing),
+        }
+
+    def post_init_from_model(self, model: nn.Module) -> None:
+        for part in (self.routing, self.compression, self.scheduling):
+            if part is not None:
+                part.post_init_from_model(model)
+        if self.process_group is not None:
+            if self._group is None:
+                from pikvpress.distributed import ShardGroup
+
+                self._group = ShardGroup(self.process_group, timeout=self.timeout)
+                check_shard_args(
+                    self.num_shards,
+                    self.placement,
+                    self.top_k_shards,
+                    self.shard_score,
+                    self.tail_length,
+                    self.flush_tokens,
+                    world_size=self._group.world_size,
+                )
+            self._group.check_consistent(self.settings())
+        enable_packed_attention(model)
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Generator:
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            if self.routing is not None:
+                self.routing._remove_input_hooks()
+
+    def reset(self) -> None:
+        """Forget the scheduling press's per-sequence statistics (kvpress's PrefillDecodingPress calls it)."""
+        if self.scheduling is not None:
+            self.scheduling.reset()
+
+    # ----------------------------------------------------------------------------------------------
+    def sharded_layer(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> ShardedKVLayer:
+        """The sharded layer this press stores for one layer's ``keys`` and ``values`` (not yet distributed)."""
+        packing = None
+        if self.compression is not None:
+            packing = {name: getattr(self.compression, name) for name in _PACKING}
+        layer = ShardedKVLayer(
+            num_shards=self.num_shards,
+            placement=self.placement,
+            devices=self.devices,
+            group=self._group,
+            top_k_shards=self.top_k_shards,
+            shard_score=self.shard_score,
+            tail_length=self.tail_length,
+            flush_tokens=self.flush_tokens,
+            packing=packing,
+            config=module.config,
+        )
+        layer.lazy_initialization(keys, values)
+        layer.tail_keys, layer.tail_values = keys, values
+        return layer
+
+    def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
+        hidden_states = kwargs["hidden_states"]
+        cache = kwargs["past_key_values"]
+        idx = int(module.layer_idx)
+        if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
+            if self.scheduling is not None:
+                return self.scheduling.forward_hook(module, input, kwargs, output)
+            return output
+        if isinstance(cache.layers[idx], ShardedKVLayer) and cache.layers[idx].has_shards:
+            raise ValueError(f"layer {idx} is sharded already: PiKVPress prefills an empty cache")
+        if self.routing is not None:
+            output = self.routing.forward_hook(module, input, kwargs, output)
+        if self.scheduling is not None:
+            output = self.scheduling.forward_hook(module, input, kwargs, output)
+        layer = cache.layers[idx]
+        keys, values = layer.keys, layer.values
+        routed = module.__dict__.pop(ROUTED_EXPERTS, None)
+        experts = num_experts = None
+        if (
+            routed is not None
+            and routed[0] == id(cache)
+            and routed[1].shape == keys.shape[:3]
+            and keys.shape[2] > self.tail_length
+        ):
+            experts, num_experts = routed[1][..., : keys.shape[2] - self.tail_length], routed[2]
+        sharded = self.sharded_layer(module, keys, values)
+        sharded.distribute(experts=experts, num_experts=num_experts)
+        cache.layers[idx] = sharded
+        return output

@@ -1,0 +1,117 @@
+"""One rank of the multi-process tests in test_distributed.py (launched by torchrun, or with RANK / WORLD_SIZE /
+MASTER_ADDR / MASTER_PORT set by the test).
+
+Every rank builds the same tiny MoE model, decodes ``--new-tokens`` greedy tokens single-process with a dense
+cache (the reference), then again with PiKVPress sharding the cache over the gloo group, and writes what it saw
+to ``<out>/rank<r>.json``: the largest logit difference to the reference, the generated tokens, the bytes this
+rank contributed to collectives per decode step, the collectives per step, and the bytes it holds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import traceback
+
+import torch
+import torch.distributed as dist
+from transformers import DynamicCache
+
+from pikvpress import tiny_model
+from pikvpress.cache import ShardedKVLayer, cache_nbytes
+from pikvpress.presses import ExpertRoutingPress, PiKVPress, QuantizationPress
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--family", default="qwen3_moe")
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--context", type=int, default=96)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--batch", type=int, default=1)
+    parser.add_argument("--routing", action="store_true")
+    parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--die-at-step", type=int, default=-1, help="rank 1 exits at this decode step")
+    parser.add_argument("--mismatch", action="store_true", help="rank 1 asks for a different num_shards")
+    parser.add_argument("--timeout", type=float, default=60.0)
+    args = parser.parse_args()
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=max(args.timeout, 10)))
+    rank = dist.get_rank()
+    result: dict = {"rank": rank, "world_size": dist.get_world_size()}
+    try:
+        model = tiny_model(args.family)
+        gen = torch.Generator().manual_seed(0)
+        ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=gen)
+        kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+        kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+        routing = ExpertRoutingPress(compression_ratio=0.5, router="gate", num_experts=4, window_size=8)
+        if args.routing:
+            with torch.no_grad(), dataclasses.replace(routing)(model):  # a fresh press with the same fields
+                dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+        else:
+            with torch.no_grad():
+                dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+
+        shards = args.shards * 2 if args.mismatch and rank == 1 else args.shards
+        press = PiKVPress(
+            routing=routing if args.routing else None,
+            compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
+            num_shards=shards,
+            tail_length=4,
+            flush_tokens=1,
+            process_group="default",
+            timeout=args.timeout,
+        )
+        steps = {"n": 0}
+
+        def count_steps(module, args_, kwargs_, output):
+            if kwargs_["hidden_states"].shape[1] == 1:
+                steps["n"] += 1
+                if steps["n"] == args.die_at_step and rank == 1:
+                    os._exit(3)  # a rank dies mid-decode
+
+        first = model.model.layers[0].self_attn
+        handle = first.register_forward_hook(count_steps, with_kwargs=True)
+        cache = DynamicCache(config=model.config)
+        try:
+            with torch.no_grad(), press(model):
+                press.group.reset_counters()
+                sharded = model.generate(ids, past_key_values=cache, **kwargs)
+        finally:
+            handle.remove()
+        diff = max(float((a - b).abs().max()) for a, b in zip(dense.logits, sharded.logits))
+        layers = [layer for layer in cache.layers if isinstance(layer, ShardedKVLayer)]
+        result |= {
+            "max_logit_diff": diff,
+            "tokens": sharded.sequences[:, args.context :].tolist(),
+            "dense_tokens": dense.sequences[:, args.context :].tolist(),
+            "decode_steps": steps["n"],
+            "payload_bytes_per_step": press.group.payload_bytes / max(1, steps["n"]),
+            "collectives_per_step": press.group.collectives / max(1, steps["n"]),
+            "sharded_layers": len(layers),
+            "local_shards": [len(layer.local_shards) for layer in layers],
+            "cache_nbytes": cache_nbytes(cache),
+            "heads": model.config.num_attention_heads,
+            "value_dim": model.config.head_dim,
+        }
+    except Exception as error:  # noqa: BLE001 - reported to the test, which checks the message
+        result["error"] = f"{type(error).__name__}: {error}"
+        result["traceback"] = traceback.format_exc()
+    with open(os.path.join(args.out, f"rank{rank}.json"), "w") as f:
+        json.dump(result, f)
+    if "error" not in result:
+        dist.barrier()
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    os._exit(0 if "error" not in result else 1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,320 @@
+"""ExpertShardedCache / ShardedKVLayer: placement, routing summaries, exact sharded attention, top-k, crop, evict."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import get_tiny_model
+from torch import nn
+from transformers import DynamicCache
+
+from pikvpress import enable_packed_attention
+from pikvpress.attention import sharded_layer_attention
+from pikvpress.cache import ExpertShardedCache, ShardedKVLayer, cache_bytes_read, cache_nbytes_per_device
+from pikvpress.kernels.decode_attention import dense_attention_partial
+from pikvpress.models import TINY_FAMILIES
+from pikvpress.routing.shards import (
+    balanced_assignment,
+    select_shards,
+    shard_assignment,
+    shard_counts,
+    shard_scores,
+)
+
+B, HKV, G, D = 2, 2, 3, 16
+PACKING = {"bits": 8, "group_size": 4, "key_group_size": 8, "residual_length": 0, "stats_dtype": torch.float16}
+
+
+def random_kv(t: int, seed: int = 0, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    keys = torch.randn(B, HKV, t, D, generator=gen) * 2
+    values = torch.randn(B, HKV, t, D, generator=gen)
+    return keys.to(dtype), values.to(dtype)
+
+
+def filled_layer(t: int, *, seed: int = 0, dtype=torch.float32, **kwargs) -> ShardedKVLayer:
+    """A layer holding ``t`` random tokens, all but ``tail_length`` of them distributed."""
+    layer = ShardedKVLayer(**kwargs)
+    keys, values = random_kv(t, seed, dtype)
+    layer.update(keys, values)
+    layer.distribute()
+    return layer
+
+
+def dense_reference(query, keys, values, scale, keep=None):
+    out, _ = dense_attention_partial(query, keys, values, scale, keep)
+    return out.transpose(1, 2)
+
+
+def causal_keep(lq: int, n: int) -> torch.Tensor:
+    return (torch.arange(n)[None, :] <= torch.arange(n - lq, n)[:, None])[None, None]
+
+
+# --------------------------------------------------------------------------------------------------
+# placement
+# --------------------------------------------------------------------------------------------------
+
+
+def test_balanced_assignment_fills_every_shard_exactly_and_is_stable():
+    gen = torch.Generator().manual_seed(0)
+    preference = torch.rand(B, HKV, 50, 4, generator=gen)
+    counts = shard_counts(50, 4)
+    assert counts == [13, 13, 12, 12]
+    shard = balanced_assignment(preference, counts)
+    for b in range(B):
+        for h in range(HKV):
+            assert torch.bincount(shard[b, h], minlength=4).tolist() == counts
+            # stable: a token preferring shard s to its own finds s full of tokens that prefer s at least as much
+            pref = preference[b, h]
+            own = pref.gather(-1, shard[b, h][:, None]).squeeze(-1)
+            for s in range(4):
+                members = pref[shard[b, h] == s, s]
+                envious = (pref[:, s] > own) & (shard[b, h] != s)
+                assert bool((pref[envious, s] <= members.min()).all())
+
+
+def test_balanced_assignment_keeps_first_choices_that_fit():
+    first = torch.arange(40).remainder(4)[torch.randperm(40, generator=torch.Generator().manual_seed(1))]
+    preference = torch.nn.functional.one_hot(first, 4).float().expand(B, HKV, 40, 4) + 0.01
+    assert torch.equal(balanced_assignment(preference, [10] * 4), first.expand(B, HKV, 40))
+
+
+def test_shard_assignment_rules():
+    keys, _ = random_kv(10)
+    contiguous = shard_assignment(keys, 3, "contiguous")
+    assert contiguous[0, 0].tolist() == [0, 0, 0, 0, 1, 1, 1, 2, 2, 2]
+    assert shard_assignment(keys, 3, "round_robin")[1, 1].tolist() == [0, 1, 2, 0, 1, 2, 0, 1, 2, 0]
+    # experts: expert e of 8 lives in shard e * 4 // 8; every group fits, so every token goes to its expert's shard
+    experts = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7, 0, 2]).expand(B, HKV, 10)
+    placed = shard_assignment(keys, 4, "experts", experts=experts, num_experts=8)
+    # shard sizes are [3, 3, 2, 2]: group 1 (experts 2, 3) has three tokens, group 0 (0, 1) three
+    assert placed[0, 0].tolist() == [0, 0, 1, 1, 2, 2, 3, 3, 0, 1]
+    with pytest.raises(ValueError, match="placement must be one of"):
+        shard_assignment(keys, 2, "random")
+
+
+def test_key_cluster_placement_groups_similar_keys():
+    # four well-separated directions: each cluster is one shard
+    gen = torch.Generator().manual_seed(2)
+    directions = torch.nn.functional.normalize(torch.randn(4, D, generator=gen), dim=-1) * 10
+    labels = torch.arange(64) % 4
+    keys = (directions[labels] + 0.1 * torch.randn(64, D, generator=gen)).expand(1, 1, 64, D)
+    placed = shard_assignment(keys, 4, "experts")[0, 0]
+    for label in range(4):
+        assert placed[labels == label].unique().numel() == 1
+
+
+# --------------------------------------------------------------------------------------------------
+# summaries and selection
+# --------------------------------------------------------------------------------------------------
+
+
+def test_quest_bound_bounds_every_key_and_centroid_is_the_mean_logit():
+    layer = filled_layer(80, num_shards=4, placement="experts")
+    query = torch.randn(B, HKV, G, D, generator=torch.Generator().manual_seed(3))
+    counts = torch.tensor(layer.shard_lengths).expand(B, HKV, 4)
+    centroid = layer.key_sum / counts.unsqueeze(-1)
+    bound = shard_scores(query, layer.key_min, layer.key_max, centroid, counts, "bound")
+    mean = shard_scores(query, layer.key_min, layer.key_max, centroid, counts, "centroid")
+    for s, shard in layer.local_shards:
+        logits = torch.matmul(query, shard.keys.transpose(-1, -2))  # (B, HKV, G, L)
+        assert bool((bound[..., s] >= logits.amax(-1) - 1e-4).all())
+        torch.testing.assert_close(mean[..., s], logits.mean(-1), rtol=1e-4, atol=1e-4)
+        # the bound is tight somewhere: it equals max q.k for a key at the shard's corner, never far above
+        assert bool((bound[..., s] > logits.amax(-1) - 1e-4).all())
+
+
+def test_select_shards_picks_the_best_and_never_an_empty_shard():
+    scores = torch.tensor([[[[0.5, 2.0, float("-inf"), 1.0]]]])
+    assert select_shards(scores, 2).tolist() == [[[[False, True, False, True]]]]
+    assert select_shards(scores, 4).tolist() == [[[[True, True, False, True]]]]
+
+
+# --------------------------------------------------------------------------------------------------
+# exact attention over the shards
+# --------------------------------------------------------------------------------------------------
+
+TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
+
+
+@pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
+@pytest.mark.parametrize("placement", ["experts", "contiguous", "round_robin"])
+@pytest.mark.parametrize("lq", [1, 3])
+def test_all_shards_equal_dense_attention(dtype, placement, lq):
+    layer = filled_layer(70, num_shards=4, placement=placement, tail_length=5, dtype=dtype)
+    new_k, new_v = random_kv(lq, seed=9, dtype=dtype)
+    layer.update(new_k, new_v)  # the tokens land in the tail (the attention function reads it)
+    query = torch.randn(B, HKV * G, lq, D, generator=torch.Generator().manual_seed(4)).to(dtype)
+    out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, None, layer, scaling=0.25)
+    keys, values = layer.dequantized()
+    assert keys.shape[2] == 70 + lq
+    ref = dense_reference(query, keys, values, 0.25, causal_keep(lq, 70 + lq) if lq > 1 else None)
+    torch.testing.assert_close(out.float(), ref, rtol=TOLERANCE[dtype], atol=TOLERANCE[dtype])
+
+
+def test_padding_mask_reaches_the_sharded_tokens():
+    layer = filled_layer(60, num_shards=3, tail_length=4)
+    layer.update(*random_kv(1, seed=5))
+    n = 61
+    keep = torch.ones(B, 1, 1, n, dtype=torch.bool)
+    keep[1, :, :, :17] = False  # row 1 is left-padded by 17 tokens
+    query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(6))
+    out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, keep, layer, scaling=0.3)
+    keys, values = layer.dequantized()
+    torch.testing.assert_close(out, dense_reference(query, keys, values, 0.3, keep), rtol=1e-5, atol=1e-5)
+
+
+def test_packed_shards_equal_dense_attention_over_what_they_store():
+    layer = filled_layer(90, num_shards=2, tail_length=3, packing=PACKING)
+    assert all(shard.packed is not None and shard.packed.packed_length > 0 for _, shard in layer.local_shards)
+    layer.update(*random_kv(1, seed=7))
+    query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(8))
+    out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, None, layer, scaling=0.25)
+    keys, values = layer.dequantized()  # the packed shards dequantized, in sequence order
+    torch.testing.assert_close(out, dense_reference(query, keys, values, 0.25), rtol=1e-5, atol=1e-5)
+    dense = filled_layer(90, num_shards=2, tail_length=3)
+    assert layer.nbytes < dense.nbytes * 0.75  # int8 codes + fp16 stats instead of fp32
+
+
+def test_top_k_reads_only_the_chosen_shards():
+    layer = filled_layer(120, num_shards=4, tail_length=6, top_k_shards=1)
+    layer.update(*random_kv(1, seed=10))
+    query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(11))
+    out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, None, layer, scaling=0.25)
+    # reference: dense attention of each query row over its chosen shard and the tail
+    counts = torch.tensor(layer.shard_lengths).expand(B, HKV, 4)
+    scores = shard_scores(query.reshape(B, HKV, G, D) * 0.25, layer.key_min, layer.key_max, layer.key_sum, counts)
+    chosen = select_shards(scores, 1)  # (B, HKV, G, S)
+    assert bool((chosen.sum(-1) == 1).all())
+    token_shard = torch.full((B, HKV, 121), -1)
+    for s, shard in layer.local_shards:
+        token_shard.scatter_(-1, shard.index.long(), s)
+    keep = (token_shard[:, :, None, :] < 0) | chosen.gather(
+        -1, token_shard.clamp_min(0)[:, :, None, :].expand(-1, -1, G, -1)
+    )
+    keys, values = layer.dequantized()
+    ref = dense_reference(query, keys, values, 0.25, keep.reshape(B, HKV * G, 1, 121))
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    # bytes read: the tail, plus each (row, kv head)'s chosen shards
+    rows_read = sum(int(chosen[..., s].any(-1).sum()) * shard.row_kv_nbytes for s, shard in layer.local_shards)
+    assert layer.bytes_read == pytest.approx(rows_read + 2 * layer.tail_keys.numel() * 4)
+    full = filled_layer(120, num_shards=4, tail_length=6)
+    full.update(*random_kv(1, seed=10))
+    sharded_layer_attention(nn.Module(), query, full.tail_keys, full.tail_values, None, full, scaling=0.25)
+    assert full.bytes_read == pytest.approx(2 * (121 * B * HKV * D * 4))  # every token's key and value
+    assert layer.bytes_read < 0.8 * full.bytes_read
+
+
+@pytest.mark.parametrize("family", TINY_FAMILIES)
+def test_generate_with_every_shard_equals_dense_decoding(family):
+    model = get_tiny_model(family)
+    enable_packed_attention(model)
+    ids = torch.randint(3, 259, (2, 48), generator=torch.Generator().manual_seed(12))
+    kwargs = {"max_new_tokens": 32, "min_new_tokens": 32, "do_sample": False}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+        cache = ExpertShardedCache(num_shards=4, tail_length=4, flush_tokens=2, config=model.config)
+        sharded = model.generate(ids, past_key_values=cache, **kwargs)
+    layers = [layer for layer in cache.layers if isinstance(layer, ShardedKVLayer)]
+    assert layers and all(layer.has_shards for layer in layers)
+    assert all(layer.sharded_length > 48 - 4 for layer in layers)  # decode tokens were flushed to the shards too
+    diff = max(float((a - b).abs().max()) for a, b in zip(dense.logits, sharded.logits))
+    assert diff <= 1e-4
+    assert torch.equal(dense.sequences, sharded.sequences)
+    assert cache_bytes_read(cache) > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# crop, evict, views, bytes
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("crop_to", [75, 66, 64, 50, 20, 0])
+def test_crop_keeps_the_first_tokens_in_order(crop_to):
+    layer = filled_layer(64, num_shards=4, tail_length=2, flush_tokens=1)
+    for step in range(16):  # decode: the tail overflows and flushes 4 tokens at a time
+        layer.update(*random_kv(1, seed=100 + step))
+    assert layer.sharded_length > 64 - 2
+    keys, values = layer.dequantized()
+    layer.keys = layer.keys[:, :, :crop_to]  # what kvpress's pipeline does to remove an answer
+    layer.values = layer.values[:, :, :crop_to]
+    assert layer.get_seq_length() == crop_to
+    if crop_to:
+        k, v = layer.dequantized()
+        assert torch.equal(k, keys[:, :, :crop_to]) and torch.equal(v, values[:, :, :crop_to])
+    # shards stay rectangular and balanced
+    assert max(layer.shard_lengths) - min(layer.shard_lengths) <= 1
+
+
+def test_evict_keeps_each_shards_share_and_returns_the_kept_indices():
+    layer = filled_layer(100, num_shards=4, tail_length=8)
+    keys, values = layer.dequantized()
+    order = torch.stack([torch.randperm(100, generator=torch.Generator().manual_seed(s)) for s in range(B * HKV)])
+    kept = layer.evict(order.view(B, HKV, 100), budget=48)
+    assert kept.shape == (B, HKV, 48)
+    assert layer.shard_lengths == [10, 10, 10, 10]  # 48 - the 8 tail tokens, split evenly
+    k, v = layer.dequantized()
+    assert torch.equal(k, keys.gather(2, kept[..., None].expand(-1, -1, -1, D)))
+    assert torch.equal(v, values.gather(2, kept[..., None].expand(-1, -1, -1, D)))
+    assert bool((kept[..., -8:] == torch.arange(92, 100)).all())  # the tail (recent tokens) stays
+    # inside a shard, the best-ranked tokens stay
+    rank = torch.empty_like(order).scatter_(-1, order, torch.arange(100).expand_as(order)).view(B, HKV, 100)
+    for s, shard in layer.local_shards:
+        assert shard.length == 10
+    # summaries follow the kept keys
+    for s, shard in layer.local_shards:
+        torch.testing.assert_close(layer.key_max[:, :, s], shard.keys.amax(2))
+    assert rank.shape == (B, HKV, 100)
+
+
+def test_views_and_bytes():
+    layer = filled_layer(40, num_shards=2, tail_length=4)
+    assert layer.keys.shape == (B, HKV, 40, D)
+    with pytest.raises(TypeError, match="dequantize"):
+        torch.cat([layer.keys])
+    with pytest.raises(TypeError, match="can only be cropped"):
+        layer.keys = torch.zeros(B, HKV, 40, D)
+    per_device = layer.nbytes_per_device()
+    assert sum(per_device.values()) == layer.nbytes
+    kv = 2 * B * HKV * 40 * D * 4
+    index = B * HKV * 36 * 4
+    summaries = 3 * B * HKV * 2 * D * 4
+    assert layer.nbytes == kv + index + summaries
+    cache = DynamicCache()
+    cache.layers = [layer]
+    assert cache_nbytes_per_device(cache) == {"cpu": layer.nbytes}
+
+
+# --------------------------------------------------------------------------------------------------
+# errors
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("top_k", [0, 5, True, 1.5])
+def test_bad_top_k_is_rejected(top_k):
+    with pytest.raises(ValueError, match="top_k_shards must be None or an int in 1..num_shards=4"):
+        ShardedKVLayer(num_shards=4, top_k_shards=top_k)
+
+
+def test_more_shards_than_tokens_is_rejected():
+    layer = ShardedKVLayer(num_shards=8)
+    layer.update(*random_kv(6))
+    with pytest.raises(ValueError, match="cannot split 6 tokens into num_shards=8"):
+        layer.distribute()
+    assert layer.tail_length_now == 6 and not layer.has_shards  # nothing moved
+
+
+@pytest.mark.parametrize("devices", [["cpu"] * 3, ["cpu"] * 8, "cpu", []])
+def test_a_device_list_that_does_not_fit_is_rejected(devices):
+    with pytest.raises(ValueError, match="devices|device list"):
+        ExpertShardedCache(num_shards=4, devices=devices)
+
+
+def test_devices_spread_the_shards():
+    layer = filled_layer(40, num_shards=4, devices=["cpu", "cpu"])
+    assert [layer.shard_device(s) for s in range(4)] == [torch.device("cpu")] * 4
+    with pytest.raises(ValueError, match="num_shards must be"):
+        ShardedKVLayer(num_shards=0)
+    with pytest.raises(ValueError, match="placement must be one of"):
+        ShardedKVLayer(placement="hash")
