@@ -32,7 +32,8 @@ from torch import nn
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
 
-from pikvpress.cache.packed_layer import ATTENTION_PREFIX, LAYER_TAG, PackedKVLayer
+from pikvpress.cache.layer_base import ATTENTION_PREFIX, LAYER_TAG
+from pikvpress.cache.packed_layer import PackedKVLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.compat.patches import align_mask
 from pikvpress.kernels.decode_attention import (

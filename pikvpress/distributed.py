@@ -91,6 +91,18 @@ class ShardGroup:
                 f"this rank has {settings}, rank {mismatched[0]} has {gathered[mismatched[0]]}"
             )
 
+    def exchange(self, obj: Any, what: str = "data") -> list[Any]:
+        """Every rank's ``obj`` (picklable), in rank order: one collective, for rare events (a crop), never per step."""
+        gathered: list[Any] = [None] * self.world_size
+        try:
+            dist.all_gather_object(gathered, obj, group=self.group)
+        except RuntimeError as error:
+            raise RuntimeError(
+                f"rank {self.rank}/{self.world_size}: exchanging {what} with the other ranks failed ({error}). "
+                "A rank has probably died or stopped; every rank must run the same model call on the same inputs."
+            ) from error
+        return gathered
+
     def merge(
         self, out: torch.Tensor, lse: torch.Tensor, what: str = "partial attention"
     ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -26,6 +26,32 @@ from pikvpress.cache import ShardedKVLayer, cache_nbytes
 from pikvpress.presses import ExpertRoutingPress, PiKVPress, QuantizationPress
 
 
+def pipeline_answers(args) -> dict:
+    """kvpress's pipeline with two questions (the first answer is cropped off the cache before the second), dense
+    on this rank alone and sharded over the group; the sharded cache's tail is short, so the question and answer
+    flush to the shards and every crop takes tokens back from the shards of every rank."""
+    from transformers import pipeline
+
+    from pikvpress import tiny_tokenizer
+
+    model = tiny_model(args.family)
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tiny_tokenizer(), device="cpu")
+    context = "The quick brown fox jumps over the lazy dog. " * 6
+    questions = ["Who jumps over the dog, and what colour is the fox?", "Over what does the quick fox jump?"]
+    dense = pipe(context, questions=questions, max_new_tokens=args.new_tokens)["answers"]
+    press = PiKVPress(num_shards=args.shards, tail_length=2, flush_tokens=1, process_group="default")
+    cache = DynamicCache()
+    sharded = pipe(context, questions=questions, press=press, max_new_tokens=args.new_tokens, cache=cache)["answers"]
+    context_len = len(pipe.preprocess(context, [""], "", 10**6)["context_ids"][0])
+    return {
+        "answers": sharded,
+        "dense_answers": dense,
+        "context_len": context_len,
+        "cache_lengths": [layer.get_seq_length() for layer in cache.layers],
+        "sharded_lengths": [getattr(layer, "sharded_length", -1) for layer in cache.layers],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
@@ -39,6 +65,7 @@ def main() -> None:
     parser.add_argument("--die-at-step", type=int, default=-1, help="rank 1 exits at this decode step")
     parser.add_argument("--mismatch", action="store_true", help="rank 1 asks for a different num_shards")
     parser.add_argument("--timeout", type=float, default=60.0)
+    parser.add_argument("--pipeline", action="store_true", help="kvpress's pipeline, two questions, instead")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
@@ -46,61 +73,7 @@ def main() -> None:
     rank = dist.get_rank()
     result: dict = {"rank": rank, "world_size": dist.get_world_size()}
     try:
-        model = tiny_model(args.family)
-        gen = torch.Generator().manual_seed(0)
-        ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=gen)
-        kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
-        kwargs |= {"output_logits": True, "return_dict_in_generate": True}
-        routing = ExpertRoutingPress(compression_ratio=0.5, router="gate", num_experts=4, window_size=8)
-        if args.routing:
-            with torch.no_grad(), dataclasses.replace(routing)(model):  # a fresh press with the same fields
-                dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-        else:
-            with torch.no_grad():
-                dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-
-        shards = args.shards * 2 if args.mismatch and rank == 1 else args.shards
-        press = PiKVPress(
-            routing=routing if args.routing else None,
-            compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
-            num_shards=shards,
-            tail_length=4,
-            flush_tokens=1,
-            process_group="default",
-            timeout=args.timeout,
-        )
-        steps = {"n": 0}
-
-        def count_steps(module, args_, kwargs_, output):
-            if kwargs_["hidden_states"].shape[1] == 1:
-                steps["n"] += 1
-                if steps["n"] == args.die_at_step and rank == 1:
-                    os._exit(3)  # a rank dies mid-decode
-
-        first = model.model.layers[0].self_attn
-        handle = first.register_forward_hook(count_steps, with_kwargs=True)
-        cache = DynamicCache(config=model.config)
-        try:
-            with torch.no_grad(), press(model):
-                press.group.reset_counters()
-                sharded = model.generate(ids, past_key_values=cache, **kwargs)
-        finally:
-            handle.remove()
-        diff = max(float((a - b).abs().max()) for a, b in zip(dense.logits, sharded.logits))
-        layers = [layer for layer in cache.layers if isinstance(layer, ShardedKVLayer)]
-        result |= {
-            "max_logit_diff": diff,
-            "tokens": sharded.sequences[:, args.context :].tolist(),
-            "dense_tokens": dense.sequences[:, args.context :].tolist(),
-            "decode_steps": steps["n"],
-            "payload_bytes_per_step": press.group.payload_bytes / max(1, steps["n"]),
-            "collectives_per_step": press.group.collectives / max(1, steps["n"]),
-            "sharded_layers": len(layers),
-            "local_shards": [len(layer.local_shards) for layer in layers],
-            "cache_nbytes": cache_nbytes(cache),
-            "heads": model.config.num_attention_heads,
-            "value_dim": model.config.head_dim,
-        }
+        result |= pipeline_answers(args) if args.pipeline else decode_report(args, rank)
     except Exception as error:  # noqa: BLE001 - reported to the test, which checks the message
         result["error"] = f"{type(error).__name__}: {error}"
         result["traceback"] = traceback.format_exc()
@@ -111,6 +84,65 @@ def main() -> None:
         dist.destroy_process_group()
     sys.stdout.flush()
     os._exit(0 if "error" not in result else 1)
+
+
+def decode_report(args, rank: int) -> dict:
+    """Greedy decoding dense on this rank alone, then sharded over the group: what the test checks."""
+    model = tiny_model(args.family)
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=gen)
+    kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+    routing = ExpertRoutingPress(compression_ratio=0.5, router="gate", num_experts=4, window_size=8)
+    if args.routing:
+        with torch.no_grad(), dataclasses.replace(routing)(model):  # a fresh press with the same fields
+            dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+    else:
+        with torch.no_grad():
+            dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+
+    shards = args.shards * 2 if args.mismatch and rank == 1 else args.shards
+    press = PiKVPress(
+        routing=routing if args.routing else None,
+        compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
+        num_shards=shards,
+        tail_length=4,
+        flush_tokens=1,
+        process_group="default",
+        timeout=args.timeout,
+    )
+    steps = {"n": 0}
+
+    def count_steps(module, args_, kwargs_, output):
+        if kwargs_["hidden_states"].shape[1] == 1:
+            steps["n"] += 1
+            if steps["n"] == args.die_at_step and rank == 1:
+                os._exit(3)  # a rank dies mid-decode
+
+    first = model.model.layers[0].self_attn
+    handle = first.register_forward_hook(count_steps, with_kwargs=True)
+    cache = DynamicCache(config=model.config)
+    try:
+        with torch.no_grad(), press(model):
+            press.group.reset_counters()
+            sharded = model.generate(ids, past_key_values=cache, **kwargs)
+    finally:
+        handle.remove()
+    diff = max(float((a - b).abs().max()) for a, b in zip(dense.logits, sharded.logits))
+    layers = [layer for layer in cache.layers if isinstance(layer, ShardedKVLayer)]
+    return {
+        "max_logit_diff": diff,
+        "tokens": sharded.sequences[:, args.context :].tolist(),
+        "dense_tokens": dense.sequences[:, args.context :].tolist(),
+        "decode_steps": steps["n"],
+        "payload_bytes_per_step": press.group.payload_bytes / max(1, steps["n"]),
+        "collectives_per_step": press.group.collectives / max(1, steps["n"]),
+        "sharded_layers": len(layers),
+        "local_shards": [len(layer.local_shards) for layer in layers],
+        "cache_nbytes": cache_nbytes(cache),
+        "heads": model.config.num_attention_heads,
+        "value_dim": model.config.head_dim,
+    }
 
 
 if __name__ == "__main__":

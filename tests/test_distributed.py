@@ -85,6 +85,17 @@ def test_sharded_decoding_over_gloo_equals_dense(tmp_path, world, extra):
     assert max(r["cache_nbytes"] for r in reports) < sum(r["cache_nbytes"] for r in reports)
 
 
+def test_kvpress_pipeline_over_gloo_answers_as_dense(tmp_path):
+    reports = _torchrun(2, tmp_path, "--pipeline", "--shards", "2", "--new-tokens", "12")
+    for report in reports:
+        assert "error" not in report, report.get("traceback")
+        assert report["answers"] == report["dense_answers"]
+        # after the last answer was cropped off, every layer holds the context again, part of it sharded
+        assert report["cache_lengths"] == [report["context_len"]] * len(report["cache_lengths"])
+        assert all(0 < n < report["context_len"] for n in report["sharded_lengths"])
+    assert reports[0]["answers"] == reports[1]["answers"]
+
+
 def test_a_rank_dying_mid_decode_makes_the_others_raise(tmp_path):
     done = _spawn(2, tmp_path, "--die-at-step", "5", "--timeout", "20", timeout=300)
     assert done[1].returncode == 3  # rank 1 died at its fifth decode step

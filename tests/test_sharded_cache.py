@@ -318,3 +318,22 @@ def test_devices_spread_the_shards():
         ShardedKVLayer(num_shards=0)
     with pytest.raises(ValueError, match="placement must be one of"):
         ShardedKVLayer(placement="hash")
+
+
+def test_pikv_press_rejects_more_shards_than_context_tokens_and_waits_when_routing_leaves_few():
+    from pikvpress import ExpertRoutingPress, PiKVPress
+
+    model = get_tiny_model("llama")
+    with (
+        pytest.raises(ValueError, match="cannot split a 6-token context into num_shards=8"),
+        PiKVPress(num_shards=8, tail_length=0)(model),
+    ):
+        model(torch.randint(3, 259, (1, 6)), past_key_values=DynamicCache(config=model.config))
+    # routing leaves 10 tokens, 8 of them in the tail: too few to shard yet; decoding shards them later
+    press = PiKVPress(routing=ExpertRoutingPress(0.75, router="keys", num_experts=2), num_shards=4, tail_length=8)
+    cache = DynamicCache(config=model.config)
+    with press(model):
+        model.generate(torch.randint(3, 259, (1, 40)), past_key_values=cache, max_new_tokens=8, min_new_tokens=8)
+    layer = cache.layers[0]
+    assert isinstance(layer, ShardedKVLayer) and layer.has_shards
+    assert layer.get_seq_length() == 10 + 7

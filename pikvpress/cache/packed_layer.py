@@ -28,8 +28,8 @@ import logging
 from typing import Any, Literal
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
+from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.view import KVView
 from pikvpress.kernels.quantize import (
     ALLOWED_BITS,
@@ -45,11 +45,6 @@ logger = logging.getLogger(__name__)
 Layout = Literal["kivi", "per_token"]
 LAYOUTS: tuple[str, ...] = ("kivi", "per_token")
 
-#: attribute set on the residual tensors ``update`` returns, pointing at the layer they come from
-LAYER_TAG = "_pikv_packed_layer"
-
-#: prefix of the attention implementations pikvpress registers (``pikv_sdpa``, ``pikv_eager``...)
-ATTENTION_PREFIX = "pikv_"
 
 
 def _is_pow2(n: Any) -> bool:
@@ -104,7 +99,7 @@ class PackedKVView(KVView):
         return f"PackedKVView({self.which}, shape={tuple(self.shape)}, bits={self.layer.bits})"
 
 
-class PackedKVLayer(CacheLayerMixin):
+class PackedKVLayer(PiKVCacheLayer):
     """A cache layer holding keys and values quantized and bit-packed, plus a full-precision residual.
 
     Parameters
@@ -128,9 +123,6 @@ class PackedKVLayer(CacheLayerMixin):
         The model config; ``update`` returns only the residual when its attention implementation is
         pikvpress's (``pikv_*``), and dense dequantized tensors otherwise.
     """
-
-    is_sliding = False
-    is_compileable = False
 
     def __init__(
         self,
@@ -210,12 +202,6 @@ class PackedKVLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self._packed_len_keys + self.residual_length_now if self.is_initialized else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     @property
     def nbytes(self) -> int:
@@ -336,14 +322,8 @@ class PackedKVLayer(CacheLayerMixin):
                 "layer.keys[:, :, :n]; layer.values = layer.values[:, :, :n])"
             )
         self.append(key_states, value_states)
-        if self.packed_attention_active():
-            keys, values = (
-                self.residual_keys.view_as(self.residual_keys),
-                self.residual_values.view_as(self.residual_values),
-            )
-            setattr(keys, LAYER_TAG, self)
-            setattr(values, LAYER_TAG, self)
-            return keys, values
+        if self.attention_active():
+            return self.tagged(self.residual_keys, self.residual_values)
         if self.packed_keys is not None and not self._warned_dense:
             logger.warning(
                 "a packed KV layer is read by attention implementation %r, which needs dense tensors: "
@@ -353,10 +333,7 @@ class PackedKVLayer(CacheLayerMixin):
             self._warned_dense = True
         return self.dequantized()
 
-    def packed_attention_active(self) -> bool:
-        """Whether the model reading this layer runs pikvpress's attention function."""
-        impl = getattr(self.config, "_attn_implementation", None)
-        return isinstance(impl, str) and impl.startswith(ATTENTION_PREFIX)
+    packed_attention_active = PiKVCacheLayer.attention_active
 
     # ----------------------------------------------------------------------------------------------
     # cropping, batch ops, reset
@@ -402,9 +379,6 @@ class PackedKVLayer(CacheLayerMixin):
             self.residual_keys = fn(self.residual_keys)
             self.residual_values = fn(self.residual_values)
 
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
     def gathered(self, indices: torch.Tensor) -> PackedKVLayer:
         """A new layer, packed the same way, holding only the tokens at ``indices`` ``(B, Hkv, K)``.
 
@@ -423,12 +397,6 @@ class PackedKVLayer(CacheLayerMixin):
         """The constructor arguments this layer was built with (how it packs), for a new layer packed alike."""
         names = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout", "config")
         return {name: getattr(self, name) for name in names}
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices, ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
         self._map_batch(lambda t: t.to("cpu", non_blocking=True))

@@ -31,9 +31,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
-from transformers.cache_utils import CacheLayerMixin
 
-from pikvpress.cache.packed_layer import ATTENTION_PREFIX, LAYER_TAG
+from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.view import KVView
 from pikvpress.routing.shards import PLACEMENTS, SHARD_SCORES, shard_assignment, shard_counts
@@ -86,7 +85,7 @@ def check_shard_args(
         )
 
 
-class ShardedKVLayer(CacheLayerMixin):
+class ShardedKVLayer(PiKVCacheLayer):
     """A cache layer holding its tokens in ``num_shards`` shards plus a full-precision tail.
 
     Parameters
@@ -116,9 +115,6 @@ class ShardedKVLayer(CacheLayerMixin):
     kmeans_iterations : int
         Rounds of the key clustering behind ``placement="experts"`` without routed experts.
     """
-
-    is_sliding = False
-    is_compileable = False
 
     def __init__(
         self,
@@ -157,7 +153,9 @@ class ShardedKVLayer(CacheLayerMixin):
         self.shards: list[KVShard | None] = []
         self.shard_lengths = [0] * num_shards
         self.sharded_length = 0
-        self.boundaries: list[int] = [0]
+        # placement blocks, oldest first: (first sequence index, tokens each shard received); a crop removes whole
+        # blocks, so every shard loses the same number of tokens in every row
+        self.blocks: list[tuple[int, list[int]]] = []
         self.key_min = self.key_max = self.key_sum = None  # (B, H, S, D) float32 on the query's device
         self.bytes_read = 0.0  # key/value bytes the last attention call read (this rank)
         self.bytes_sent = 0  # bytes this rank sent in the last attention call's collective
@@ -207,12 +205,6 @@ class ShardedKVLayer(CacheLayerMixin):
 
     def get_seq_length(self) -> int:
         return self.sharded_length + self.tail_length_now if self.is_initialized else 0
-
-    def get_mask_sizes(self, cache_position: torch.Tensor) -> tuple[int, int]:
-        return self.get_seq_length() + cache_position.shape[0], 0
-
-    def get_max_cache_shape(self) -> int:
-        return -1
 
     def _tail_nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values) if t is not None)
@@ -366,8 +358,7 @@ class ShardedKVLayer(CacheLayerMixin):
             self.key_min = torch.zeros(b, h, self.num_shards, dk, dtype=torch.float32, device=self.device)
             self.key_max = torch.zeros_like(self.key_min)
             self.key_sum = torch.zeros_like(self.key_min)
-        if self.boundaries[-1] != self.sharded_length:
-            self.boundaries.append(self.sharded_length)
+        self.blocks.append((self.sharded_length, shard_counts(count, self.num_shards)))
         start = 0
         for s, n in enumerate(counts):
             if n == 0:
@@ -412,10 +403,7 @@ class ShardedKVLayer(CacheLayerMixin):
         if not self.has_shards:
             return self.tail_keys, self.tail_values
         if self.attention_active():
-            keys, values = self.tail_keys.view_as(self.tail_keys), self.tail_values.view_as(self.tail_values)
-            setattr(keys, LAYER_TAG, self)
-            setattr(values, LAYER_TAG, self)
-            return keys, values
+            return self.tagged(self.tail_keys, self.tail_values)
         if not self._warned_dense:
             logger.warning(
                 "a sharded KV layer is read by attention implementation %r, which needs dense tensors: gathering "
@@ -424,11 +412,6 @@ class ShardedKVLayer(CacheLayerMixin):
             )
             self._warned_dense = True
         return self.dequantized()
-
-    def attention_active(self) -> bool:
-        """Whether the model reading this layer runs pikvpress's attention function."""
-        impl = getattr(self.config, "_attn_implementation", None)
-        return isinstance(impl, str) and impl.startswith(ATTENTION_PREFIX)
 
     # ----------------------------------------------------------------------------------------------
     # eviction, cropping, batch ops
@@ -486,7 +469,7 @@ class ShardedKVLayer(CacheLayerMixin):
             new = torch.searchsorted(kept, shard.index.to(kept.device, torch.int64))
             shard.index = new.to(shard.device, torch.int32)
         self.sharded_length = sum(quotas)
-        self.boundaries = [0, self.sharded_length]
+        self.blocks = [(0, quotas)]
         self._refresh_summaries()
         return kept
 
@@ -505,8 +488,9 @@ class ShardedKVLayer(CacheLayerMixin):
     def crop(self, max_length: int) -> None:
         """Keep the first ``max_length`` tokens (negative: drop ``-max_length`` from the end).
 
-        Tokens after the last placement boundary at or before ``max_length`` come back from the shards to the
-        tail, so shards stay rectangular.
+        Below the sharded length, the placement blocks from the last one starting at or before ``max_length``
+        on leave the shards, so shards stay rectangular, and their tokens up to ``max_length`` become the tail.
+        Over a process group the ranks exchange those tokens and the shards' new summaries (one collective).
         """
         n = self.get_seq_length()
         if max_length < 0:
@@ -519,32 +503,48 @@ class ShardedKVLayer(CacheLayerMixin):
             self.tail_keys = self.tail_keys[:, :, :keep].clone()
             self.tail_values = self.tail_values[:, :, :keep].clone()
             return
-        if self.group is not None and self.group.world_size > 1:
-            raise NotImplementedError(
-                "cropping a sharded layer below its sharded length is not supported over a process group"
-            )
-        cut = max(c for c in self.boundaries if c <= max_length)
-        parts_k, parts_v, parts_i = [], [], []
+        cut = max(start for start, _ in self.blocks if start <= max_length)
+        removed = [sum(counts[s] for start, counts in self.blocks if start >= cut) for s in range(self.num_shards)]
+        parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         for s, shard in self.local_shards:
-            length = int((shard.index[0, 0] < cut).sum()) if shard.length else 0
-            k, v, i = shard.split(length)
-            parts_k.append(k.to(self.device, self.dtype))
-            parts_v.append(v.to(self.device, self.dtype))
-            parts_i.append(i.to(self.device, torch.int64))
-            self.shard_lengths[s] = length
-        index = torch.cat(parts_i, dim=-1)
+            k, v, i = shard.split(self.shard_lengths[s] - removed[s])
+            parts.append((k.to(self.device, self.dtype), v.to(self.device, self.dtype), i.to(self.device, torch.int64)))
+        self.shard_lengths = [length - r for length, r in zip(self.shard_lengths, removed)]
+        self.blocks = [(start, counts) for start, counts in self.blocks if start < cut]
+        self._refresh_summaries()
+        if self.group is not None and self.group.world_size > 1:
+            parts = self._exchange_crop(parts)
+        index = torch.cat([i for _, _, i in parts], dim=-1)
         order = index.argsort(dim=-1)[..., : max_length - cut]
         gather = lambda t: t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
-        self.tail_keys = gather(torch.cat(parts_k, dim=2))
-        self.tail_values = gather(torch.cat(parts_v, dim=2))
+        self.tail_keys = gather(torch.cat([k for k, _, _ in parts], dim=2))
+        self.tail_values = gather(torch.cat([v for _, v, _ in parts], dim=2))
         self.sharded_length = cut
-        self.boundaries = [c for c in self.boundaries if c <= cut]
         if cut == 0:
             self.shards, self.key_min, self.key_max, self.key_sum = [], None, None, None
             self.shard_lengths = [0] * self.num_shards
-            self.boundaries = [0]
-        else:
-            self._refresh_summaries()
+            self.blocks = []
+
+    def _exchange_crop(self, parts: list) -> list:
+        """Every rank's tokens leaving its shards, and its shards' refreshed summaries, gathered on every rank."""
+        local = {
+            "parts": [tuple(t.cpu() for t in part) for part in parts],
+            "summaries": {
+                s: (self.key_min[:, :, s].cpu(), self.key_max[:, :, s].cpu(), self.key_sum[:, :, s].cpu())
+                for s, _ in self.local_shards
+            },
+        }
+        gathered = self.group.exchange(local, "the tokens a crop takes back from the shards")
+        everything = []
+        for other in gathered:
+            everything += [tuple(t.to(self.device) for t in part) for part in other["parts"]]
+            for s, (low, high, total) in other["summaries"].items():
+                self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = (
+                    low.to(self.device),
+                    high.to(self.device),
+                    total.to(self.device),
+                )
+        return everything
 
     def _map_batch(self, fn) -> None:
         for _, shard in self.local_shards:
@@ -553,15 +553,6 @@ class ShardedKVLayer(CacheLayerMixin):
             self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         if self.key_min is not None:
             self.key_min, self.key_max, self.key_sum = fn(self.key_min), fn(self.key_max), fn(self.key_sum)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        self._map_batch(lambda t: t.repeat_interleave(repeats, dim=0))
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._map_batch(lambda t: t[indices.to(t.device), ...])
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._map_batch(lambda t: t.index_select(0, beam_idx.to(t.device)))
 
     def offload(self) -> None:
         """Shards stay where they are placed."""
@@ -572,7 +563,7 @@ class ShardedKVLayer(CacheLayerMixin):
     def reset(self) -> None:
         """Drop every token (the layer stays initialised, with its dtype and device)."""
         self.shards, self.shard_lengths, self.sharded_length = [], [0] * self.num_shards, 0
-        self.boundaries = [0]
+        self.blocks = []
         self.key_min = self.key_max = self.key_sum = None
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys[:, :, :0].clone()

@@ -133,15 +133,7 @@ class PiKVPress(BasePress):
             self.compression_ratio = self.routing.compression_ratio
         if self.tail_length is None:
             self.tail_length = self.compression.residual_length if self.compression is not None else 32
-        check_shard_args(
-            self.num_shards,
-            self.placement,
-            self.top_k_shards,
-            self.shard_score,
-            self.tail_length,
-            self.flush_tokens,
-            self.devices,
-        )
+        self._check_sharding()
         if self.devices is not None and self.process_group is not None:
             raise ValueError("give devices or process_group, not both")
         if self.scheduling is not None and self.process_group is not None:
@@ -151,6 +143,18 @@ class PiKVPress(BasePress):
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
     replays_with_hooks: ClassVar[bool] = True
+
+    def _check_sharding(self, world_size: int | None = None) -> None:
+        check_shard_args(
+            self.num_shards,
+            self.placement,
+            self.top_k_shards,
+            self.shard_score,
+            self.tail_length,
+            self.flush_tokens,
+            self.devices,
+            world_size,
+        )
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -191,15 +195,7 @@ class PiKVPress(BasePress):
                 from pikvpress.distributed import ShardGroup
 
                 self._group = ShardGroup(self.process_group, timeout=self.timeout)
-                check_shard_args(
-                    self.num_shards,
-                    self.placement,
-                    self.top_k_shards,
-                    self.shard_score,
-                    self.tail_length,
-                    self.flush_tokens,
-                    world_size=self._group.world_size,
-                )
+                self._check_sharding(self._group.world_size)
             self._group.check_consistent(self.settings())
         enable_packed_attention(model)
 
@@ -264,7 +260,14 @@ class PiKVPress(BasePress):
             and keys.shape[2] > self.tail_length
         ):
             experts, num_experts = routed[1][..., : keys.shape[2] - self.tail_length], routed[2]
+        if hidden_states.shape[1] < self.num_shards:
+            raise ValueError(
+                f"cannot split a {hidden_states.shape[1]}-token context into num_shards={self.num_shards} shards; "
+                f"use at most {hidden_states.shape[1]} shards"
+            )
         sharded = self.sharded_layer(module, keys, values)
-        sharded.distribute(experts=experts, num_experts=num_experts)
+        if keys.shape[2] - self.tail_length >= self.num_shards:
+            sharded.distribute(experts=experts, num_experts=num_experts)
+        # else: the few tokens routing left wait in the tail; the layer shards them once it holds enough
         cache.layers[idx] = sharded
         return output
