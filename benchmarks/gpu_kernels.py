@@ -5,7 +5,10 @@
 2. quantize kernel bandwidth (bytes read + written per second) against the device's measured copy
    bandwidth (``x.clone()`` of the same tensor);
 3. packed int4 decode attention (Triton, split along the sequence) against bf16 SDPA on the dense
-   cache, 16k-128k tokens, one decode query, 32 query heads over 8 kv heads of dim 128.
+   cache, 16k-128k tokens, one decode query, 32 query heads over 8 kv heads of dim 128;
+4. sharded attention (8 shards of a ShardedKVLayer, dense bf16 or packed int4, every shard or the best 2
+   read) on the same shapes: its error against float32 dense attention over the stored tokens, its time
+   against bf16 SDPA over the dense cache, and the bytes it read.
 
     python benchmarks/gpu_kernels.py
 """
@@ -122,6 +125,50 @@ def decode(lengths: list[int]) -> list[list]:
     return rows
 
 
+def sharded(lengths: list[int]) -> list[list]:
+    from torch import nn
+
+    from pikvpress.attention import sharded_layer_attention
+    from pikvpress.cache import ShardedKVLayer
+
+    rows = []
+    hq, hkv, d = 32, 8, 128
+    int4 = {"bits": 4, "group_size": 64, "key_group_size": 128, "stats_dtype": torch.bfloat16}
+    for t in lengths:
+        k = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16)
+        v = torch.randn(1, hkv, t, d, device="cuda", dtype=torch.bfloat16)
+        q = torch.randn(1, hq, 1, d, device="cuda", dtype=torch.bfloat16)
+        sdpa = cuda_time(lambda q=q, k=k, v=v: F.scaled_dot_product_attention(q, k, v, enable_gqa=True))
+        for packing, top_k in ((None, None), (None, 2), (int4, None), (int4, 2)):
+            layer = ShardedKVLayer(num_shards=8, top_k_shards=top_k, tail_length=64, packing=packing)
+            layer.update(k, v)
+            layer.distribute()
+
+            def attend(layer=layer, q=q):
+                return sharded_layer_attention(
+                    nn.Module(), q, layer.tail_keys, layer.tail_values, None, layer, scaling=d**-0.5
+                )
+
+            err = ""
+            if top_k is None:
+                keys, values = layer.dequantized()
+                ref = F.scaled_dot_product_attention(q.float(), keys.float(), values.float(), enable_gqa=True)
+                err = f"{(attend().float() - ref.transpose(1, 2)).abs().max().item():.1e}"
+            seconds = cuda_time(attend, iters=20)
+            rows.append(
+                [
+                    t,
+                    "int4" if packing else "bf16",
+                    top_k or 8,
+                    err,
+                    f"{sdpa * 1e6:.0f}",
+                    f"{seconds * 1e6:.0f}",
+                    f"{layer.bytes_read / 2**20:.1f}",
+                ]
+            )
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", type=int, nargs="+", default=[16384, 32768, 65536, 131072])
@@ -146,6 +193,14 @@ def main(argv: list[str] | None = None) -> int:
         tabulate(
             decode(args.lengths),
             headers=["tokens", "splits", "SDPA us", "packed int4 us", "speed-up"],
+            tablefmt="github",
+        )
+    )
+    print("\nSharded attention, 8 shards, 1 query, 32 q heads / 8 kv heads x 128 (error only with every shard read)")
+    print(
+        tabulate(
+            sharded(args.lengths),
+            headers=["tokens", "shards", "read", "max err vs fp32", "SDPA us", "sharded us", "MiB read"],
             tablefmt="github",
         )
     )

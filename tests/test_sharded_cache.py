@@ -337,3 +337,61 @@ def test_pikv_press_rejects_more_shards_than_context_tokens_and_waits_when_routi
     layer = cache.layers[0]
     assert isinstance(layer, ShardedKVLayer) and layer.has_shards
     assert layer.get_seq_length() == 10 + 7
+
+
+def test_top_k_generate_with_left_padding_reads_less_and_stays_finite():
+    from pikvpress import PiKVPress
+
+    model = get_tiny_model("qwen3_moe")
+    ids = torch.randint(3, 259, (2, 64), generator=torch.Generator().manual_seed(13))
+    mask = torch.ones_like(ids)
+    mask[1, :20] = 0  # row 1 left-padded
+    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
+    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
+    reads = {}
+    for k in (None, 1):
+        cache = DynamicCache(config=model.config)
+        with torch.no_grad(), PiKVPress(num_shards=4, top_k_shards=k, tail_length=4)(model):
+            out = model.generate(ids, past_key_values=cache, **kwargs)
+        assert all(torch.isfinite(score).all() for score in out.scores)
+        reads[k] = cache_bytes_read(cache)
+    assert reads[1] < 0.7 * reads[None]
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt_oss"])
+def test_left_padded_batch_decodes_as_dense(family):
+    model = get_tiny_model(family)
+    enable_packed_attention(model)
+    ids = torch.randint(3, 259, (2, 50), generator=torch.Generator().manual_seed(14))
+    mask = torch.ones_like(ids)
+    mask[1, :15] = 0
+    kwargs = {"attention_mask": mask, "max_new_tokens": 12, "min_new_tokens": 12, "do_sample": False}
+    kwargs |= {"output_logits": True, "return_dict_in_generate": True}
+    with torch.no_grad():
+        dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+        cache = ExpertShardedCache(num_shards=3, tail_length=2, flush_tokens=1, config=model.config)
+        sharded = model.generate(ids, past_key_values=cache, **kwargs)
+    assert max(float((a - b).abs().max()) for a, b in zip(dense.logits, sharded.logits)) <= 1e-4
+
+
+def test_pikv_press_arguments():
+    from pikvpress import ExpertRoutingPress, PiKVPress, QuantizationPress
+
+    press = PiKVPress(compression_ratio=0.5, compression={"bits": 2, "key_group_size": 8}, scheduling={"budget": 64})
+    assert press.routing.compression_ratio == 0.5 and press.compression.bits == 2 and press.scheduling.budget == 64
+    assert press.tail_length == QuantizationPress().residual_length and press.compresses_while_decoding
+    assert PiKVPress().routing is None and PiKVPress().tail_length == 32
+    with pytest.raises(ValueError, match="differs from the routing press"):
+        PiKVPress(routing=ExpertRoutingPress(0.25), compression_ratio=0.5)
+    with pytest.raises(ValueError, match="routing must be a ExpertRoutingPress instance"):
+        PiKVPress(routing="learned")
+    with pytest.raises(ValueError, match="give exactly one of budget"):
+        PiKVPress(scheduling={})
+    with pytest.raises(ValueError, match="top_k_shards must be None or an int in 1..num_shards=2"):
+        PiKVPress(num_shards=2, top_k_shards=3)
+    with pytest.raises(ValueError, match="devices or process_group"):
+        PiKVPress(num_shards=2, devices=["cpu", "cpu"], process_group="default")
+    with pytest.raises(ValueError, match="not supported with process_group"):
+        PiKVPress(scheduling={"budget": 8}, process_group="default")
+    with pytest.raises(ValueError, match="spread evenly over 3 devices"):
+        PiKVPress(num_shards=4, devices=["cpu"] * 3)

@@ -31,7 +31,9 @@ def _component(value: Any, cls: type, name: str, **defaults: Any) -> Any:
         return value
     if isinstance(value, dict):
         return cls(**{**defaults, **value})
-    raise ValueError(f"{name} must be a {cls.__name__}, a dict of its fields or None, got {type(value).__name__}")
+    raise ValueError(
+        f"{name} must be a {cls.__name__} instance, a dict of its fields or None, got {type(value).__name__}"
+    )
 
 
 @dataclass
@@ -122,7 +124,7 @@ class PiKVPress(BasePress):
             raise ValueError(f"compression_ratio must be None or in [0, 1), got {ratio!r}")
         self.routing = _component(self.routing, ExpertRoutingPress, "routing", compression_ratio=ratio or 0.0)
         self.compression = _component(self.compression, QuantizationPress, "compression")
-        self.scheduling = _component(self.scheduling, AdaptiveSchedulingPress, "scheduling", compression_ratio=0.0)
+        self.scheduling = _component(self.scheduling, AdaptiveSchedulingPress, "scheduling")
         if self.routing is None and ratio:  # a ratio alone: the default routing press removes that share
             self.routing = ExpertRoutingPress(compression_ratio=ratio)
         if self.routing is not None:
