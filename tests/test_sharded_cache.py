@@ -360,8 +360,19 @@ def test_top_k_generate_with_left_padding_reads_less_and_stays_finite():
 
 @pytest.mark.parametrize("family", ["llama", "gpt_oss"])
 def test_left_padded_batch_decodes_as_dense(family):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from pikvpress import apply_kvpress_fixes, remove_kvpress_fixes
+    from pikvpress.attention import register_packed_attention
+
     model = get_tiny_model(family)
     enable_packed_attention(model)
+    # the compatibility layer re-applied after pikvpress's attention is registered leaves it alone (it would
+    # cut the mask to the tail's length, and the padding of the sharded tokens would be lost)
+    name = register_packed_attention(model.config._attn_implementation)
+    remove_kvpress_fixes()
+    apply_kvpress_fixes()
+    assert not hasattr(ALL_ATTENTION_FUNCTIONS[name], "__wrapped__")
     ids = torch.randint(3, 259, (2, 50), generator=torch.Generator().manual_seed(14))
     mask = torch.ones_like(ids)
     mask[1, :15] = 0
