@@ -2,7 +2,9 @@
 MASTER_ADDR / MASTER_PORT set by the test).
 
 Every rank builds the same tiny MoE model, decodes ``--new-tokens`` greedy tokens single-process with a dense
-cache (the reference), then again with PiKVPress sharding the cache over the gloo group, and writes what it saw
+cache (the reference), then again with PiKVPress sharding the cache over the process group (gloo on CPU; with
+``--backend nccl``, one GPU per rank: ``torchrun --nproc_per_node=2 tests/distributed_worker.py --out DIR
+--backend nccl``), and writes what it saw
 to ``<out>/rank<r>.json``: the largest logit difference to the reference, the generated tokens, the bytes this
 rank contributed to collectives per decode step, the collectives per step, and the bytes it holds.
 """
@@ -66,10 +68,13 @@ def main() -> None:
     parser.add_argument("--mismatch", action="store_true", help="rank 1 asks for a different num_shards")
     parser.add_argument("--timeout", type=float, default=60.0)
     parser.add_argument("--pipeline", action="store_true", help="kvpress's pipeline, two questions, instead")
+    parser.add_argument("--backend", default="gloo", choices=["gloo", "nccl"], help="nccl: one GPU per rank")
     args = parser.parse_args()
 
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=max(args.timeout, 10)))
+    if args.backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(args.backend, timeout=datetime.timedelta(seconds=max(args.timeout, 10)))
     rank = dist.get_rank()
     result: dict = {"rank": rank, "world_size": dist.get_world_size()}
     try:
@@ -88,9 +93,10 @@ def main() -> None:
 
 def decode_report(args, rank: int) -> dict:
     """Greedy decoding dense on this rank alone, then sharded over the group: what the test checks."""
-    model = tiny_model(args.family)
+    device = f"cuda:{torch.cuda.current_device()}" if args.backend == "nccl" else "cpu"
+    model = tiny_model(args.family).to(device)
     gen = torch.Generator().manual_seed(0)
-    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=gen)
+    ids = torch.randint(3, model.config.vocab_size, (args.batch, args.context), generator=gen).to(device)
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
     kwargs |= {"output_logits": True, "return_dict_in_generate": True}
     routing = ExpertRoutingPress(compression_ratio=0.5, router="gate", num_experts=4, window_size=8)
