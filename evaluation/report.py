@@ -59,13 +59,18 @@ def score_table(runs: pd.DataFrame, value: str = "score") -> pd.DataFrame:
     return table.loc[order]
 
 
-def kv_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean KV-cache bytes after prefill: ``MiB (fraction of no_press)`` per press and ratio."""
-    mib = score_table(runs, "kv_bytes") / 2**20
+def _mib_table(runs: pd.DataFrame, value: str) -> pd.DataFrame:
+    """Mean ``value`` (bytes) as ``MiB (fraction of no_press)`` per press and ratio."""
+    mib = score_table(runs, value) / 2**20
     if "no_press" not in mib.index:
         return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB")
     baseline = float(mib.loc["no_press"].dropna().iloc[0])
     return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB ({v / baseline:.2f}x)")
+
+
+def kv_table(runs: pd.DataFrame) -> pd.DataFrame:
+    """Mean KV-cache bytes after prefill: ``MiB (fraction of no_press)`` per press and ratio."""
+    return _mib_table(runs, "kv_bytes")
 
 
 def read_table(runs: pd.DataFrame) -> pd.DataFrame:
@@ -73,11 +78,7 @@ def read_table(runs: pd.DataFrame) -> pd.DataFrame:
     that measurement (runs from before it was recorded)."""
     if "kv_bytes_read" not in runs or runs["kv_bytes_read"].isna().all():
         return pd.DataFrame()
-    mib = score_table(runs.dropna(subset=["kv_bytes_read"]), "kv_bytes_read") / 2**20
-    if "no_press" not in mib.index:
-        return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB")
-    baseline = float(mib.loc["no_press"].dropna().iloc[0])
-    return mib.map(lambda v: "" if pd.isna(v) else f"{v:.2f} MiB ({v / baseline:.2f}x)")
+    return _mib_table(runs.dropna(subset=["kv_bytes_read"]), "kv_bytes_read")
 
 
 def task_table(runs: pd.DataFrame) -> pd.DataFrame:

@@ -183,7 +183,8 @@ class Evaluator:
         return int(self.config.max_new_tokens or row["max_new_tokens"])
 
     @torch.no_grad()
-    def _answer(self, cache, context_ids, question_ids, row) -> str:
+    def _answer(self, cache, context_ids, question_ids, row) -> tuple[str, float | None]:
+        """The answer, and the KV bytes its last decode step read (before the answer leaves the cache)."""
         lengths = [cache.get_seq_length(i) for i in range(len(cache))]
         with _last_step_reads(self.model) as reads:
             answer = self.pipe.generate_answer(
@@ -191,8 +192,7 @@ class Evaluator:
                 max_new_tokens=self._max_new_tokens(row),
             )
         self.pipe._remove_answer_from_cache(cache, lengths)
-        self.last_step_reads = reads["bytes"]
-        return answer
+        return answer, reads["bytes"]
 
     @torch.no_grad()
     def _run_alone(self, run: Run, row: pd.Series, index: int) -> None:
@@ -260,7 +260,6 @@ class Evaluator:
             press = self.config.build_press(run.press_name, run.compression_ratio)
             cache = replay_press(self.model, prefill, press)
             kv_bytes = cache_nbytes(cache)
-            answer = self._answer(cache, context_ids, question_ids, row)
-            seconds = shared_seconds + time.perf_counter() - start
-            run.record(index, answer, kv_bytes, seconds, self.last_step_reads)
+            answer, read = self._answer(cache, context_ids, question_ids, row)
+            run.record(index, answer, kv_bytes, shared_seconds + time.perf_counter() - start, read)
             progress.update()

@@ -102,9 +102,9 @@ def _keep(
     return keep
 
 
-def _packed_kv_mask(keep: torch.Tensor | None, b: int, hq: int, hkv: int, p: int) -> torch.Tensor | None:
-    """The kernel's per-token mask ``(B, 1|Hkv, P)`` of the packed part (packed tokens precede every
-    query, so the last query row tells padding and pruning), or None if every token is kept."""
+def _prefix_kv_mask(keep: torch.Tensor | None, b: int, hq: int, hkv: int, p: int) -> torch.Tensor | None:
+    """The per-token mask ``(B, 1|Hkv, P)`` of the first ``p`` tokens (a layer's packed or sharded tokens, which
+    precede every query, so the last query row tells padding and pruning), or None if every token is kept."""
     if keep is None:
         return None
     m = keep[..., -1, :p]
@@ -154,7 +154,7 @@ def packed_layer_attention(
 
     outs, lses = [], []
     if p > 0:
-        kv_mask = _packed_kv_mask(keep, b, hq, hkv, p)
+        kv_mask = _prefix_kv_mask(keep, b, hq, hkv, p)
         q2 = query.reshape(b, hq * lq, d)  # (h, l) rows: row // (Hq*Lq/Hkv) is the kv head
         kq, vq = layer.packed_keys, layer.packed_values
         splits = choose_num_splits(query, programs_per_split(b, hq * lq, hkv, kq.shape[3], vq.shape[3]), p)
@@ -213,14 +213,9 @@ def sharded_layer_attention(
     device = query.device
     scale = float(scaling) if scaling is not None else d**-0.5
     keep = _keep(attention_mask, module, b, hq, hkv, lq, p, n, device)
-    shard_keep = None  # (B, Hkv, P): the shards' tokens precede every query, so the last query row tells
-    if keep is not None and p > 0:
-        m = keep[..., -1, :p]
-        m = m.reshape(1, 1, p) if m.ndim < 3 else m
-        if m.shape[1] == hq and hq != hkv:
-            m = m[:, ::g]
-        if not bool(m.all()):
-            shard_keep = m.expand(b, hkv, p)
+    shard_keep = _prefix_kv_mask(keep, b, hq, hkv, p)  # the shards' tokens precede every query
+    if shard_keep is not None:
+        shard_keep = shard_keep.expand(b, hkv, p)
     rows_q = query.reshape(b, hkv, g * lq, d)  # the query rows of each kv head: (query head, token)
     chosen = None
     if layer.top_k_shards is not None and layer.top_k_shards < layer.num_shards:
@@ -257,11 +252,9 @@ def sharded_layer_attention(
         out_sh = torch.zeros((b, hkv, g * lq, dv), dtype=torch.float32, device=device)
         lse_sh = torch.full((b, hkv, g * lq), float("-inf"), dtype=torch.float32, device=device)
     if layer.group is not None and layer.group.world_size > 1:
-        sent = layer.group.payload_bytes
         out_sh, lse_sh = layer.group.merge(
             out_sh, lse_sh, f"layer {getattr(module, 'layer_idx', '?')}'s partial attention"
         )
-        layer.bytes_sent = layer.group.payload_bytes - sent
     partials = [(out_sh.view(b, hq, lq, dv), lse_sh.view(b, hq, lq))]
     if r > 0:
         partials.append(dense_attention_partial(query, key, value, scale, None if keep is None else keep[..., p:]))

@@ -70,20 +70,24 @@ class ShardGroup:
         """The device a collective of this backend takes (gloo: CPU; NCCL: the tensor's GPU)."""
         return torch.device("cpu") if self.backend == "gloo" else tensor.device
 
+    def _failed(self, what: str, error: RuntimeError) -> RuntimeError:
+        """The error a collective that did not complete raises on this rank: ``what`` happened, and why."""
+        return RuntimeError(
+            f"rank {self.rank}/{self.world_size}: {what} ({error}). A rank has probably died or stopped decoding; "
+            "every rank must run the same model call on the same inputs."
+        )
+
     def _wait(self, work: Any, what: str) -> None:
         try:
             work.wait(timeout=datetime.timedelta(seconds=self.timeout))
         except RuntimeError as error:
-            raise RuntimeError(
-                f"rank {self.rank}/{self.world_size}: {what} with the other ranks did not complete within "
-                f"{self.timeout:g} s ({error}). A rank has probably died or stopped decoding; every rank must run "
-                "the same model call on the same inputs."
+            raise self._failed(
+                f"{what} with the other ranks did not complete within {self.timeout:g} s", error
             ) from error
 
     def check_consistent(self, settings: dict[str, Any]) -> None:
         """Raise ``ValueError`` on every rank unless all ranks pass equal ``settings`` (a collective)."""
-        gathered: list[Any] = [None] * self.world_size
-        dist.all_gather_object(gathered, settings, group=self.group)
+        gathered = self.exchange(settings, "the sharded cache's settings")
         mismatched = [r for r, other in enumerate(gathered) if other != settings]
         if mismatched:
             raise ValueError(
@@ -97,10 +101,7 @@ class ShardGroup:
         try:
             dist.all_gather_object(gathered, obj, group=self.group)
         except RuntimeError as error:
-            raise RuntimeError(
-                f"rank {self.rank}/{self.world_size}: exchanging {what} with the other ranks failed ({error}). "
-                "A rank has probably died or stopped; every rank must run the same model call on the same inputs."
-            ) from error
+            raise self._failed(f"exchanging {what} with the other ranks failed", error) from error
         return gathered
 
     def merge(
@@ -121,11 +122,6 @@ class ShardGroup:
         """Zero :attr:`payload_bytes` and :attr:`collectives`."""
         self.payload_bytes = 0
         self.collectives = 0
-
-    @property
-    def bytes_sent_per_payload_byte(self) -> int:
-        """Bytes a rank puts on the wire per byte of its payload in an all-gather (ring: one copy to each peer)."""
-        return self.world_size - 1
 
     def __repr__(self) -> str:
         return f"ShardGroup(rank={self.rank}, world_size={self.world_size}, backend={self.backend!r})"

@@ -46,7 +46,6 @@ Layout = Literal["kivi", "per_token"]
 LAYOUTS: tuple[str, ...] = ("kivi", "per_token")
 
 
-
 def _is_pow2(n: Any) -> bool:
     return isinstance(n, int) and not isinstance(n, bool) and n >= 1 and (n & (n - 1)) == 0
 
@@ -332,8 +331,6 @@ class PackedKVLayer(PiKVCacheLayer):
             )
             self._warned_dense = True
         return self.dequantized()
-
-    packed_attention_active = PiKVCacheLayer.attention_active
 
     # ----------------------------------------------------------------------------------------------
     # cropping, batch ops, reset

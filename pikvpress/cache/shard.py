@@ -114,6 +114,12 @@ class KVShard:
             return self.packed.dequantized()
         return self.keys, self.values
 
+    def dense_part(self, which: str) -> torch.Tensor:
+        """The dense ``"keys"`` or ``"values"`` alone (a packed shard dequantizes only that one)."""
+        if self.packed is not None:
+            return self.packed._dense(which)
+        return self.keys if which == "keys" else self.values
+
     def keep(self, positions: torch.Tensor) -> None:
         """Keep only the tokens at ``positions`` ``(B, H, K)`` (increasing along each row) of the shard."""
         positions = positions.to(self.device)

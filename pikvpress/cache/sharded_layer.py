@@ -158,7 +158,6 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.blocks: list[tuple[int, list[int]]] = []
         self.key_min = self.key_max = self.key_sum = None  # (B, H, S, D) float32 on the query's device
         self.bytes_read = 0.0  # key/value bytes the last attention call read (this rank)
-        self.bytes_sent = 0  # bytes this rank sent in the last attention call's collective
         self._warned_dense = False
 
     # ----------------------------------------------------------------------------------------------
@@ -247,8 +246,7 @@ class ShardedKVLayer(PiKVCacheLayer):
         b, h, _, d = tail.shape
         out = tail.new_empty((b, h, self.sharded_length, d))
         for _, shard in self.local_shards:
-            keys, values = shard.dense()
-            data = (keys if which == "keys" else values).to(self.device, self.dtype)
+            data = shard.dense_part(which).to(self.device, self.dtype)
             out.scatter_(2, shard.index.to(self.device, torch.int64).unsqueeze(-1).expand(-1, -1, -1, d), data)
         return torch.cat([out, tail], dim=2)
 
@@ -358,7 +356,7 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.key_min = torch.zeros(b, h, self.num_shards, dk, dtype=torch.float32, device=self.device)
             self.key_max = torch.zeros_like(self.key_min)
             self.key_sum = torch.zeros_like(self.key_min)
-        self.blocks.append((self.sharded_length, shard_counts(count, self.num_shards)))
+        self.blocks.append((self.sharded_length, counts))
         start = 0
         for s, n in enumerate(counts):
             if n == 0:
@@ -476,7 +474,7 @@ class ShardedKVLayer(PiKVCacheLayer):
     def _refresh_summaries(self) -> None:
         """Recompute every shard's key min / max / sum from its tokens."""
         for s, shard in self.local_shards:
-            keys = shard.dense()[0].to(self.device).float()
+            keys = shard.dense_part("keys").to(self.device).float()
             if keys.shape[2] == 0:
                 continue
             self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = (

@@ -22,8 +22,6 @@ from pikvpress.routing.shards import ROUTED_EXPERTS
 
 logger = logging.getLogger(__name__)
 
-_PACKING = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout")
-
 
 def _component(value: Any, cls: type, name: str, **defaults: Any) -> Any:
     """A component press from an instance, a dict of its fields (the harness's YAML), or None."""
@@ -176,7 +174,7 @@ class PiKVPress(BasePress):
 
     def settings(self) -> dict[str, Any]:
         """What every rank of a process group must agree on."""
-        packing = None if self.compression is None else {k: str(getattr(self.compression, k)) for k in _PACKING}
+        packing = None if self.compression is None else {k: str(v) for k, v in self.compression.packing().items()}
         return {
             "num_shards": self.num_shards,
             "top_k_shards": self.top_k_shards,
@@ -218,9 +216,6 @@ class PiKVPress(BasePress):
     # ----------------------------------------------------------------------------------------------
     def sharded_layer(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> ShardedKVLayer:
         """The sharded layer this press stores for one layer's ``keys`` and ``values`` (not yet distributed)."""
-        packing = None
-        if self.compression is not None:
-            packing = {name: getattr(self.compression, name) for name in _PACKING}
         layer = ShardedKVLayer(
             num_shards=self.num_shards,
             placement=self.placement,
@@ -230,7 +225,7 @@ class PiKVPress(BasePress):
             shard_score=self.shard_score,
             tail_length=self.tail_length,
             flush_tokens=self.flush_tokens,
-            packing=packing,
+            packing=None if self.compression is None else self.compression.packing(),
             config=module.config,
         )
         layer.lazy_initialization(keys, values)

@@ -119,20 +119,15 @@ class QuantizationPress(BasePress):
         cache.layers[idx] = self.pack(layer.keys, layer.values, module.config)
         return output
 
+    def packing(self) -> dict[str, Any]:
+        """The :class:`~pikvpress.cache.PackedKVLayer` arguments this press packs with."""
+        names = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout")
+        return {name: getattr(self, name) for name in names}
+
     def pack(self, keys: torch.Tensor, values: torch.Tensor, config: Any = None) -> PackedKVLayer:
         """The packed layer this press stores for one layer's ``keys`` and ``values``; ``config`` is
         the model config whose attention implementation the layer checks when it is read."""
-        return PackedKVLayer.from_dense(
-            keys,
-            values,
-            bits=self.bits,
-            group_size=self.group_size,
-            key_group_size=self.key_group_size,
-            residual_length=self.residual_length,
-            stats_dtype=self.stats_dtype,
-            layout=self.layout,
-            config=config,
-        )
+        return PackedKVLayer.from_dense(keys, values, **self.packing(), config=config)
 
     @staticmethod
     def cache_nbytes(cache: Any) -> int:
