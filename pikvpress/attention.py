@@ -35,14 +35,12 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterf
 from pikvpress.cache.layer_base import ATTENTION_PREFIX, LAYER_TAG
 from pikvpress.cache.packed_layer import PackedKVLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
-from pikvpress.compat.patches import align_mask
+from pikvpress.compat.patches import DECODE_QUERY_TOKENS, KEEP_DECODE_QUERY, align_mask
 from pikvpress.kernels.decode_attention import (
-    choose_num_splits,
     dense_attention_partial,
     merge_attention_states,
+    packed_attention_partial,
     packed_attention_with_residual,
-    packed_decode_attention_partial,
-    programs_per_split,
 )
 from pikvpress.kernels.quantize import _use_triton
 from pikvpress.models.adapter import language_model
@@ -156,12 +154,7 @@ def packed_layer_attention(
     if p > 0:
         kv_mask = _prefix_kv_mask(keep, b, hq, hkv, p)
         q2 = query.reshape(b, hq * lq, d)  # (h, l) rows: row // (Hq*Lq/Hkv) is the kv head
-        kq, vq = layer.packed_keys, layer.packed_values
-        splits = choose_num_splits(query, programs_per_split(b, hq * lq, hkv, kq.shape[3], vq.shape[3]), p)
-        out_p, lse_p = packed_decode_attention_partial(
-            q2, layer.packed_keys, layer.packed_values, scale, splits, kv_mask=kv_mask
-        )
-        out_p, lse_p = merge_attention_states(out_p, lse_p, dim=2)
+        out_p, lse_p = packed_attention_partial(q2, layer.packed_keys, layer.packed_values, scale, kv_mask)
         outs.append(out_p.view(b, hq, lq, -1))
         lses.append(lse_p.view(b, hq, lq))
     if r > 0:
@@ -297,6 +290,8 @@ def register_packed_attention(base: str) -> str:
         *args: Any,
         **kwargs: Any,
     ):
+        if getattr(module, KEEP_DECODE_QUERY, False) and query.shape[2] <= DECODE_QUERY_TOKENS:
+            module.pikvpress_decode_query = query  # the step's post-RoPE queries, for AdaptiveSchedulingPress
         layer = getattr(key, LAYER_TAG, None)
         if layer is None:
             return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import pickle
 from typing import Any
 
 import torch
@@ -102,7 +103,23 @@ class ShardGroup:
             dist.all_gather_object(gathered, obj, group=self.group)
         except RuntimeError as error:
             raise self._failed(f"exchanging {what} with the other ranks failed", error) from error
+        self.payload_bytes += len(pickle.dumps(obj))  # what all_gather_object sends: the pickled object
+        self.collectives += 1
         return gathered
+
+    def _all_gather(self, payload: torch.Tensor, what: str, dim: int = -1) -> torch.Tensor:
+        """Every rank's ``payload`` stacked along a new dimension ``dim``, in rank order, on ``payload``'s device."""
+        sent = payload.to(self._device(payload)).contiguous()
+        gathered = [torch.empty_like(sent) for _ in range(self.world_size)]
+        self._wait(dist.all_gather(gathered, sent, group=self.group, async_op=True), f"exchanging {what}")
+        self.payload_bytes += sent.numel() * sent.element_size()
+        self.collectives += 1
+        return torch.stack(gathered, dim=dim).to(payload.device)
+
+    def all_gather(self, tensor: torch.Tensor, what: str = "data") -> torch.Tensor:
+        """``(W, *tensor.shape)``: every rank's ``tensor`` (same shape and dtype on every rank), in rank order, on
+        ``tensor``'s device. One collective."""
+        return self._all_gather(tensor, what, dim=0)
 
     def merge(
         self, out: torch.Tensor, lse: torch.Tensor, what: str = "partial attention"
@@ -110,13 +127,14 @@ class ShardGroup:
         """All-gather every rank's partial ``out`` ``(..., Dv)`` and ``lse`` ``(...)`` (float32) and merge them
         exactly, in rank order. One collective; returns ``(out, lse)`` on ``out``'s device."""
         dv = out.shape[-1]
-        payload = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1).to(self._device(out)).contiguous()
-        gathered = [torch.empty_like(payload) for _ in range(self.world_size)]
-        self._wait(dist.all_gather(gathered, payload, group=self.group, async_op=True), f"exchanging {what}")
-        self.payload_bytes += payload.numel() * payload.element_size()
-        self.collectives += 1
-        stacked = torch.stack(gathered, dim=-2).to(out.device)  # (..., W, Dv + 1)
+        payload = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
+        stacked = self._all_gather(payload, what, dim=-2)  # (..., W, Dv + 1)
         return merge_attention_states(stacked[..., :dv], stacked[..., dv], dim=-1)
+
+    def logsumexp(self, lse: torch.Tensor, what: str = "attention log-sum-exp") -> torch.Tensor:
+        """The log-sum-exp over the ranks of every rank's ``lse`` (float32, any shape), in rank order: the
+        softmax denominator of tokens spread over the ranks. One collective."""
+        return torch.logsumexp(self._all_gather(lse.float(), what), dim=-1)
 
     def reset_counters(self) -> None:
         """Zero :attr:`payload_bytes` and :attr:`collectives`."""

@@ -27,11 +27,15 @@ from pikvpress import tiny_model
 from pikvpress.cache import ShardedKVLayer, cache_nbytes
 from pikvpress.presses import ExpertRoutingPress, PiKVPress, QuantizationPress
 
+#: the scheduler of ``--scheduling``: from the 96-token context it evicts at the first decode step, then every 8
+SCHEDULING = {"budget": 64, "interval": 8, "sink_tokens": 4, "recent_window": 8}
+
 
 def pipeline_answers(args) -> dict:
     """kvpress's pipeline with two questions (the first answer is cropped off the cache before the second), dense
     on this rank alone and sharded over the group; the sharded cache's tail is short, so the question and answer
     flush to the shards and every crop takes tokens back from the shards of every rank."""
+    from kvpress import PrefillDecodingPress
     from transformers import pipeline
 
     from pikvpress import tiny_tokenizer
@@ -40,10 +44,21 @@ def pipeline_answers(args) -> dict:
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tiny_tokenizer(), device="cpu")
     context = "The quick brown fox jumps over the lazy dog. " * 6
     questions = ["Who jumps over the dog, and what colour is the fox?", "Over what does the quick fox jump?"]
-    dense = pipe(context, questions=questions, max_new_tokens=args.new_tokens)["answers"]
-    press = PiKVPress(num_shards=args.shards, tail_length=2, flush_tokens=1, process_group="default")
+
+    def press(**where):  # with a scheduler, the press runs on both sides of a PrefillDecodingPress (as the harness)
+        scheduling = {"budget": 40, "interval": 4, "sink_tokens": 2, "recent_window": 4} if args.scheduling else None
+        pikv = PiKVPress(num_shards=args.shards, tail_length=2, flush_tokens=1, scheduling=scheduling, **where)
+        return PrefillDecodingPress(prefilling_press=pikv, decoding_press=pikv) if args.scheduling else pikv
+
+    if args.scheduling:
+        questions = questions[:1]  # kvpress runs a decoding press for one question at a time
+    # the reference: dense on this rank alone, or with a scheduler the same press with every shard on this rank
+    reference = {"press": press()} if args.scheduling else {}
+    dense = pipe(context, questions=questions, max_new_tokens=args.new_tokens, **reference)["answers"]
     cache = DynamicCache()
-    sharded = pipe(context, questions=questions, press=press, max_new_tokens=args.new_tokens, cache=cache)["answers"]
+    sharded = pipe(
+        context, questions=questions, press=press(process_group="default"), max_new_tokens=args.new_tokens, cache=cache
+    )["answers"]
     context_len = len(pipe.preprocess(context, [""], "", 10**6)["context_ids"][0])
     return {
         "answers": sharded,
@@ -64,6 +79,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--routing", action="store_true")
     parser.add_argument("--packed", action="store_true")
+    parser.add_argument("--scheduling", action="store_true", help="evict while decoding; the reference is sharded too")
     parser.add_argument("--die-at-step", type=int, default=-1, help="rank 1 exits at this decode step")
     parser.add_argument("--mismatch", action="store_true", help="rank 1 asks for a different num_shards")
     parser.add_argument("--timeout", type=float, default=60.0)
@@ -100,23 +116,31 @@ def decode_report(args, rank: int) -> dict:
     kwargs = {"max_new_tokens": args.new_tokens, "min_new_tokens": args.new_tokens, "do_sample": False}
     kwargs |= {"output_logits": True, "return_dict_in_generate": True}
     routing = ExpertRoutingPress(compression_ratio=0.5, router="gate", num_experts=4, window_size=8)
-    if args.routing:
+    shards = args.shards * 2 if args.mismatch and rank == 1 else args.shards
+
+    def sharded_press(**where) -> PiKVPress:  # fresh component presses each time
+        return PiKVPress(
+            routing=dataclasses.replace(routing) if args.routing else None,
+            compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
+            scheduling=SCHEDULING if args.scheduling else None,
+            num_shards=shards,
+            tail_length=4,
+            flush_tokens=1,
+            timeout=args.timeout,
+            **where,
+        )
+
+    reference_cache = DynamicCache(config=model.config)
+    if args.scheduling:  # the reference: the same press with every shard in this process
+        with torch.no_grad(), sharded_press()(model):
+            dense = model.generate(ids, past_key_values=reference_cache, **kwargs)
+    elif args.routing:
         with torch.no_grad(), dataclasses.replace(routing)(model):  # a fresh press with the same fields
-            dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
+            dense = model.generate(ids, past_key_values=reference_cache, **kwargs)
     else:
         with torch.no_grad():
-            dense = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
-
-    shards = args.shards * 2 if args.mismatch and rank == 1 else args.shards
-    press = PiKVPress(
-        routing=routing if args.routing else None,
-        compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
-        num_shards=shards,
-        tail_length=4,
-        flush_tokens=1,
-        process_group="default",
-        timeout=args.timeout,
-    )
+            dense = model.generate(ids, past_key_values=reference_cache, **kwargs)
+    press = sharded_press(process_group="default")
     steps = {"n": 0}
 
     def count_steps(module, args_, kwargs_, output):
@@ -146,6 +170,8 @@ def decode_report(args, rank: int) -> dict:
         "sharded_layers": len(layers),
         "local_shards": [len(layer.local_shards) for layer in layers],
         "cache_nbytes": cache_nbytes(cache),
+        "cache_lengths": [layer.get_seq_length() for layer in cache.layers],
+        "reference_cache_lengths": [layer.get_seq_length() for layer in reference_cache.layers],
         "heads": model.config.num_attention_heads,
         "value_dim": model.config.head_dim,
     }

@@ -85,6 +85,27 @@ def test_sharded_decoding_over_gloo_equals_dense(tmp_path, world, extra):
     assert max(r["cache_nbytes"] for r in reports) < sum(r["cache_nbytes"] for r in reports)
 
 
+@pytest.mark.parametrize(
+    ("world", "extra"), [(2, ()), (4, ("--routing", "--packed"))], ids=["2-ranks", "4-ranks-routing-int8"]
+)
+def test_scheduled_decoding_over_gloo_equals_one_process(tmp_path, world, extra):
+    # every rank scores and evicts the tokens of its own shards: the same tokens as one process holding them all
+    reports = _torchrun(world, tmp_path, "--shards", "4", "--new-tokens", str(NEW_TOKENS), "--scheduling", *extra)
+    for report in reports:
+        assert "error" not in report, report.get("traceback")
+        assert report["max_logit_diff"] <= 1e-4
+        assert report["tokens"] == report["dense_tokens"]
+        # the scheduler evicted (budget 64, interval 8) exactly as in one process
+        assert report["cache_lengths"] == report["reference_cache_lengths"]
+        assert max(report["cache_lengths"]) <= 64 + 8
+        # its traffic (the steps' lse every interval, the kept indices at each eviction) stays of the order of
+        # the attention's own (output, lse): B x Hq x (Dv + 1) float32 per layer and step
+        per_layer = report["heads"] * (report["value_dim"] + 1) * 4
+        assert report["sharded_layers"] * per_layer < report["payload_bytes_per_step"]
+        assert report["payload_bytes_per_step"] < 3 * report["sharded_layers"] * per_layer
+    assert all(r["tokens"] == reports[0]["tokens"] for r in reports)
+
+
 def test_kvpress_pipeline_over_gloo_answers_as_dense(tmp_path):
     reports = _torchrun(2, tmp_path, "--pipeline", "--shards", "2", "--new-tokens", "12")
     for report in reports:
@@ -93,6 +114,16 @@ def test_kvpress_pipeline_over_gloo_answers_as_dense(tmp_path):
         # after the last answer was cropped off, every layer holds the context again, part of it sharded
         assert report["cache_lengths"] == [report["context_len"]] * len(report["cache_lengths"])
         assert all(0 < n < report["context_len"] for n in report["sharded_lengths"])
+    assert reports[0]["answers"] == reports[1]["answers"]
+
+
+def test_kvpress_pipeline_with_a_scheduler_over_gloo_answers_as_one_process(tmp_path):
+    # the question is a multi-token step the scheduler scores over the shards of both ranks
+    reports = _torchrun(2, tmp_path, "--pipeline", "--scheduling", "--shards", "2", "--new-tokens", "12")
+    for report in reports:
+        assert "error" not in report, report.get("traceback")
+        assert report["answers"] == report["dense_answers"]
+        assert max(report["cache_lengths"]) < report["context_len"]  # the scheduler evicted
     assert reports[0]["answers"] == reports[1]["answers"]
 
 

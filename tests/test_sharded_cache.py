@@ -8,7 +8,7 @@ from conftest import get_tiny_model
 from torch import nn
 from transformers import DynamicCache
 
-from pikvpress import enable_packed_attention
+from pikvpress import PiKVPress, enable_packed_attention, tiny_model
 from pikvpress.attention import sharded_layer_attention
 from pikvpress.cache import ExpertShardedCache, ShardedKVLayer, cache_bytes_read, cache_nbytes_per_device
 from pikvpress.kernels.decode_attention import dense_attention_partial
@@ -20,6 +20,7 @@ from pikvpress.routing.shards import (
     shard_counts,
     shard_scores,
 )
+from pikvpress.scheduling import sharded_step_probs, step_probs
 
 B, HKV, G, D = 2, 2, 3, 16
 PACKING = {"bits": 8, "group_size": 4, "key_group_size": 8, "residual_length": 0, "stats_dtype": torch.float16}
@@ -250,6 +251,7 @@ def test_crop_keeps_the_first_tokens_in_order(crop_to):
 def test_evict_keeps_each_shards_share_and_returns_the_kept_indices():
     layer = filled_layer(100, num_shards=4, tail_length=8)
     keys, values = layer.dequantized()
+    before = {s: shard.index.long() for s, shard in layer.local_shards}
     order = torch.stack([torch.randperm(100, generator=torch.Generator().manual_seed(s)) for s in range(B * HKV)])
     kept = layer.evict(order.view(B, HKV, 100), budget=48)
     assert kept.shape == (B, HKV, 48)
@@ -258,14 +260,58 @@ def test_evict_keeps_each_shards_share_and_returns_the_kept_indices():
     assert torch.equal(k, keys.gather(2, kept[..., None].expand(-1, -1, -1, D)))
     assert torch.equal(v, values.gather(2, kept[..., None].expand(-1, -1, -1, D)))
     assert bool((kept[..., -8:] == torch.arange(92, 100)).all())  # the tail (recent tokens) stays
-    # inside a shard, the best-ranked tokens stay
+    # inside a shard, its 10 best-ranked tokens stay
     rank = torch.empty_like(order).scatter_(-1, order, torch.arange(100).expand_as(order)).view(B, HKV, 100)
-    for s, shard in layer.local_shards:
-        assert shard.length == 10
+    for s, index in before.items():
+        best = index.gather(-1, rank.gather(-1, index).topk(10, dim=-1, largest=False).indices).sort(-1).values
+        assert torch.equal(kept.gather(-1, layer.shards[s].index.long()), best)
     # summaries follow the kept keys
     for s, shard in layer.local_shards:
         torch.testing.assert_close(layer.key_max[:, :, s], shard.keys.amax(2))
-    assert rank.shape == (B, HKV, 100)
+
+
+@pytest.mark.parametrize("packing", [None, PACKING], ids=["dense", "packed"])
+@pytest.mark.parametrize("sinks", [False, True], ids=["", "sinks"])
+def test_scheduler_probabilities_over_shards_equal_dense(packing, sinks):
+    # one-token steps on a short tail: the tail flushes to the shards between steps, so some shard tokens
+    # come after the first steps (their future) and must be masked for them
+    layer = filled_layer(50, num_shards=4, tail_length=2, flush_tokens=1, packing=packing)
+    start, n = layer.get_seq_length(), 9
+    for step in range(n):
+        layer.update(*random_kv(1, seed=20 + step))
+    assert layer.sharded_length > start  # a flush moved decode tokens into the shards
+    queries = torch.randn(B, HKV * G, n, D, generator=torch.Generator().manual_seed(3)) * 0.5
+    sink_logits = torch.randn(HKV * G, generator=torch.Generator().manual_seed(4)) if sinks else None
+    probs = sharded_step_probs(layer, queries, start, sink_logits)
+    keys, _ = layer.dequantized()
+    torch.testing.assert_close(probs, step_probs(queries, keys, start, sink_logits), rtol=1e-5, atol=1e-6)
+    assert probs.shape == (B, HKV, n, start + n)
+    # fewer steps than the layer holds: the later tokens are the future of every step
+    torch.testing.assert_close(
+        sharded_step_probs(layer, queries[:, :, :4], start),
+        step_probs(queries[:, :, :4], keys[:, :, : start + 4], start),
+    )
+
+
+def test_the_scheduler_reads_the_query_pikv_attention_used():
+    model = tiny_model("qwen3_moe")  # a fresh model: no module asked for its queries yet
+    kept = []
+
+    def grab(module, args, kwargs, output):  # registered before the press's hook: runs first
+        if kwargs["hidden_states"].shape[1] == 1:
+            kept.append(module.__dict__.get("pikvpress_decode_query"))
+
+    attention = model.model.layers[0].self_attn
+    hook = attention.register_forward_hook(grab, with_kwargs=True)
+    ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(2))
+    press = PiKVPress(num_shards=2, tail_length=4, scheduling={"budget": 1000})
+    try:
+        with torch.no_grad(), press(model):
+            model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(config=model.config))
+    finally:
+        hook.remove()
+    # the first step asks for it; from the second on, pikv attention keeps the query it used
+    assert kept[0] is None and all(q is not None and q.shape[2] == 1 for q in kept[1:])
 
 
 def test_views_and_bytes():
@@ -402,7 +448,5 @@ def test_pikv_press_arguments():
         PiKVPress(num_shards=2, top_k_shards=3)
     with pytest.raises(ValueError, match="devices or process_group"):
         PiKVPress(num_shards=2, devices=["cpu", "cpu"], process_group="default")
-    with pytest.raises(ValueError, match="not supported with process_group"):
-        PiKVPress(scheduling={"budget": 8}, process_group="default")
     with pytest.raises(ValueError, match="spread evenly over 3 devices"):
         PiKVPress(num_shards=4, devices=["cpu"] * 3)

@@ -16,11 +16,9 @@ import torch
 
 from pikvpress.cache.packed_layer import PackedKVLayer
 from pikvpress.kernels.decode_attention import (
-    choose_num_splits,
     dense_attention_partial,
     merge_attention_states,
-    packed_decode_attention_partial,
-    programs_per_split,
+    packed_attention_partial,
 )
 from pikvpress.kernels.quantize import QuantizedTensor
 
@@ -199,11 +197,8 @@ class KVShard:
             kq, vq = layer.packed_keys, layer.packed_values
             if rows is not None:
                 kq, vq = _rows_qt(kq, *rows), _rows_qt(vq, *rows)
-            q2 = q.reshape(n, hkv * g, d)
-            splits = choose_num_splits(q2, programs_per_split(n, hkv * g, hkv, kq.shape[3], vq.shape[3]), p)
             kv_mask = None if keep is None else keep[..., :p].contiguous()
-            out_p, lse_p = packed_decode_attention_partial(q2, kq, vq, scale, splits, kv_mask=kv_mask)
-            out_p, lse_p = merge_attention_states(out_p, lse_p, dim=2)
+            out_p, lse_p = packed_attention_partial(q.reshape(n, hkv * g, d), kq, vq, scale, kv_mask)
             outs.append(out_p.view(n, hkv, g, -1))
             lses.append(lse_p.view(n, hkv, g))
         if layer.residual_length_now > 0:

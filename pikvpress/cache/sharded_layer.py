@@ -439,7 +439,9 @@ class ShardedKVLayer(PiKVCacheLayer):
         ``order`` ``(B, H, N)`` lists the layer's sequence indices by priority (best first). The tail keeps every
         token (it is the recent window, at most ``tail_length + S * flush_tokens``); each shard keeps its best
         tokens by ``order``, the shards' share of the budget split as evenly as their lengths allow. Indices and
-        summaries are renumbered to the kept sequence.
+        summaries are renumbered to the kept sequence. Over a process group every rank evicts inside the shards it
+        holds (``order`` need only rank those tokens right: the quotas come from the shard lengths, which all ranks
+        share) and the ranks exchange the kept indices and the new summaries in one collective.
         """
         if not self.has_shards:
             kept = order[..., :budget].sort(dim=-1).values
@@ -448,8 +450,6 @@ class ShardedKVLayer(PiKVCacheLayer):
                 2, kept.unsqueeze(-1).expand(-1, -1, -1, self.tail_values.shape[-1])
             )
             return kept
-        if self.group is not None and self.group.world_size > 1:
-            raise NotImplementedError("evicting from shards spread over a process group is not supported")
         n = self.get_seq_length()
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
         quotas = self._quotas(max(0, budget - self.tail_length_now))
@@ -459,16 +459,18 @@ class ShardedKVLayer(PiKVCacheLayer):
             positions = rank.gather(-1, index).topk(quotas[s], dim=-1, largest=False).indices.sort(dim=-1).values
             shard.keep(positions)
             kept_parts.append(index.gather(-1, positions))
-            self.shard_lengths[s] = quotas[s]
+        self.shard_lengths = quotas
+        self._refresh_summaries()
+        if self.group is not None and self.group.world_size > 1:  # every rank's kept tokens, to renumber
+            kept_parts = self._exchange_kept(kept_parts)
         tail = torch.arange(self.sharded_length, n, device=order.device).expand(*order.shape[:2], -1)
-        kept = torch.cat([*kept_parts, tail], dim=-1).sort(dim=-1).values
+        kept = torch.cat([*(i.to(order.device) for i in kept_parts), tail], dim=-1).sort(dim=-1).values
         # renumber: a token's new index is its rank among the kept ones
         for _, shard in self.local_shards:
             new = torch.searchsorted(kept, shard.index.to(kept.device, torch.int64))
             shard.index = new.to(shard.device, torch.int32)
         self.sharded_length = sum(quotas)
         self.blocks = [(0, quotas)]
-        self._refresh_summaries()
         return kept
 
     def _refresh_summaries(self) -> None:
@@ -511,7 +513,7 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.blocks = [(start, counts) for start, counts in self.blocks if start < cut]
         self._refresh_summaries()
         if self.group is not None and self.group.world_size > 1:
-            parts = self._exchange_crop(parts)
+            parts = self._exchange(parts, "the tokens a crop takes back from the shards")
         index = torch.cat([i for _, _, i in parts], dim=-1)
         order = index.argsort(dim=-1)[..., : max_length - cut]
         gather = lambda t: t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
@@ -523,8 +525,41 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.shard_lengths = [0] * self.num_shards
             self.blocks = []
 
-    def _exchange_crop(self, parts: list) -> list:
-        """Every rank's tokens leaving its shards, and its shards' refreshed summaries, gathered on every rank."""
+    def _exchange_kept(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every shard's kept sequence indices ``(B, H, shard length)``, from the kept indices of this rank's shards
+        (``kept``, in shard order); the other ranks' shards' summaries come along and replace the copies held here.
+
+        One all-gather of a float32 buffer per rank (indices travel as their int32 bits): each rank lays out, for each
+        of its shards in order, the indices then the key min, max and sum; every rank knows every shard's length, so
+        it reads the others' buffers without asking."""
+        b, h, _, d = self.key_min.shape
+        width = b * h * 3 * d  # a shard's summaries
+
+        def sizes(rank: int) -> list[tuple[int, int]]:
+            return [(s, b * h * self.shard_lengths[s]) for s in range(self.num_shards) if self.owner(s) == rank]
+
+        local = []
+        for (s, _), index in zip(sizes(self.group.rank), kept):
+            local.append(index.to(self.device, torch.int32).reshape(-1).view(torch.float32))
+            local += [t[:, :, s].reshape(-1) for t in (self.key_min, self.key_max, self.key_sum)]
+        longest = max(sum(n + width for _, n in sizes(r)) for r in range(self.group.world_size))
+        buffer = torch.zeros(longest, dtype=torch.float32, device=self.device)
+        flat = torch.cat(local) if local else buffer[:0]
+        buffer[: flat.numel()] = flat
+        gathered = self.group.all_gather(buffer, "the tokens an eviction keeps in the shards")
+        everything = []
+        for rank in range(self.group.world_size):
+            at = 0
+            for s, n in sizes(rank):
+                everything.append(gathered[rank, at : at + n].view(torch.int32).view(b, h, -1).to(torch.int64))
+                low, high, total = gathered[rank, at + n : at + n + width].view(3, b, h, d)
+                self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = low, high, total
+                at += n + width
+        return everything
+
+    def _exchange(self, parts: list[tuple[torch.Tensor, ...]], what: str) -> list[tuple[torch.Tensor, ...]]:
+        """Every rank's ``parts`` (tuples of tensors about its shards' tokens), in rank order, on the query's device;
+        each rank's shards' summaries come along and replace the copies held here. One collective."""
         local = {
             "parts": [tuple(t.cpu() for t in part) for part in parts],
             "summaries": {
@@ -532,7 +567,7 @@ class ShardedKVLayer(PiKVCacheLayer):
                 for s, _ in self.local_shards
             },
         }
-        gathered = self.group.exchange(local, "the tokens a crop takes back from the shards")
+        gathered = self.group.exchange(local, what)
         everything = []
         for other in gathered:
             everything += [tuple(t.to(self.device) for t in part) for part in other["parts"]]

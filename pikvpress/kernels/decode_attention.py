@@ -915,6 +915,22 @@ def dense_attention_partial(
     return out, lse
 
 
+def packed_attention_partial(
+    q: torch.Tensor,
+    k_packed: QuantizedTensor,
+    v_packed: QuantizedTensor,
+    scale: float,
+    kv_mask: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out (B, Hq, Dv), lse (B, Hq))`` float32: :func:`packed_decode_attention_partial` of ``q`` ``(B, Hq, D)``
+    over every packed token, split along the sequence as :func:`choose_num_splits` says, the splits merged."""
+    b, hq, _ = q.shape
+    programs = programs_per_split(b, hq, k_packed.shape[1], k_packed.shape[3], v_packed.shape[3])
+    splits = choose_num_splits(q, programs, k_packed.shape[2])
+    out, lse = packed_decode_attention_partial(q, k_packed, v_packed, scale, splits, kv_mask=kv_mask)
+    return merge_attention_states(out, lse, dim=2)
+
+
 def choose_num_splits(q: torch.Tensor, programs: int, packed_len: int) -> int:
     """Sequence splits for the packed kernel: enough programs (``programs`` per split) to fill the GPU twice
     over, >= 256 tokens each; 1 off CUDA."""

@@ -21,6 +21,7 @@ from pikvpress.scheduling import (
     kept_indices,
     priority_order,
     scores_to_prior,
+    sharded_step_probs,
     step_probs,
 )
 
@@ -158,15 +159,14 @@ class AdaptiveSchedulingPress(BasePress):
         stats = self._stats.get(idx)
         if pending is None or not pending.queries or stats is None:
             return
-        keys = _dense(pending.layer.keys)
-        b, h = keys.shape[:2]
+        layer = pending.layer
+        b, h, length, _ = layer.keys.shape
         n, t = len(pending.queries), stats.length
-        if keys.shape[2] < t + n or stats.rows_heads != (b, h):
+        if length < t + n or stats.rows_heads != (b, h):
             return  # the cache changed under the press (another press cut it): these steps are lost
-        keys = keys[:, :, : t + n]
         queries = torch.cat(pending.queries, dim=2) * pending.scaling  # (B, Hq, n, D)
-        probs = step_probs(queries, keys, t, pending.sinks)
-        positions = torch.cat(pending.positions, dim=-1).to(keys.device)  # (B or 1, n)
+        probs = _step_probs(layer, queries, t, pending.sinks)
+        positions = torch.cat(pending.positions, dim=-1).to(probs.device)  # (B or 1, n)
         stats.record_steps(positions.view(-1, 1, n).expand(b, h, n), probs)
 
     def _start(self, module: nn.Module, cache, idx: int, position: torch.Tensor) -> DecodeStatistics:
@@ -234,7 +234,11 @@ class AdaptiveSchedulingPress(BasePress):
         else:
             self._flush(idx)
             stats.append(position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len))
-            probs = window_probs(module, hidden_states, _dense(keys), q_len, kwargs["position_embeddings"])
+            if _is_sharded(layer):  # the step's queries over the shards where they are (other ranks' too)
+                queries = adapter.queries(hidden_states, kwargs["position_embeddings"]) * adapter.scaling
+                probs = sharded_step_probs(layer, queries, t - q_len, adapter.sinks)
+            else:
+                probs = window_probs(module, hidden_states, _dense(keys), q_len, kwargs["position_embeddings"])
             stats.observe(probs.mean(dim=2))
         seen = stats.seen + n_pending
         budget = self.layer_budget(seen)
@@ -277,6 +281,18 @@ class _PendingSteps:
     sinks: torch.Tensor | None
     queries: list[torch.Tensor] = field(default_factory=list)
     positions: list[torch.Tensor] = field(default_factory=list)
+
+
+def _is_sharded(layer) -> bool:
+    """Whether ``layer`` keeps tokens in shards (read where they are, not gathered)."""
+    return isinstance(layer, ShardedKVLayer) and layer.has_shards
+
+
+def _step_probs(layer, queries: torch.Tensor, start: int, sinks: torch.Tensor | None) -> torch.Tensor:
+    """``(B, H, n, start + n)`` attention of ``n`` buffered decode steps over the layer's first ``start + n`` tokens."""
+    if _is_sharded(layer):
+        return sharded_step_probs(layer, queries, start, sinks)
+    return step_probs(queries, _dense(layer.keys)[:, :, : start + queries.shape[2]], start, sinks)
 
 
 def _dense(keys):

@@ -51,7 +51,8 @@ class PiKVPress(BasePress):
     attention over what is stored), each shard computing its partial attention where it lives, merged exactly
     by log-sum-exp (one all-gather of (output, lse) per layer and step across ranks). With ``scheduling`` (an
     :class:`AdaptiveSchedulingPress`), its policy evicts inside the shards every ``interval`` steps, each shard
-    keeping its share of the budget. kvpress's pipeline runs a press while answering only inside a
+    keeping its share of the budget; over a process group each rank scores and evicts the tokens of its own
+    shards (the scheduler's softmax denominators and the kept indices cross the ranks, never keys). kvpress's pipeline runs a press while answering only inside a
     ``PrefillDecodingPress``: wrap a press with scheduling as
     ``PrefillDecodingPress(prefilling_press=press, decoding_press=press)`` (the harness does).
 
@@ -62,7 +63,7 @@ class PiKVPress(BasePress):
     compression : QuantizationPress or dict, optional
         How shards pack their tokens (bits, group sizes, layout); None keeps them dense.
     scheduling : AdaptiveSchedulingPress or dict, optional
-        Decode-time eviction inside the shards (single-process caches).
+        Decode-time eviction inside the shards.
     num_shards : int
         Shards per layer.
     top_k_shards : int, optional
@@ -136,10 +137,6 @@ class PiKVPress(BasePress):
         self._check_sharding()
         if self.devices is not None and self.process_group is not None:
             raise ValueError("give devices or process_group, not both")
-        if self.scheduling is not None and self.process_group is not None:
-            raise ValueError(
-                "scheduling evicts from shards held in this process only; it is not supported with process_group"
-            )
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
     replays_with_hooks: ClassVar[bool] = True

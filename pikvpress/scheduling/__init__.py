@@ -1,6 +1,6 @@
 """Decode-time scheduling: per-token statistics gathered while decoding, and the eviction policies on them."""
 
-from pikvpress.scheduling.attention import step_probs
+from pikvpress.scheduling.attention import sharded_step_probs, step_probs
 from pikvpress.scheduling.policies import POLICIES, kept_indices, policy_scores, priority_order
 from pikvpress.scheduling.prior import PREFILL_SCORES, scores_to_prior
 from pikvpress.scheduling.statistics import DecodeStatistics
@@ -13,5 +13,6 @@ __all__ = [
     "policy_scores",
     "priority_order",
     "scores_to_prior",
+    "sharded_step_probs",
     "step_probs",
 ]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -48,3 +50,76 @@ def step_probs(
             probs = F.softmax(logits, dim=-1)
         out.append(probs.mean(dim=2))
     return out[0] if len(out) == 1 else torch.cat(out, dim=2)
+
+
+def sharded_step_probs(
+    layer: Any, queries: torch.Tensor, start: int, sinks: torch.Tensor | None = None
+) -> torch.Tensor:
+    """:func:`step_probs` over a :class:`~pikvpress.cache.ShardedKVLayer`, computed where its tokens are.
+
+    Each shard this process holds computes its tokens' logits on its own device (a packed shard dequantizes
+    its keys only); the tail's are computed on the query's device. The softmax denominator counts every
+    token of every shard: over a process group, each rank's log-sum-exp of its shards is all-gathered (one
+    collective of ``B x Hq x n`` float32 per chunk of steps, never keys). Tokens held by other ranks get
+    probability 0 here (their rank computes them), so every rank ranks its own shards' tokens by the same
+    probabilities a single process would compute.
+
+    Parameters
+    ----------
+    layer : ShardedKVLayer
+        The layer, holding at least ``start + n`` tokens (later ones are masked as the future).
+    queries, start, sinks
+        As in :func:`step_probs`.
+
+    Returns
+    -------
+    torch.Tensor
+        ``(B, H, n, start + n)`` float32 on the queries' device, indexed by sequence position.
+    """
+    b, hq, n, _ = queries.shape
+    length = layer.get_seq_length()
+    h = layer.tail_keys.shape[1]
+    if length < start + n or hq % h:
+        raise ValueError(
+            f"{n} steps after {start} tokens need {start + n} tokens and Hq a multiple of H, got {length} / {hq}"
+        )
+    groups, device, dtype = hq // h, queries.device, layer.dtype
+    tail_index = torch.arange(layer.sharded_length, length, device=device).expand(b, h, -1)
+    parts = [(shard.dense_part("keys").to(dtype=dtype), shard.index) for _, shard in layer.local_shards if shard.length]
+    parts.append((layer.tail_keys, tail_index))
+    out = torch.zeros((b, h, n, length), dtype=torch.float32, device=device)
+    step = max(1, _CHUNK_ELEMENTS // max(1, b * hq * length))
+    for first in range(0, n, step):
+        chunk = queries[:, :, first : first + step]
+        m = chunk.shape[2]
+        visible = start + first + torch.arange(m, device=device)  # last token each step saw
+        logits = [_logits(chunk, keys, index, visible, groups).to(device) for keys, index in parts]  # (B, H, G, m, L)
+        shard_lse = (
+            torch.stack([x.logsumexp(dim=-1) for x in logits[:-1]]).logsumexp(dim=0) if len(logits) > 1 else None
+        )
+        if shard_lse is None:
+            shard_lse = torch.full((b, h, groups, m), float("-inf"), device=device)
+        if layer.group is not None and layer.group.world_size > 1:
+            shard_lse = layer.group.logsumexp(shard_lse, "the scheduler's attention log-sum-exp")
+        terms = [shard_lse, logits[-1].logsumexp(dim=-1)]
+        if sinks is not None:
+            terms.append(sinks.float().to(device).view(1, h, groups, 1).expand(b, h, groups, m))
+        total = torch.stack(terms).logsumexp(dim=0).unsqueeze(-1)
+        for x, (_, index) in zip(logits, parts):
+            probs = (x - total).exp().mean(dim=2)  # (B, H, m, L)
+            columns = index.to(device, torch.int64).unsqueeze(2).expand(b, h, m, -1)
+            out[:, :, first : first + m].scatter_(-1, columns, probs)
+    return out[..., : start + n]
+
+
+def _logits(
+    queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, visible: torch.Tensor, groups: int
+) -> torch.Tensor:
+    """``(B, H, G, m, L)`` float32 logits of ``m`` steps' queries over ``keys`` (on the keys' device), ``-inf`` on
+    tokens whose sequence ``index`` lies after the step's last ``visible`` token."""
+    b, h, length, _ = keys.shape
+    m = queries.shape[2]
+    rows = queries.to(keys.device, keys.dtype).reshape(b, h, groups * m, -1)
+    logits = torch.matmul(rows, keys.transpose(-1, -2)).float().view(b, h, groups, m, length)
+    future = index.to(keys.device, torch.int64).view(b, h, 1, 1, length) > visible.to(keys.device).view(1, 1, 1, m, 1)
+    return logits.masked_fill_(future, float("-inf"))
