@@ -45,6 +45,40 @@ class PiKVCacheLayer(CacheLayerMixin):
         setattr(values, LAYER_TAG, self)
         return keys, values
 
+    # ----------------------------------------------------------------------------------------------
+    # keys / values: what kvpress reads and assigns (subclasses give _view, _dense and _assign)
+    # ----------------------------------------------------------------------------------------------
+    def _view(self, which: str) -> Any:
+        """The layer's ``"keys"`` or ``"values"`` as kvpress sees them (a tensor or a view of the layer)."""
+        raise NotImplementedError
+
+    def _dense(self, which: str) -> torch.Tensor:
+        """Every token's dense ``"keys"`` or ``"values"``, in sequence order."""
+        raise NotImplementedError
+
+    def _assign(self, which: str, value: Any) -> None:
+        raise NotImplementedError
+
+    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Dense ``(keys, values)`` of every token, in sequence order."""
+        return self._dense("keys"), self._dense("values")
+
+    @property
+    def keys(self) -> Any:  # type: ignore[override]
+        return self._view("keys") if self.is_initialized else None
+
+    @keys.setter
+    def keys(self, value: Any) -> None:
+        self._assign("keys", value)
+
+    @property
+    def values(self) -> Any:  # type: ignore[override]
+        return self._view("values") if self.is_initialized else None
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        self._assign("values", value)
+
     def _map_batch(self, fn) -> None:
         raise NotImplementedError
 

@@ -228,35 +228,15 @@ class PackedKVLayer(PiKVCacheLayer):
         return self._packed_len_keys if which == "keys" else self._packed_len_values
 
     def _dense(self, which: str) -> torch.Tensor:
+        """The packed part dequantized, then the residual."""
         qt = self.packed_keys if which == "keys" else self.packed_values
         res = self.residual_keys if which == "keys" else self.residual_values
         if qt is None:
             return res
         return torch.cat([dequantize(qt, self.dtype), res], dim=2)
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``(keys, values)``: the packed part dequantized, then the residual."""
-        return self._dense("keys"), self._dense("values")
-
-    @property
-    def keys(self) -> PackedKVView | None:  # type: ignore[override]
-        if not self.is_initialized:
-            return None
-        return PackedKVView(self, "keys", self._dense_shape("keys")[2])
-
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        self._assign("keys", value)
-
-    @property
-    def values(self) -> PackedKVView | None:  # type: ignore[override]
-        if not self.is_initialized:
-            return None
-        return PackedKVView(self, "values", self._dense_shape("values")[2])
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        self._assign("values", value)
+    def _view(self, which: str) -> PackedKVView:
+        return PackedKVView(self, which, self._dense_shape(which)[2])
 
     def _assign(self, which: str, value: Any) -> None:
         if value is None:

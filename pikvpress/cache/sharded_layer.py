@@ -250,33 +250,11 @@ class ShardedKVLayer(PiKVCacheLayer):
             out.scatter_(2, shard.index.to(self.device, torch.int64).unsqueeze(-1).expand(-1, -1, -1, d), data)
         return torch.cat([out, tail], dim=2)
 
-    def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Dense ``(keys, values)`` in sequence order."""
-        return self._dense("keys"), self._dense("values")
-
-    @property
-    def keys(self) -> torch.Tensor | ShardedKVView | None:  # type: ignore[override]
-        if not self.is_initialized:
-            return None
+    def _view(self, which: str) -> torch.Tensor | ShardedKVView:
+        """The tail tensor while nothing is sharded (kvpress presses prune it as usual), else a view."""
         if not self.has_shards:
-            return self.tail_keys
-        return ShardedKVView(self, "keys", self.get_seq_length())
-
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        self._assign("keys", value)
-
-    @property
-    def values(self) -> torch.Tensor | ShardedKVView | None:  # type: ignore[override]
-        if not self.is_initialized:
-            return None
-        if not self.has_shards:
-            return self.tail_values
-        return ShardedKVView(self, "values", self.get_seq_length())
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        self._assign("values", value)
+            return self.tail_keys if which == "keys" else self.tail_values
+        return ShardedKVView(self, which, self.get_seq_length())
 
     def _assign(self, which: str, value: Any) -> None:
         if value is None:
