@@ -165,7 +165,18 @@ def test_padding_mask_reaches_the_sharded_tokens():
     torch.testing.assert_close(out, dense_reference(query, keys, values, 0.3, keep), rtol=1e-5, atol=1e-5)
 
 
-def test_packed_shards_equal_dense_attention_over_what_they_store():
+@pytest.fixture(params=["cpu", "triton"])
+def path(request, monkeypatch):
+    """Packed shards read by the pure-torch reference, or by the split Triton kernel under the interpreter (the
+    CUDA path)."""
+    if request.param == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+        monkeypatch.setenv("PIKVPRESS_FORCE_TRITON", "1")
+    return request.param
+
+
+def test_packed_shards_equal_dense_attention_over_what_they_store(path):
     layer = filled_layer(90, num_shards=2, tail_length=3, packing=PACKING)
     assert all(shard.packed is not None and shard.packed.packed_length > 0 for _, shard in layer.local_shards)
     layer.update(*random_kv(1, seed=7))
@@ -177,8 +188,11 @@ def test_packed_shards_equal_dense_attention_over_what_they_store():
     assert layer.nbytes < dense.nbytes * 0.75  # int8 codes + fp16 stats instead of fp32
 
 
-def test_top_k_reads_only_the_chosen_shards():
-    layer = filled_layer(120, num_shards=4, tail_length=6, top_k_shards=1)
+@pytest.mark.parametrize("packing", [None, PACKING], ids=["dense", "packed"])
+def test_top_k_reads_only_the_chosen_shards(packing, path):
+    if packing is None and path == "triton":
+        pytest.skip("dense shards never run the packed kernel")
+    layer = filled_layer(120, num_shards=4, tail_length=6, top_k_shards=1, packing=packing)
     layer.update(*random_kv(1, seed=10))
     query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(11))
     out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, None, layer, scaling=0.25)
