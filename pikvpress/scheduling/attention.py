@@ -94,11 +94,9 @@ def sharded_step_probs(
         m = chunk.shape[2]
         visible = start + first + torch.arange(m, device=device)  # last token each step saw
         logits = [_logits(chunk, keys, index, visible, groups).to(device) for keys, index in parts]  # (B, H, G, m, L)
-        shard_lse = (
-            torch.stack([x.logsumexp(dim=-1) for x in logits[:-1]]).logsumexp(dim=0) if len(logits) > 1 else None
-        )
-        if shard_lse is None:
-            shard_lse = torch.full((b, h, groups, m), float("-inf"), device=device)
+        shard_lse = torch.full((b, h, groups, m), float("-inf"), device=device)  # no local shard yet
+        if len(logits) > 1:
+            shard_lse = torch.stack([x.logsumexp(dim=-1) for x in logits[:-1]]).logsumexp(dim=0)
         if layer.group is not None and layer.group.world_size > 1:
             shard_lse = layer.group.logsumexp(shard_lse, "the scheduler's attention log-sum-exp")
         terms = [shard_lse, logits[-1].logsumexp(dim=-1)]
