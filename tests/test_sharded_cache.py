@@ -188,10 +188,13 @@ def test_packed_shards_equal_dense_attention_over_what_they_store(path):
     assert layer.nbytes < dense.nbytes * 0.75  # int8 codes + fp16 stats instead of fp32
 
 
-@pytest.mark.parametrize("packing", [None, PACKING], ids=["dense", "packed"])
+@pytest.mark.parametrize(
+    ("packing", "path"),
+    [(None, "cpu"), (PACKING, "cpu"), (PACKING, "triton")],  # dense shards never run the packed kernel
+    ids=["dense", "packed-cpu", "packed-triton"],
+    indirect=["path"],
+)
 def test_top_k_reads_only_the_chosen_shards(packing, path):
-    if packing is None and path == "triton":
-        pytest.skip("dense shards never run the packed kernel")
     layer = filled_layer(120, num_shards=4, tail_length=6, top_k_shards=1, packing=packing)
     layer.update(*random_kv(1, seed=10))
     query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(11))
