@@ -97,7 +97,7 @@ class ShardGroup:
             )
 
     def exchange(self, obj: Any, what: str = "data") -> list[Any]:
-        """Every rank's ``obj`` (picklable), in rank order: one collective, for rare events (a crop), never per step."""
+        """Every rank's ``obj`` (picklable), in rank order: one collective, for rare events (the settings check), never per step."""
         gathered: list[Any] = [None] * self.world_size
         try:
             dist.all_gather_object(gathered, obj, group=self.group)

@@ -27,7 +27,8 @@ prune the prefill as usual) and :class:`ShardedKVView` objects after.
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+import math
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -440,7 +441,9 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.shard_lengths = quotas
         self._refresh_summaries()
         if self.group is not None and self.group.world_size > 1:  # every rank's kept tokens, to renumber
-            kept_parts = self._exchange_kept(kept_parts)
+            b, h = order.shape[:2]
+            layout = lambda s: [((b, h, quotas[s]), torch.int64)]
+            kept_parts = [i for (i,) in self._gather_shards([(i,) for i in kept_parts], layout, "the kept tokens")]
         tail = torch.arange(self.sharded_length, n, device=order.device).expand(*order.shape[:2], -1)
         kept = torch.cat([*(i.to(order.device) for i in kept_parts), tail], dim=-1).sort(dim=-1).values
         # renumber: a token's new index is its rank among the kept ones
@@ -491,7 +494,14 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.blocks = [(start, counts) for start, counts in self.blocks if start < cut]
         self._refresh_summaries()
         if self.group is not None and self.group.world_size > 1:
-            parts = self._exchange(parts, "the tokens a crop takes back from the shards")
+            b, h, _, dk = self.tail_keys.shape
+            dv = self.tail_values.shape[-1]
+            layout = lambda s: [
+                ((b, h, removed[s], dk), self.dtype),
+                ((b, h, removed[s], dv), self.dtype),
+                ((b, h, removed[s]), torch.int64),
+            ]
+            parts = self._gather_shards(parts, layout, "the tokens a crop takes back from the shards")
         index = torch.cat([i for _, _, i in parts], dim=-1)
         order = index.argsort(dim=-1)[..., : max_length - cut]
         gather = lambda t: t.gather(2, order.unsqueeze(-1).expand(-1, -1, -1, t.shape[-1]))
@@ -503,58 +513,43 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.shard_lengths = [0] * self.num_shards
             self.blocks = []
 
-    def _exchange_kept(self, kept: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every shard's kept sequence indices ``(B, H, shard length)``, from the kept indices of this rank's shards
-        (``kept``, in shard order); the other ranks' shards' summaries come along and replace the copies held here.
+    def _gather_shards(
+        self,
+        local: list[tuple[torch.Tensor, ...]],
+        layout: Callable[[int], list[tuple[tuple[int, ...], torch.dtype]]],
+        what: str,
+    ) -> list[tuple[torch.Tensor, ...]]:
+        """Every shard's tensors, in shard order, on the query's device, from this rank's ``local`` ones (a tuple per
+        shard it holds, in shard order); each shard's summaries travel along and replace the copies held here.
 
-        One all-gather of a float32 buffer per rank (indices travel as their int32 bits): each rank lays out, for each
-        of its shards in order, the indices then the key min, max and sum; every rank knows every shard's length, so
-        it reads the others' buffers without asking."""
+        ``layout(s)`` gives the shapes and dtypes of shard ``s``'s tensors, which every rank knows (they follow from
+        the shard lengths), so one all-gather of a float32 buffer per rank carries everything: floating tensors
+        widened to float32 (exact), integer ones as their int32 bits."""
         b, h, _, d = self.key_min.shape
-        width = b * h * 3 * d  # a shard's summaries
-
-        def sizes(rank: int) -> list[tuple[int, int]]:
-            return [(s, b * h * self.shard_lengths[s]) for s in range(self.num_shards) if self.owner(s) == rank]
-
-        local = []
-        for (s, _), index in zip(sizes(self.group.rank), kept):
-            local.append(index.to(self.device, torch.int32).reshape(-1).view(torch.float32))
-            local += [t[:, :, s].reshape(-1) for t in (self.key_min, self.key_max, self.key_sum)]
-        longest = max(sum(n + width for _, n in sizes(r)) for r in range(self.group.world_size))
-        buffer = torch.zeros(longest, dtype=torch.float32, device=self.device)
-        flat = torch.cat(local) if local else buffer[:0]
-        buffer[: flat.numel()] = flat
-        gathered = self.group.all_gather(buffer, "the tokens an eviction keeps in the shards")
+        summary = [((b, h, d), torch.float32)] * 3
+        owned = [[s for s in range(self.num_shards) if self.owner(s) == r] for r in range(self.group.world_size)]
+        size = lambda s: sum(math.prod(shape) for shape, _ in layout(s) + summary)
+        flat = [
+            _to_float32_bits(t.to(self.device))
+            for s, tensors in zip(owned[self.group.rank], local)
+            for t in (*tensors, self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s])
+        ]
+        buffer = torch.zeros(max(sum(size(s) for s in shards) for shards in owned), device=self.device)
+        if flat:
+            flat = torch.cat(flat)
+            buffer[: flat.numel()] = flat
+        gathered = self.group.all_gather(buffer, what)
         everything = []
-        for rank in range(self.group.world_size):
+        for rank, shards in enumerate(owned):
             at = 0
-            for s, n in sizes(rank):
-                everything.append(gathered[rank, at : at + n].view(torch.int32).view(b, h, -1).to(torch.int64))
-                low, high, total = gathered[rank, at + n : at + n + width].view(3, b, h, d)
-                self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = low, high, total
-                at += n + width
-        return everything
-
-    def _exchange(self, parts: list[tuple[torch.Tensor, ...]], what: str) -> list[tuple[torch.Tensor, ...]]:
-        """Every rank's ``parts`` (tuples of tensors about its shards' tokens), in rank order, on the query's device;
-        each rank's shards' summaries come along and replace the copies held here. One collective."""
-        local = {
-            "parts": [tuple(t.cpu() for t in part) for part in parts],
-            "summaries": {
-                s: (self.key_min[:, :, s].cpu(), self.key_max[:, :, s].cpu(), self.key_sum[:, :, s].cpu())
-                for s, _ in self.local_shards
-            },
-        }
-        gathered = self.group.exchange(local, what)
-        everything = []
-        for other in gathered:
-            everything += [tuple(t.to(self.device) for t in part) for part in other["parts"]]
-            for s, (low, high, total) in other["summaries"].items():
-                self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = (
-                    low.to(self.device),
-                    high.to(self.device),
-                    total.to(self.device),
-                )
+            for s in shards:
+                tensors = []
+                for shape, dtype in layout(s) + summary:
+                    n = math.prod(shape)
+                    tensors.append(_from_float32_bits(gathered[rank, at : at + n], dtype).view(shape))
+                    at += n
+                *parts, self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = tensors
+                everything.append(tuple(parts))
         return everything
 
     def _map_batch(self, fn) -> None:
@@ -585,3 +580,17 @@ class ShardedKVLayer(PiKVCacheLayer):
             f"ShardedKVLayer(num_shards={self.num_shards}, placement={self.placement!r}, "
             f"shard_lengths={self.shard_lengths}, tail={self.tail_length_now}, nbytes={self.nbytes})"
         )
+
+
+def _to_float32_bits(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` flattened to float32: floating values widened (exactly), integers (< 2**31) as their int32 bits."""
+    if tensor.is_floating_point():
+        return tensor.float().reshape(-1)
+    return tensor.to(torch.int32).contiguous().view(torch.float32).reshape(-1)
+
+
+def _from_float32_bits(flat: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The inverse of :func:`_to_float32_bits` for a tensor of ``dtype``."""
+    if dtype.is_floating_point:
+        return flat.to(dtype)
+    return flat.contiguous().view(torch.int32).to(dtype)
