@@ -234,11 +234,8 @@ class AdaptiveSchedulingPress(BasePress):
         else:
             self._flush(idx)
             stats.append(position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len))
-            if _is_sharded(layer):  # the step's queries over the shards where they are (other ranks' too)
-                queries = adapter.queries(hidden_states, kwargs["position_embeddings"]) * adapter.scaling
-                probs = sharded_step_probs(layer, queries, t - q_len, adapter.sinks)
-            else:
-                probs = window_probs(module, hidden_states, _dense(keys), q_len, kwargs["position_embeddings"])
+            queries = adapter.queries(hidden_states, kwargs["position_embeddings"]) * adapter.scaling
+            probs = _step_probs(layer, queries, t - q_len, adapter.sinks)  # causal among the step's tokens
             stats.observe(probs.mean(dim=2))
         seen = stats.seen + n_pending
         budget = self.layer_budget(seen)

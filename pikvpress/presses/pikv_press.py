@@ -52,8 +52,8 @@ class PiKVPress(BasePress):
     by log-sum-exp (one all-gather of (output, lse) per layer and step across ranks). With ``scheduling`` (an
     :class:`AdaptiveSchedulingPress`), its policy evicts inside the shards every ``interval`` steps, each shard
     keeping its share of the budget; over a process group each rank scores and evicts the tokens of its own
-    shards (the scheduler's softmax denominators and the kept indices cross the ranks, never keys). kvpress's pipeline runs a press while answering only inside a
-    ``PrefillDecodingPress``: wrap a press with scheduling as
+    shards (the scheduler's softmax denominators and the kept indices cross the ranks, never keys). kvpress's
+    pipeline runs a press while answering only inside a ``PrefillDecodingPress``: wrap a press with scheduling as
     ``PrefillDecodingPress(prefilling_press=press, decoding_press=press)`` (the harness does).
 
     Parameters

@@ -38,11 +38,8 @@ def step_probs(
     for first in range(0, n, step):
         chunk = queries[:, :, first : first + step]
         m = chunk.shape[2]
-        logits = torch.matmul(chunk.reshape(b, h, groups * m, -1), keys.transpose(-1, -2)).float()
-        logits = logits.view(b, h, groups, m, t)
         visible = start + first + torch.arange(m, device=keys.device)  # last key each step saw
-        future = torch.arange(t, device=keys.device).view(1, t) > visible.view(m, 1)
-        logits.masked_fill_(future, float("-inf"))
+        logits = _logits(chunk, keys, torch.arange(t, device=keys.device), visible, groups)
         if sinks is not None:
             sink = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, m, 1)
             probs = F.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
@@ -114,10 +111,11 @@ def _logits(
     queries: torch.Tensor, keys: torch.Tensor, index: torch.Tensor, visible: torch.Tensor, groups: int
 ) -> torch.Tensor:
     """``(B, H, G, m, L)`` float32 logits of ``m`` steps' queries over ``keys`` (on the keys' device), ``-inf`` on
-    tokens whose sequence ``index`` lies after the step's last ``visible`` token."""
+    tokens whose sequence ``index`` (``(B, H, L)`` or ``(L,)``) lies after the step's last ``visible`` token."""
     b, h, length, _ = keys.shape
     m = queries.shape[2]
     rows = queries.to(keys.device, keys.dtype).reshape(b, h, groups * m, -1)
     logits = torch.matmul(rows, keys.transpose(-1, -2)).float().view(b, h, groups, m, length)
-    future = index.to(keys.device, torch.int64).view(b, h, 1, 1, length) > visible.to(keys.device).view(1, 1, 1, m, 1)
+    index = index.to(keys.device, torch.int64).unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, L)
+    future = index > visible.to(keys.device).view(m, 1)
     return logits.masked_fill_(future, float("-inf"))
