@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from pikvpress.kernels.decode_attention import (
-    merge_attention_states,
-    packed_decode_attention_partial,
-    packed_decode_attention_partial_reference,
+from pikvpress.kernels.attention import (
+    merge_partials,
+    packed_attention_split_partials,
+    packed_attention_split_partials_reference,
     programs_per_split,
 )
 from pikvpress.kernels.quantize import (
@@ -66,8 +66,8 @@ def check_correctness() -> list[list]:
         same_bytes = torch.equal(kq.packed, kr.packed) and torch.equal(vq.packed, vr.packed)
         deq = (dequantize(kq, torch.float32) - dequantize_reference(kr, torch.float32)).abs().max().item()
         q = torch.randn(2, 16, 128, device="cuda", generator=gen, dtype=torch.bfloat16)
-        out, lse = packed_decode_attention_partial(q, kq, vq, 128**-0.5, 4)
-        ref_out, ref_lse = packed_decode_attention_partial_reference(q, kq, vq, 128**-0.5, 4)
+        out, lse = packed_attention_split_partials(q, kq, vq, 128**-0.5, 4)
+        ref_out, ref_lse = packed_attention_split_partials_reference(q, kq, vq, 128**-0.5, 4)
         err = (out - ref_out).abs().max().item()
         lerr = (lse - ref_lse).abs().max().item()
         ok = same_bytes and deq < 1e-6 and err < 1e-3 and lerr < 1e-3
@@ -114,8 +114,8 @@ def decode(lengths: list[int]) -> list[list]:
         splits = max(1, min(-(-2 * sms // programs), t // 256))
 
         def packed(q=q, kq=kq, vq=vq, splits=splits):
-            out, lse = packed_decode_attention_partial(q, kq, vq, d**-0.5, splits)
-            return merge_attention_states(out, lse, dim=2)
+            out, lse = packed_attention_split_partials(q, kq, vq, d**-0.5, splits)
+            return merge_partials(out, lse, dim=2)
 
         def dense(q=q, k=k, v=v):
             return F.scaled_dot_product_attention(q.unsqueeze(2), k, v, enable_gqa=True)

@@ -6,7 +6,7 @@
 question):
 
 - partial attention over the packed tokens with
-  :func:`~pikvpress.kernels.packed_decode_attention_partial` (the Triton kernel on CUDA reads the
+  :func:`~pikvpress.kernels.packed_attention_split_partials` (the Triton kernel on CUDA reads the
   packed bytes directly, split along the sequence; the pure-torch reference on CPU), masking padded
   and head-wise pruned tokens;
 - partial attention over the full-precision residual (which includes the new tokens, causally masked);
@@ -36,9 +36,9 @@ from pikvpress.cache.layer_base import ATTENTION_PREFIX, LAYER_TAG
 from pikvpress.cache.packed_layer import PackedKVLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.compat.patches import DECODE_QUERY_TOKENS, KEEP_DECODE_QUERY, align_mask
-from pikvpress.kernels.decode_attention import (
-    dense_attention_partial,
-    merge_attention_states,
+from pikvpress.kernels.attention import (
+    attention_partial,
+    merge_partials,
     packed_attention_partial,
     packed_attention_with_residual,
 )
@@ -158,7 +158,7 @@ def packed_layer_attention(
         outs.append(out_p.view(b, hq, lq, -1))
         lses.append(lse_p.view(b, hq, lq))
     if r > 0:
-        out_r, lse_r = dense_attention_partial(query, key, value, scale, None if keep is None else keep[..., p:])
+        out_r, lse_r = attention_partial(query, key, value, scale, None if keep is None else keep[..., p:])
         outs.append(out_r)
         lses.append(lse_r)
     if s_aux is not None:
@@ -167,7 +167,7 @@ def packed_layer_attention(
         lses.append(lse_a)
     if not outs:
         return torch.zeros((b, lq, hq, value.shape[-1]), dtype=query.dtype, device=query.device)
-    out, _ = merge_attention_states(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+    out, _ = merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
@@ -240,7 +240,7 @@ def sharded_layer_attention(
     layer.bytes_read = bytes_read
     dv = value.shape[-1]
     if outs:
-        out_sh, lse_sh = merge_attention_states(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+        out_sh, lse_sh = merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
     else:
         out_sh = torch.zeros((b, hkv, g * lq, dv), dtype=torch.float32, device=device)
         lse_sh = torch.full((b, hkv, g * lq), float("-inf"), dtype=torch.float32, device=device)
@@ -250,10 +250,10 @@ def sharded_layer_attention(
         )
     partials = [(out_sh.view(b, hq, lq, dv), lse_sh.view(b, hq, lq))]
     if r > 0:
-        partials.append(dense_attention_partial(query, key, value, scale, None if keep is None else keep[..., p:]))
+        partials.append(attention_partial(query, key, value, scale, None if keep is None else keep[..., p:]))
     if s_aux is not None:
         partials.append(_sinks_partial(s_aux, b, hq, lq, dv, device))
-    out, _ = merge_attention_states(
+    out, _ = merge_partials(
         torch.stack([o for o, _ in partials], dim=3), torch.stack([l for _, l in partials], dim=3), dim=3
     )
     return out.transpose(1, 2).to(query.dtype).contiguous()

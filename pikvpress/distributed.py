@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from pikvpress.kernels.decode_attention import merge_attention_states
+from pikvpress.kernels.attention import merge_partials
 
 logger = logging.getLogger(__name__)
 
@@ -129,7 +129,7 @@ class ShardGroup:
         dv = out.shape[-1]
         payload = torch.cat([out.float(), lse.float().unsqueeze(-1)], dim=-1)
         stacked = self._all_gather(payload, what, dim=-2)  # (..., W, Dv + 1)
-        return merge_attention_states(stacked[..., :dv], stacked[..., dv], dim=-1)
+        return merge_partials(stacked[..., :dv], stacked[..., dv], dim=-1)
 
     def logsumexp(self, lse: torch.Tensor, what: str = "attention log-sum-exp") -> torch.Tensor:
         """The log-sum-exp over the ranks of every rank's ``lse`` (float32, any shape), in rank order: the

@@ -11,7 +11,7 @@ from transformers import DynamicCache
 from pikvpress import PiKVPress, enable_packed_attention, tiny_model
 from pikvpress.attention import sharded_layer_attention
 from pikvpress.cache import ExpertShardedCache, ShardedKVLayer, cache_bytes_read, cache_nbytes_per_device
-from pikvpress.kernels.decode_attention import dense_attention_partial
+from pikvpress.kernels.attention import attention_partial
 from pikvpress.models import TINY_FAMILIES
 from pikvpress.routing.shards import (
     balanced_assignment,
@@ -43,7 +43,7 @@ def filled_layer(t: int, *, seed: int = 0, dtype=torch.float32, **kwargs) -> Sha
 
 
 def dense_reference(query, keys, values, scale, keep=None):
-    out, _ = dense_attention_partial(query, keys, values, scale, keep)
+    out, _ = attention_partial(query, keys, values, scale, keep)
     return out.transpose(1, 2)
 
 

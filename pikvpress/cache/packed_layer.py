@@ -10,7 +10,7 @@ the layer has that many, and fewer than ``residual_length + key_group_size``. Wh
 residual reach ``residual_length + key_group_size`` tokens, its oldest ``key_group_size`` tokens are
 quantized, packed and appended to the packed part, and the full-precision copies are freed.
 
-Decoding reads the packed part with :func:`pikvpress.kernels.packed_decode_attention_partial` (never
+Decoding reads the packed part with :func:`pikvpress.kernels.packed_attention_split_partials` (never
 materialising the dequantized cache on GPU) and the residual densely; the two partial attentions are
 merged exactly by log-sum-exp (:mod:`pikvpress.attention`). ``update`` therefore returns only the
 residual (tagged with this layer) when pikvpress's attention function is active for the model, and

@@ -15,9 +15,9 @@ from typing import Any
 import torch
 
 from pikvpress.cache.packed_layer import PackedKVLayer
-from pikvpress.kernels.decode_attention import (
-    dense_attention_partial,
-    merge_attention_states,
+from pikvpress.kernels.attention import (
+    attention_partial,
+    merge_partials,
     packed_attention_partial,
 )
 from pikvpress.kernels.quantize import QuantizedTensor
@@ -188,7 +188,7 @@ class KVShard:
         pick = (lambda t: t) if rows is None else (lambda t: t[rows[0], rows[1]].unsqueeze(1))
         if self.packed is None:
             keys, values = pick(self.keys), pick(self.values)
-            out, lse = dense_attention_partial(q.reshape(n, hkv * g, 1, d), keys, values, scale, _per_head(keep, g))
+            out, lse = attention_partial(q.reshape(n, hkv * g, 1, d), keys, values, scale, _per_head(keep, g))
             return out.view(n, hkv, g, -1), lse.view(n, hkv, g)
         layer = self.packed
         p = layer.packed_length
@@ -204,9 +204,9 @@ class KVShard:
         if layer.residual_length_now > 0:
             rk, rv = pick(layer.residual_keys), pick(layer.residual_values)
             mask = None if keep is None else _per_head(keep[..., p:], g)
-            out_r, lse_r = dense_attention_partial(q.reshape(n, hkv * g, 1, d), rk, rv, scale, mask)
+            out_r, lse_r = attention_partial(q.reshape(n, hkv * g, 1, d), rk, rv, scale, mask)
             outs.append(out_r.view(n, hkv, g, -1))
             lses.append(lse_r.view(n, hkv, g))
         if len(outs) == 1:
             return outs[0], lses[0]
-        return merge_attention_states(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+        return merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)

@@ -1,5 +1,5 @@
-"""Split decode attention over packed KV: Triton kernel (under TRITON_INTERPRET=1) against the
-torch reference, and the exact log-sum-exp merge against dense attention.
+"""Split attention over packed KV: Triton kernel (under TRITON_INTERPRET=1) against the torch
+reference, and the exact log-sum-exp merge of partials against dense attention.
 
 Fresh random inputs every run; kernel outputs are poisoned with NaN before each launch so an element
 the kernel never writes cannot pass.
@@ -8,11 +8,15 @@ the kernel never writes cannot pass.
 import dataclasses
 import itertools
 import random
+import subprocess
+import sys
 
 import pytest
 import torch
 
-from pikvpress.kernels import decode_attention as A
+from pikvpress.kernels import attention as A
+from pikvpress.kernels import attention_reference as R
+from pikvpress.kernels import attention_triton as K
 from pikvpress.kernels import quantize as Q
 
 KEY_GROUP = 16
@@ -27,8 +31,10 @@ def triton_mode(monkeypatch):
     monkeypatch.setenv("PIKVPRESS_FORCE_TRITON", "1")
     from triton.runtime.interpreter import InterpretedFunction
 
-    for name in A._KERNEL_FNS:  # jitted on first use, so they see TRITON_INTERPRET=1
+    for name in K.KERNELS:  # jitted on first use, so they see TRITON_INTERPRET=1, with their helpers
         assert isinstance(A._kernel(name), InterpretedFunction)
+        scope = A._kernel(name).fn.__globals__
+        assert all(isinstance(scope[helper.__name__], InterpretedFunction) for helper in K.HELPERS)
     start = A.LAUNCHES["count"]
     yield lambda: A.LAUNCHES["count"] - start
 
@@ -81,9 +87,9 @@ def test_kernel_matches_reference(triton_mode, poison, bits, dtype, num_splits):
     q, k, v = _inputs(b, 4, 2, t, d, dv, dtype)
     kq, vq = _pack(k, v, *bits)
     scale = d**-0.5
-    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, scale, num_splits)
+    ref_out, ref_lse = A.packed_attention_split_partials_reference(q, kq, vq, scale, num_splits)
 
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, scale, num_splits)
     assert triton_mode() == 1
     ns = len(ref_lse[0, 0])
     assert out.shape == (b, 4, ns, dv) and out.dtype == torch.float32
@@ -92,7 +98,7 @@ def test_kernel_matches_reference(triton_mode, poison, bits, dtype, num_splits):
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)  # -inf == -inf for empty splits
 
-    merged = A.packed_decode_attention(q, kq, vq, scale, num_splits)
+    merged = A.packed_attention(q, kq, vq, scale, num_splits)
     assert triton_mode() == 2
     assert merged.dtype == dtype and merged.shape == (b, 4, dv)
 
@@ -100,7 +106,7 @@ def test_kernel_matches_reference(triton_mode, poison, bits, dtype, num_splits):
 def test_kernel_empty_split_is_zero_and_minus_inf(triton_mode, poison):
     q, k, v = _inputs(1, 4, 2, 64, 16, 16)
     kq, vq = _pack(k, v, 4, 4)
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, 0.25, [0, 32, 0, 32, 0])
+    out, lse = A.packed_attention_split_partials(q, kq, vq, 0.25, [0, 32, 0, 32, 0])
     assert triton_mode() == 1
     for s in (0, 2, 4):
         assert torch.equal(lse[:, :, s], torch.full_like(lse[:, :, s], float("-inf")))
@@ -112,10 +118,10 @@ def test_kernel_gqa_mapping(triton_mode, poison):
     """Query head h must read kv head h // (Hq // Hkv): compare with separate single-head calls."""
     q, k, v = _inputs(1, 4, 2, 64, 16, 16)
     kq, vq = _pack(k, v, 8, 8)
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, 0.25, 2)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, 0.25, 2)
     for h in range(4):
         kh, vh = _pack(k[:, h // 2 : h // 2 + 1], v[:, h // 2 : h // 2 + 1], 8, 8)
-        o1, l1 = A.packed_decode_attention_partial(q[:, h : h + 1], kh, vh, 0.25, 2)
+        o1, l1 = A.packed_attention_split_partials(q[:, h : h + 1], kh, vh, 0.25, 2)
         torch.testing.assert_close(out[:, h : h + 1], o1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse[:, h : h + 1], l1, rtol=1e-5, atol=1e-6)
 
@@ -132,21 +138,21 @@ def test_partial_merge_equals_dense_over_dequantized(bits, num_splits):
     q, k, v = _inputs(b, 4, 2, 64, d, d)
     kq, vq = _pack(k, v, bits, bits)
     scale = d**-0.5
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits)
-    merged, merged_lse = A.merge_attention_states(out, lse, dim=2)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, scale, num_splits)
+    merged, merged_lse = A.merge_partials(out, lse, dim=2)
     expect, expect_lse = _dense_attention(
         q, Q.dequantize_reference(kq, torch.float32), Q.dequantize_reference(vq, torch.float32), scale
     )
     torch.testing.assert_close(merged, expect, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(merged_lse, expect_lse, rtol=1e-5, atol=1e-5)
-    full = A.packed_decode_attention(q, kq, vq, scale, num_splits)
+    full = A.packed_attention(q, kq, vq, scale, num_splits)
     torch.testing.assert_close(full, expect, rtol=1e-5, atol=1e-5)
 
 
 def test_merge_invariant_to_split_count():
     q, k, v = _inputs(2, 4, 2, 96, 32, 32)
     kq, vq = _pack(k, v, 4, 4)
-    results = [A.packed_decode_attention(q, kq, vq, 0.2, s) for s in (1, 2, 3, 4, 6, 8)]
+    results = [A.packed_attention(q, kq, vq, 0.2, s) for s in (1, 2, 3, 4, 6, 8)]
     for r in results[1:]:
         torch.testing.assert_close(r, results[0], rtol=1e-5, atol=1e-6)
 
@@ -154,8 +160,8 @@ def test_merge_invariant_to_split_count():
 def test_dense_partial_merge_equals_dense_attention():
     q, k, v = _inputs(2, 4, 2, 37, 16, 24)
     for s in (1, 2, 5, [10, 0, 27]):
-        out, lse = A.dense_decode_attention_partial(q, k, v, 0.3, s)
-        merged, merged_lse = A.merge_attention_states(out, lse, dim=-1)
+        out, lse = A.attention_split_partials(q, k, v, 0.3, s)
+        merged, merged_lse = A.merge_partials(out, lse, dim=-1)
         expect, expect_lse = _dense_attention(q, k, v, 0.3)
         torch.testing.assert_close(merged, expect, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(merged_lse, expect_lse, rtol=1e-5, atol=1e-5)
@@ -164,16 +170,16 @@ def test_dense_partial_merge_equals_dense_attention():
 def test_merge_all_empty_and_sequence_inputs():
     outs = torch.randn(3, 2, 5)
     lses = torch.full((3, 2), float("-inf"))
-    o, l = A.merge_attention_states(outs, lses, dim=1)
+    o, l = A.merge_partials(outs, lses, dim=1)
     assert torch.equal(o, torch.zeros(3, 5)) and torch.equal(l, torch.full((3,), float("-inf")))
     # mixing an empty split (NaN output, -inf lse) with a real one returns the real one
     a_o, a_l = torch.randn(4, 8), torch.randn(4)
     e_o, e_l = torch.full((4, 8), float("nan")), torch.full((4,), float("-inf"))
-    o, l = A.merge_attention_states([a_o, e_o], [a_l, e_l], dim=-1)
+    o, l = A.merge_partials([a_o, e_o], [a_l, e_l], dim=-1)
     torch.testing.assert_close(o, a_o)
     torch.testing.assert_close(l, a_l)
     # merging two halves with sequence inputs along a leading axis
-    o, l = A.merge_attention_states([a_o, a_o], [a_l, a_l], dim=0)
+    o, l = A.merge_partials([a_o, a_o], [a_l, a_l], dim=0)
     torch.testing.assert_close(o, a_o)
     torch.testing.assert_close(l, a_l + torch.log(torch.tensor(2.0)))
 
@@ -190,7 +196,7 @@ def test_error_vs_unquantized_shrinks_with_bits():
     errs = []
     for bits in (2, 4, 8):
         kq, vq = _pack(k, v, bits, bits)
-        got = A.packed_decode_attention(q, kq, vq, scale, 3)
+        got = A.packed_attention(q, kq, vq, scale, 3)
         errs.append((got - exact).abs().mean().item())
     assert errs[0] > errs[1] > errs[2]
     assert errs[2] < 0.02
@@ -204,7 +210,7 @@ def test_error_vs_unquantized_shrinks_with_bits():
 def test_bad_arguments():
     q, k, v = _inputs(1, 4, 2, 64, 16, 16)
     kq, vq = _pack(k, v, 4, 4)
-    f = A.packed_decode_attention_partial
+    f = A.packed_attention_split_partials
     with pytest.raises(ValueError, match="num_splits sizes must be multiples of the token group size 16"):
         f(q, kq, vq, 0.25, [8, 56])
     with pytest.raises(ValueError, match="num_splits sizes must sum"):
@@ -232,9 +238,9 @@ def test_bad_arguments():
     with pytest.raises(ValueError, match="v_packed shape"):
         f(q, kq, Q.quantize_values_reference(v[:, :, :32], 4, 16), 0.25, 1)
     with pytest.raises(ValueError, match=r"q heads \(4\) must be a multiple of k heads \(3\)"):
-        A.dense_decode_attention_partial(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), 0.25, 1)
+        A.attention_split_partials(q, torch.randn(1, 3, 8, 16), torch.randn(1, 3, 8, 16), 0.25, 1)
     with pytest.raises(ValueError, match="outs shape"):
-        A.merge_attention_states(torch.randn(2, 3), torch.randn(2, 3), dim=1)
+        A.merge_partials(torch.randn(2, 3), torch.randn(2, 3), dim=1)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -345,9 +351,9 @@ def test_kernel_layouts_and_mask_match_reference(triton_mode, poison, layouts, m
         heads = range(hq) if kv_mask.shape[1] == 1 else range(mh * 3, mh * 3 + 3)
         dropped = (s, list(heads))
     scale = d**-0.5
-    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    ref_out, ref_lse = A.packed_attention_split_partials_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
 
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
     assert triton_mode() == 1
     ns = len(bounds) - 1
     assert out.shape == (b, hq, ns, dv) and out.dtype == torch.float32
@@ -374,13 +380,13 @@ def test_kernel_mask_strides_and_fully_masked_rows(triton_mode, poison, mask_kin
     kv_mask = _mask(mask_kind, b, hkv, t)
     kv_mask[1, -1] = False  # batch 1: last mask row fully dropped
     heads = range(3, 6) if kv_mask.shape[1] == hkv else range(hq)
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
     assert triton_mode() == 1
-    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    ref_out, ref_lse = A.packed_attention_split_partials_reference(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
     torch.testing.assert_close(out, ref_out, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)
     assert torch.isneginf(lse[1, heads]).all() and torch.equal(out[1, heads], torch.zeros_like(out[1, heads]))
-    merged = A.packed_decode_attention(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
+    merged = A.packed_attention(q, kq, vq, 0.3, [16, 32], kv_mask=kv_mask)
     assert triton_mode() == 2
     assert torch.equal(merged[1, heads], torch.zeros_like(merged[1, heads]))
     assert torch.isfinite(merged).all()
@@ -391,8 +397,8 @@ def test_kernel_broadcast_mask_equals_expanded_mask(triton_mode, poison):
     q, k, v = _inputs(1, 6, 2, 48, 16, 16)
     kq, vq = _pack_layouts(k, v, LAYOUTS[0], (8, 8))
     m = torch.rand(1, 1, 48) > 0.5
-    o1, l1 = A.packed_decode_attention_partial(q, kq, vq, 0.25, 2, kv_mask=m)
-    o2, l2 = A.packed_decode_attention_partial(q, kq, vq, 0.25, 2, kv_mask=m.expand(1, 2, 48).clone())
+    o1, l1 = A.packed_attention_split_partials(q, kq, vq, 0.25, 2, kv_mask=m)
+    o2, l2 = A.packed_attention_split_partials(q, kq, vq, 0.25, 2, kv_mask=m.expand(1, 2, 48).clone())
     assert triton_mode() == 2
     torch.testing.assert_close(o1, o2, rtol=0, atol=0)
     torch.testing.assert_close(l1, l2, rtol=0, atol=0)
@@ -417,22 +423,20 @@ def test_reference_matches_dense_over_dequantized_with_mask(layouts, mask_kind):
     for num_splits in (1, 2, _splits_for(layouts)):
         bounds = _bounds(t, num_splits, _align(layouts))
         expect_out, expect_lse = _expected_partial(q, kd, vd, scale, bounds, kv_mask)
-        for fn in (A.packed_decode_attention_partial, A.packed_decode_attention_partial_reference):
+        for fn in (A.packed_attention_split_partials, A.packed_attention_split_partials_reference):
             out, lse = fn(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
             torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(lse, expect_lse, rtol=1e-5, atol=1e-5)
         # dense K/V have no token groups: an int split count cuts at multiples of 1
         expect_out, expect_lse = _expected_partial(q, kd, vd, scale, _bounds(t, num_splits, 1), kv_mask)
-        out, lse = A.dense_decode_attention_partial(q, kd, vd, scale, num_splits, kv_mask=kv_mask)
+        out, lse = A.attention_split_partials(q, kd, vd, scale, num_splits, kv_mask=kv_mask)
         torch.testing.assert_close(out, expect_out, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(lse, expect_lse, rtol=1e-5, atol=1e-5)
     # merged over the whole sequence: one split of the expectation
     expect, _ = _expected_partial(q, kd, vd, scale, [0, t], kv_mask)
-    full = A.packed_decode_attention(q, kq, vq, scale, _splits_for(layouts), kv_mask=kv_mask)
+    full = A.packed_attention(q, kq, vq, scale, _splits_for(layouts), kv_mask=kv_mask)
     torch.testing.assert_close(full.float(), expect[:, :, 0].to(q.dtype).float(), rtol=1e-2, atol=1e-2)
-    merged, _ = A.merge_attention_states(
-        *A.packed_decode_attention_partial(q, kq, vq, scale, 3, kv_mask=kv_mask), dim=2
-    )
+    merged, _ = A.merge_partials(*A.packed_attention_split_partials(q, kq, vq, scale, 3, kv_mask=kv_mask), dim=2)
     torch.testing.assert_close(merged, expect[:, :, 0], rtol=1e-5, atol=1e-5)
 
 
@@ -440,8 +444,8 @@ def test_mask_all_true_equals_no_mask():
     q, k, v = _inputs(2, 6, 2, 64, 16, 16)
     kq, vq = _pack(k, v, 4, 2)
     for s in (1, 2):
-        o1, l1 = A.packed_decode_attention_partial(q, kq, vq, 0.3, s)
-        o2, l2 = A.packed_decode_attention_partial(q, kq, vq, 0.3, s, kv_mask=torch.ones(2, 1, 64, dtype=torch.bool))
+        o1, l1 = A.packed_attention_split_partials(q, kq, vq, 0.3, s)
+        o2, l2 = A.packed_attention_split_partials(q, kq, vq, 0.3, s, kv_mask=torch.ones(2, 1, 64, dtype=torch.bool))
         torch.testing.assert_close(o1, o2, rtol=0, atol=0)
         torch.testing.assert_close(l1, l2, rtol=0, atol=0)
 
@@ -455,14 +459,14 @@ def test_reference_dequantize_is_bit_exact(bits, stats_dtype):
         Q.quantize_keys_reference(x, bits, 8, stats_dtype),
         Q.quantize_values_reference(x, bits, 8, stats_dtype),
     ):
-        got = A._dequantize_f32(qt)
+        got = R._dequantize_f32(qt)
         assert got.dtype == torch.float32
         assert torch.equal(got, Q.dequantize_reference(qt, torch.float32))
 
 
 def test_split_alignment_follows_per_channel_operands():
     q, k, v = _inputs(1, 2, 1, 64, 16, 16)
-    f = A.packed_decode_attention_partial
+    f = A.packed_attention_split_partials
     kpt, vpt = Q.quantize_values_reference(k, 4, 8), Q.quantize_values_reference(v, 4, 8)
     kpc, vpc = Q.quantize_keys_reference(k, 4, 8), Q.quantize_keys_reference(v, 4, 32)
     f(q, kpt, vpt, 0.3, [3, 61])  # no per-channel operand: any boundaries
@@ -481,10 +485,10 @@ def test_bad_kv_mask():
     kq, vq = _pack(k, v, 4, 4)
     good = torch.ones(2, 2, 32, dtype=torch.bool)
     calls = [
-        lambda m: A.packed_decode_attention_partial(q, kq, vq, 0.25, 1, kv_mask=m),
-        lambda m: A.packed_decode_attention_partial_reference(q, kq, vq, 0.25, 1, kv_mask=m),
-        lambda m: A.packed_decode_attention(q, kq, vq, 0.25, 1, kv_mask=m),
-        lambda m: A.dense_decode_attention_partial(q, k, v, 0.25, 1, kv_mask=m),
+        lambda m: A.packed_attention_split_partials(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.packed_attention_split_partials_reference(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.packed_attention(q, kq, vq, 0.25, 1, kv_mask=m),
+        lambda m: A.attention_split_partials(q, k, v, 0.25, 1, kv_mask=m),
     ]
     bad = [
         (good.to(torch.uint8), "kv_mask must be a bool tensor"),
@@ -502,7 +506,7 @@ def test_bad_kv_mask():
             with pytest.raises(ValueError, match=msg):
                 call(m)
     with pytest.raises(TypeError):  # keyword only
-        A.packed_decode_attention_partial(q, kq, vq, 0.25, 1, good)
+        A.packed_attention_split_partials(q, kq, vq, 0.25, 1, good)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -521,8 +525,8 @@ def test_cpu_path_matches_reference(bits, k_layout, v_layout, v_group, splits, m
     kq = Q.quantize_keys_reference(k, bits, 16) if k_layout == "per_channel" else Q.quantize_values_reference(k, bits, 4)
     vq = Q.quantize_values_reference(v, bits, v_group) if v_layout == "per_token" else Q.quantize_keys_reference(v, bits, 16)
     kv_mask = (torch.rand(2, 2, 48) > 0.3) if masked else None
-    got = A.packed_decode_attention_partial(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
-    want = A.packed_decode_attention_partial_reference(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
+    got = A.packed_attention_split_partials(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
+    want = A.packed_attention_split_partials_reference(q, kq, vq, 0.3, splits, kv_mask=kv_mask)
     for g, w in zip(got, want):
         torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-5)
 
@@ -576,9 +580,9 @@ def test_kernel_group_sizes_match_reference(triton_mode, poison, grids, group, h
     mh = random.randrange(hkv)
     kv_mask[1, mh, bounds[s] : bounds[s + 1]] = False
     scale = d**-0.5
-    ref_out, ref_lse = A.packed_decode_attention_partial_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    ref_out, ref_lse = A.packed_attention_split_partials_reference(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
 
-    out, lse = A.packed_decode_attention_partial(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
+    out, lse = A.packed_attention_split_partials(q, kq, vq, scale, num_splits, kv_mask=kv_mask)
     assert triton_mode() == 1
     ns = len(bounds) - 1
     row_blocks = {40: 3, 72: 5}.get(group, 1)  # at most 16 rows per program for dims 24 / 40
@@ -604,10 +608,10 @@ def test_kernel_flattened_query_tokens_match_per_token_calls(triton_mode, poison
     _, k, v = _inputs(b, 1, 1, t, d, d)
     kq, vq = _pack(k, v, 4, 2)
     kv_mask = torch.rand(b, 1, t) > 0.2
-    out, lse = A.packed_decode_attention_partial(q4.reshape(b, hq * lq, d), kq, vq, 0.2, 2, kv_mask=kv_mask)
+    out, lse = A.packed_attention_split_partials(q4.reshape(b, hq * lq, d), kq, vq, 0.2, 2, kv_mask=kv_mask)
     out, lse = out.view(b, hq, lq, 2, d), lse.view(b, hq, lq, 2)
     for j in range(lq):
-        o1, l1 = A.packed_decode_attention_partial(q4[:, :, j].contiguous(), kq, vq, 0.2, 2, kv_mask=kv_mask)
+        o1, l1 = A.packed_attention_split_partials(q4[:, :, j].contiguous(), kq, vq, 0.2, 2, kv_mask=kv_mask)
         torch.testing.assert_close(out[:, :, j], o1, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse[:, :, j], l1, rtol=1e-5, atol=1e-6)
     assert triton_mode() == 1 + lq
@@ -632,3 +636,42 @@ def test_block_config_shrinks_tile_with_group():
     assert A._block_config(200, 4096, 16, 16) == (64, 4, 16, 8)  # never more than 64 rows
     assert A._block_config(1, 20, 128, 128)[2] == 32 and A._block_config(1, 0, 128, 128)[2] == 16  # short splits
     assert A.programs_per_split(2, 32, 8, 128, 128) == 16 and A.programs_per_split(1, 40, 1, 128, 128) == 5
+
+
+# --------------------------------------------------------------------------------------------------
+# jitting: kernel and device helpers in one mode; importable without Triton
+# --------------------------------------------------------------------------------------------------
+
+
+def test_kernel_and_helpers_jit_in_one_mode(monkeypatch):
+    """The kernel and the device helpers it calls are jitted in the same mode, once per mode, and the
+    compiled and interpreted versions live side by side."""
+    pytest.importorskip("triton")
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    for interpret, cls in (("0", JITFunction), ("1", InterpretedFunction), ("0", JITFunction)):
+        monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        for name in K.KERNELS:
+            kernel = A._kernel(name)
+            assert isinstance(kernel, cls) and A._kernel(name) is kernel
+            assert all(isinstance(kernel.fn.__globals__[h.__name__], cls) for h in K.HELPERS)
+
+
+def test_imports_and_runs_on_cpu_without_triton():
+    code = """
+import sys
+class NoTriton:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "triton":
+            raise ImportError(name)
+sys.meta_path.insert(0, NoTriton())
+import torch
+from pikvpress.kernels import attention as A, attention_triton as K, quantize as Q
+assert K.tl is None and "triton" not in sys.modules
+q, k, v = torch.randn(1, 4, 16), torch.randn(1, 2, 32, 16), torch.randn(1, 2, 32, 16)
+kq, vq = Q.quantize_keys_reference(k, 4, 16), Q.quantize_values_reference(v, 4, 16)
+out, lse = A.packed_attention_split_partials(q, kq, vq, 0.25, 2)
+assert out.shape == (1, 4, 2, 16) and lse.shape == (1, 4, 2)
+"""
+    subprocess.run([sys.executable, "-c", code], check=True)
