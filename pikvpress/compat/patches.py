@@ -134,12 +134,14 @@ def apply_avg_rope(self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor,
 
 def gather_kept(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
     """Keep ``indices`` ``(batch, kv_heads, n_kept)`` of keys and values, each with its own head dim."""
-    b, h, t = keys.shape[:3]
+    b, h, t, key_dim = keys.shape
+    value_dim = values.shape[-1]
     n = indices.shape[-1]
-    # rows of the flattened (B*H*T, D) tensors: one index_select copies whole rows (much faster than gather)
+    # rows of the flattened (B*H*T, D) tensors: one index_select copies whole rows (much faster than gather);
+    # the head dims are given, not inferred: n = 0 (a layer keeping nothing) or t = 0 leaves no -1 to infer
     rows = (indices + torch.arange(b * h, device=indices.device).view(b, h, 1) * t).reshape(-1)
-    keys = keys.reshape(b * h * t, -1).index_select(0, rows).view(b, h, n, -1)
-    values = values.reshape(b * h * t, -1).index_select(0, rows).view(b, h, n, -1)
+    keys = keys.reshape(b * h * t, key_dim).index_select(0, rows).view(b, h, n, key_dim)
+    values = values.reshape(b * h * t, value_dim).index_select(0, rows).view(b, h, n, value_dim)
     return keys, values
 
 

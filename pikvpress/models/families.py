@@ -21,39 +21,55 @@ from torch.nn import functional as F
 # ----------------------------------------------------------------------------------------------
 
 
-def _split_heads(x: torch.Tensor, head_dim: int) -> torch.Tensor:
+def _num_heads(module: nn.Module) -> int:
+    return int(module.config.num_attention_heads)
+
+
+def _num_kv_heads(module: nn.Module) -> int:
+    return int(module.config.num_key_value_heads)
+
+
+def _heads_last(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """``(batch, seq, num_heads * head_dim)`` -> ``(batch, seq, num_heads, head_dim)``.
+
+    The head count is given, not inferred (``-1``): a view of 0 tokens (a decode-time press whose
+    buffer is shorter than its sink) cannot infer it and would raise.
+    """
     bsz, seq, _ = x.shape
-    return x.view(bsz, seq, -1, head_dim).transpose(1, 2)
+    return x.view(bsz, seq, num_heads, head_dim)
+
+
+def _split_heads(x: torch.Tensor, num_heads: int, head_dim: int) -> torch.Tensor:
+    """``(batch, seq, num_heads * head_dim)`` -> ``(batch, num_heads, seq, head_dim)``, also for 0 tokens."""
+    return _heads_last(x, num_heads, head_dim).transpose(1, 2)
 
 
 def _llama_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return _split_heads(module.q_proj(h), module.head_dim)
+    return _split_heads(module.q_proj(h), _num_heads(module), module.head_dim)
 
 
 def _llama_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return _split_heads(module.k_proj(h), module.head_dim)
+    return _split_heads(module.k_proj(h), _num_kv_heads(module), module.head_dim)
 
 
 def _phi3_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    n = module.config.num_attention_heads * module.head_dim
-    return _split_heads(module.qkv_proj(h)[..., :n], module.head_dim)
+    n = _num_heads(module) * module.head_dim
+    return _split_heads(module.qkv_proj(h)[..., :n], _num_heads(module), module.head_dim)
 
 
 def _phi3_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    start = module.config.num_attention_heads * module.head_dim
-    n = module.config.num_key_value_heads * module.head_dim
-    return _split_heads(module.qkv_proj(h)[..., start : start + n], module.head_dim)
+    start = _num_heads(module) * module.head_dim
+    n = _num_kv_heads(module) * module.head_dim
+    return _split_heads(module.qkv_proj(h)[..., start : start + n], _num_kv_heads(module), module.head_dim)
 
 
 def _head_norm_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     # Qwen3 / Qwen3-MoE: RMSNorm over each head's dim, before RoPE
-    bsz, seq, _ = h.shape
-    return module.q_norm(module.q_proj(h).view(bsz, seq, -1, module.head_dim)).transpose(1, 2)
+    return module.q_norm(_heads_last(module.q_proj(h), _num_heads(module), module.head_dim)).transpose(1, 2)
 
 
 def _head_norm_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    bsz, seq, _ = h.shape
-    return module.k_norm(module.k_proj(h).view(bsz, seq, -1, module.head_dim)).transpose(1, 2)
+    return module.k_norm(_heads_last(module.k_proj(h), _num_kv_heads(module), module.head_dim)).transpose(1, 2)
 
 
 def _olmoe_clip(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -63,11 +79,11 @@ def _olmoe_clip(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def _olmoe_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     # OLMoE: RMSNorm over the whole projection (all heads), then optional clipping
-    return _split_heads(_olmoe_clip(module, module.q_norm(module.q_proj(h))), module.head_dim)
+    return _split_heads(_olmoe_clip(module, module.q_norm(module.q_proj(h))), _num_heads(module), module.head_dim)
 
 
 def _olmoe_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
-    return _split_heads(_olmoe_clip(module, module.k_norm(module.k_proj(h))), module.head_dim)
+    return _split_heads(_olmoe_clip(module, module.k_norm(module.k_proj(h))), _num_kv_heads(module), module.head_dim)
 
 
 def _mla_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -76,7 +92,7 @@ def _mla_queries(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
         q = module.q_proj(h)
     else:
         q = module.q_b_proj(module.q_a_layernorm(module.q_a_proj(h)))
-    return _split_heads(q, module.qk_head_dim)
+    return _split_heads(q, _num_heads(module), module.qk_head_dim)
 
 
 def _mla_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
@@ -84,7 +100,8 @@ def _mla_keys(module: nn.Module, h: torch.Tensor) -> torch.Tensor:
     compressed = module.kv_a_proj_with_mqa(h)
     k_pass, k_rot = torch.split(compressed, [module.kv_lora_rank, module.qk_rope_head_dim], dim=-1)
     k_pass = module.kv_b_proj(module.kv_a_layernorm(k_pass))
-    k_pass = k_pass.view(bsz, seq, -1, module.qk_nope_head_dim + module.v_head_dim).transpose(1, 2)
+    # MLA caches one key head per query head
+    k_pass = _split_heads(k_pass, _num_heads(module), module.qk_nope_head_dim + module.v_head_dim)
     k_nope = k_pass[..., : module.qk_nope_head_dim]
     k_rot = k_rot.view(bsz, 1, seq, module.qk_rope_head_dim).expand(-1, k_nope.shape[1], -1, -1)
     return torch.cat((k_nope, k_rot), dim=-1)
