@@ -59,12 +59,19 @@ class Run:
         _atomic_write(self.directory / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
         path = self.directory / PREDICTIONS
         if path.exists():
-            for line in path.read_text().splitlines():
+            text = path.read_text()
+            lines = text.splitlines()
+            kept = []
+            for line in lines:
                 try:
                     record = json.loads(line)
                 except json.JSONDecodeError:  # a line cut by an interruption: that sample reruns
                     continue
                 self.done[int(record["index"])] = record
+                kept.append(line)
+            if len(kept) < len(lines) or (text and not text.endswith("\n")):
+                # drop what the interruption cut, and end the last record's line, before appending to the file
+                _atomic_write(path, "".join(line + "\n" for line in kept))
 
     def record(
         self, index: int, predicted_answer: str, kv_bytes: int, seconds: float, kv_bytes_read: float | None = None

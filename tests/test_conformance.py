@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from conftest import dequantized_copy, get_tiny_model
@@ -13,6 +15,13 @@ from pikvpress.models import TINY_FAMILIES, get_adapter
 CONTEXT_LEN = 40
 RATIO = 0.5
 NEW_TOKENS = 4
+DECODE_STEPS = 6
+
+# presses that quantize: a left-padded row's padding shifts its quantization groups. KIVI key groups span tokens,
+# so the pads' keys set the scales and zero points of the first real tokens' codes; and the residual is packed in
+# whole groups counted over the padded sequence, so the padded row's decoded tokens are packed at other steps than
+# the row's alone. Every other press, at ratio 0, decodes a padded row as that row alone.
+QUANTIZING = {"quantization_int4", "quantization_int2_per_token", "pikv_routing_int8_sharded"}
 
 case_ids = [case.name for case in PRESS_CASES]
 
@@ -92,24 +101,54 @@ def test_generate_continues_from_compressed_cache(case: PressCase, family: str):
     assert generated == expected[: len(generated)]
 
 
+@torch.no_grad()
+def decode_logits(model, press, ids, steps, *, after_prefill=None) -> torch.Tensor:
+    """``(B, n, V)`` logits of each of the ``n`` tokens of ``steps`` ``(B, n)`` fed one at a time after the prefill
+    of ``ids``, prefill and decoding under ``press`` (None: no press) the way ``model.generate`` runs it.
+    ``after_prefill(cache)`` may return the cache to decode instead (decoded without the press)."""
+    cache = DynamicCache(config=model.config)
+    context = press(model) if press is not None else contextlib.nullcontext()
+    with context:
+        model(input_ids=ids, past_key_values=cache)
+        if after_prefill is None:
+            return torch.cat(
+                [model(input_ids=steps[:, i : i + 1], past_key_values=cache).logits for i in range(steps.shape[1])], 1
+            )
+    cache = after_prefill(cache)
+    return torch.cat(
+        [model(input_ids=steps[:, i : i + 1], past_key_values=cache).logits for i in range(steps.shape[1])], 1
+    )
+
+
+def fixed_decode_budget(press) -> bool:
+    """Whether ``press`` evicts while decoding down to a fixed token budget, whatever its compression ratio."""
+    decoding = getattr(press, "decoding_press", press)
+    scheduler = getattr(decoding, "scheduling", decoding)  # PiKVPress holds its scheduler
+    return getattr(scheduler, "budget", None) is not None
+
+
 @pytest.mark.parametrize("family", TINY_FAMILIES)
 @pytest.mark.parametrize("case", PRESS_CASES, ids=case_ids)
 def test_ratio_zero_is_bit_identical_to_no_press(case: PressCase, family: str):
+    # (the prefill's own logits cannot tell: kvpress presses edit the cache after a layer's attention ran; what a
+    # press changes is read by the steps that decode from the cache)
     model = get_tiny_model(family, case=case)
-    ids = random_ids(1, CONTEXT_LEN, seed=2)
-    ref_cache, ref_logits = prefill(model, None, ids)
-    cache, logits = prefill(model, case.make(0.0), ids)
-    assert torch.equal(logits, ref_logits)
-    step = torch.tensor([[7]])
-    if not case.lossless:  # held to dense attention over exactly what it stores
-        ref_cache = dequantized_copy(model, cache)
-    with torch.no_grad():
-        ref_next = model(input_ids=step, past_key_values=ref_cache).logits
-        next_ = model(input_ids=step, past_key_values=cache).logits
+    ids, steps = random_ids(1, CONTEXT_LEN, seed=2), random_ids(1, DECODE_STEPS, seed=6)
     if case.lossless:
-        assert torch.equal(next_, ref_next)
-    else:
-        torch.testing.assert_close(next_, ref_next, rtol=1e-4, atol=1e-4)
+        reference = decode_logits(model, None, ids, steps)
+        # the press's prefill at ratio 0 leaves a cache that decodes bit for bit as without a press
+        keep = lambda cache: cache
+        assert torch.equal(decode_logits(model, case.make(0.0), ids, steps, after_prefill=keep), reference)
+        if case.decodes and not fixed_decode_budget(case.make(0.0)):  # and so does its decoding at ratio 0
+            assert torch.equal(decode_logits(model, case.make(0.0), ids, steps), reference)
+        return
+    # a lossy press is held to dense attention over exactly what it stores after the prefill, at every step (only the
+    # first for a press that quantizes: later steps may pack the decoded tokens, which the dense copy holds at full
+    # precision)
+    logits = decode_logits(model, case.make(0.0), ids, steps)
+    dense = decode_logits(model, case.make(0.0), ids, steps, after_prefill=lambda c: dequantized_copy(model, c))
+    n = 1 if case.name in QUANTIZING else DECODE_STEPS
+    torch.testing.assert_close(logits[:, :n], dense[:, :n], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("family", TINY_FAMILIES)
@@ -121,18 +160,42 @@ def test_batch_of_two_with_left_padding(case: PressCase, family: str):
     ids = torch.cat([long_row, torch.cat([pad, short_row], dim=1)])
     mask = torch.ones_like(ids)
     mask[1, :10] = 0
-    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_scores": True, "return_dict_in_generate": True}
-    with torch.no_grad(), case.make(RATIO)(model):
-        batched = model.generate(ids, attention_mask=mask, **kwargs)
+    kwargs = {"max_new_tokens": NEW_TOKENS, "do_sample": False, "output_logits": True, "return_dict_in_generate": True}
+
+    def generate(ratio, inputs, attention_mask=None):
+        with torch.no_grad(), case.make(ratio)(model):
+            return model.generate(inputs, attention_mask=attention_mask, **kwargs)
+
+    batched = generate(RATIO, ids, mask)
     assert batched.sequences.shape[0] == 2 and batched.sequences.shape[1] > CONTEXT_LEN
-    assert all(torch.isfinite(score).all() for score in batched.scores)
+    assert all(torch.isfinite(logits).all() for logits in batched.logits)
     if case.deterministic:  # the unpadded row continues exactly as it does alone
-        with torch.no_grad(), case.make(RATIO)(model):
-            alone = model.generate(long_row, **kwargs)
-        torch.testing.assert_close(batched.scores[0][0], alone.scores[0][0], rtol=1e-4, atol=1e-4)
+        alone = generate(RATIO, long_row)
+        torch.testing.assert_close(batched.logits[0][0], alone.logits[0][0], rtol=1e-4, atol=1e-4)
         row, single = batched.sequences[0].tolist(), alone.sequences[0].tolist()
         assert row[: len(single)] == single
         assert all(tok == model.generation_config.pad_token_id for tok in row[len(single) :])  # padded after EOS
+    # The padded row at RATIO legitimately differs from the row alone: kvpress's presses (and the routing and
+    # scheduling presses) score the pad tokens like real ones, so they spend budget on them, and once a cache is
+    # pruned the decode mask covers its first columns as padding, whichever tokens sit there now. At ratio 0
+    # nothing is pruned and the padded row decodes as the row alone, step by step, for every press but those that
+    # quantize (QUANTIZING) and a decoding press with a fixed budget (it evicts at ratio 0 too, and the eviction
+    # compacts the cache under the decode mask's padding columns); for these the unpadded row, at ratio 0 too,
+    # still decodes as it does alone.
+    padded = generate(0.0, ids, mask)
+    assert all(torch.isfinite(logits).all() for logits in padded.logits)
+    if case.name in QUANTIZING or fixed_decode_budget(case.make(0.0)):
+        alone = generate(0.0, long_row)
+        for step, logits in enumerate(alone.logits):
+            torch.testing.assert_close(padded.logits[step][0], logits[0], rtol=1e-4, atol=1e-4)
+        return
+    alone = generate(0.0, short_row)
+    assert len(padded.logits) >= len(alone.logits)
+    for step, logits in enumerate(alone.logits):
+        torch.testing.assert_close(padded.logits[step][1], logits[0], rtol=1e-4, atol=1e-4)
+    assert (
+        padded.sequences[1, CONTEXT_LEN : CONTEXT_LEN + len(alone.logits)].tolist() == alone.sequences[0, 30:].tolist()
+    )
 
 
 PIPELINE_FAMILIES = ("llama", "qwen3_moe", "gpt_oss", "deepseek_v3")

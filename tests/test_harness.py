@@ -218,22 +218,34 @@ def test_eager_presses_need_eager_attention_and_run_on_their_own(tmp_path):
 # --- resume -------------------------------------------------------------------------------------------
 
 
-def test_interrupted_sweep_resumes_without_redoing_finished_work(tmp_path):
+@pytest.mark.parametrize(
+    ("cut", "redone"),
+    [("half_a_line", 3), ("before_the_newline", 2)],  # the second record cut in half, or whole but unterminated
+)
+def test_interrupted_sweep_resumes_without_redoing_finished_work(tmp_path, cut, redone):
     model = get_tiny_model("llama")
     extra = ["press_name=[no_press, knorm, snapkv]"]
     config, first, _ = run_sweep(model, tmp_path, reuse=True, extra=extra)
     runs = plan_runs(config)
     finished, interrupted = runs[0], runs[2]
     finished_mtime = (finished.directory / "metrics.json").stat().st_mtime_ns
-    # interrupt one run: no metrics, one complete prediction and a line cut in half
+    path = interrupted.directory / PREDICTIONS
+    complete = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(complete) == 4
+    # interrupt one run while it writes its second prediction: no metrics, one complete line, then the cut one
     (interrupted.directory / "metrics.json").unlink()
-    lines = (interrupted.directory / PREDICTIONS).read_text().splitlines()
-    (interrupted.directory / PREDICTIONS).write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2])
+    lines = path.read_text().splitlines()
+    path.write_text(lines[0] + "\n" + (lines[1][: len(lines[1]) // 2] if cut == "half_a_line" else lines[1]))
     _, second, prefills = run_sweep(model, tmp_path, reuse=True, extra=extra)
-    assert prefills == 3  # only the 3 missing samples of the interrupted run
+    assert prefills == redone  # only the missing samples of the interrupted run
     assert (finished.directory / "metrics.json").stat().st_mtime_ns == finished_mtime
     assert [r["score"] for r in second] == [r["score"] for r in first]
-    assert len((interrupted.directory / PREDICTIONS).read_text().splitlines()) >= 4
+    # the resumed file is whole: every line parses, and each sample is there exactly once, as before the cut
+    resumed = [json.loads(line) for line in path.read_text().splitlines()]
+    assert sorted(r["index"] for r in resumed) == sorted(r["index"] for r in complete)
+    by_index = {r["index"]: r["predicted_answer"] for r in complete}
+    assert {r["index"]: r["predicted_answer"] for r in resumed} == by_index
+    assert path.read_text().endswith("\n")
 
 
 # --- report -------------------------------------------------------------------------------------------

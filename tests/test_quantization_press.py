@@ -32,12 +32,13 @@ def packed_prefill(model, press, ids, attention_mask=None):
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("bits", [8, 4, 2])
 def test_prefill_packs_full_attention_layers(family, bits):
+    # (the prefill's own logits cannot tell: a press edits the cache after the layer's attention ran, so what it
+    # changes shows in the bytes it holds and in the steps that decode from it)
     model = get_tiny_model(family)
-    cache, logits = packed_prefill(model, QuantizationPress(bits=bits, **SMALL), ids_(40))
+    cache, _ = packed_prefill(model, QuantizationPress(bits=bits, **SMALL), ids_(40))
     ref = DynamicCache(config=model.config)
     with torch.no_grad():
-        ref_logits = model(input_ids=ids_(40), past_key_values=ref).logits
-    assert torch.equal(logits, ref_logits)  # the prefill itself is untouched
+        model(input_ids=ids_(40), past_key_values=ref)
     for layer in get_adapter(model).layers:
         stored = cache.layers[layer.layer_idx]
         if layer.is_sliding:
@@ -47,7 +48,22 @@ def test_prefill_packs_full_attention_layers(family, bits):
         assert stored.packed_length == 32 and stored.residual_length_now == 8
         assert stored.keys.shape == (1, layer.num_kv_heads, 40, layer.key_dim)
         assert stored.values.shape == (1, layer.num_kv_heads, 40, layer.value_dim)
+        # the 32 packed tokens are held as bits-wide codes, nothing at full precision beside them
+        for codes, dim in ((stored.packed_keys.packed, layer.key_dim), (stored.packed_values.packed, layer.value_dim)):
+            assert codes.dtype == torch.uint8 and codes.shape == (1, layer.num_kv_heads, 32, dim * bits // 8)
+        assert stored.residual_keys.shape[2] == 8 and stored.residual_values.shape[2] == 8
     assert cache_nbytes(cache) < cache_nbytes(ref)
+    # decoding reads the packed values: dense attention over the dequantized cache, not over the full-precision one
+    dequantized = dequantized_copy(model, cache)
+    steps = ids_(3, seed=5)
+    with torch.no_grad():
+        for i in range(3):
+            step = steps[:, i : i + 1]
+            got = model(input_ids=step, past_key_values=cache).logits
+            want = model(input_ids=step, past_key_values=dequantized).logits
+            full = model(input_ids=step, past_key_values=ref).logits
+            torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+            assert float((got - full).abs().max()) > 1e-6
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -19,6 +19,7 @@ from pikvpress.routing.shards import (
     shard_assignment,
     shard_counts,
     shard_scores,
+    token_validity,
 )
 from pikvpress.scheduling import sharded_step_probs, step_probs
 
@@ -342,7 +343,7 @@ def test_views_and_bytes():
     assert sum(per_device.values()) == layer.nbytes
     kv = 2 * B * HKV * 40 * D * 4
     index = B * HKV * 36 * 4
-    summaries = 3 * B * HKV * 2 * D * 4
+    summaries = 3 * B * HKV * 2 * D * 4 + B * HKV * 2 * 8  # key min / max / sum, float32; real-token counts, int64
     assert layer.nbytes == kv + index + summaries
     cache = DynamicCache()
     cache.layers = [layer]
@@ -374,9 +375,29 @@ def test_a_device_list_that_does_not_fit_is_rejected(devices):
         ExpertShardedCache(num_shards=4, devices=devices)
 
 
-def test_devices_spread_the_shards():
-    layer = filled_layer(40, num_shards=4, devices=["cpu", "cpu"])
-    assert [layer.shard_device(s) for s in range(4)] == [torch.device("cpu")] * 4
+@pytest.mark.parametrize(
+    ("num_shards", "devices", "expected"),
+    [
+        (4, ["cpu", "meta"], ["cpu", "cpu", "meta", "meta"]),
+        (6, ["cpu", "meta", "cpu"], ["cpu", "cpu", "meta", "meta", "cpu", "cpu"]),
+        (2, ["meta", "cpu"], ["meta", "cpu"]),
+    ],
+)
+def test_devices_spread_the_shards(num_shards, devices, expected):
+    # shard s lives on devices[s * len(devices) // num_shards]: blocks of consecutive shards per device. The meta
+    # device tells the devices apart without a second accelerator, so a wrong mapping cannot pass on "cpu" twice.
+    layer = filled_layer(60, num_shards=num_shards, devices=devices)
+    assert [str(layer.shard_device(s)) for s in range(num_shards)] == expected
+    assert [str(shard.device) for shard in layer.shards] == expected
+    assert [str(shard.keys.device) for shard in layer.shards] == expected  # the tokens moved there too
+    assert [str(shard.index.device) for shard in layer.shards] == expected
+    per_device = layer.nbytes_per_device()
+    for device in set(expected):
+        held = sum(shard.nbytes for shard in layer.shards if str(shard.device) == device)
+        assert per_device[device] >= held > 0
+
+
+def test_bad_layer_arguments_are_rejected():
     with pytest.raises(ValueError, match="num_shards must be"):
         ShardedKVLayer(num_shards=0)
     with pytest.raises(ValueError, match="placement must be one of"):
@@ -402,23 +423,152 @@ def test_pikv_press_rejects_more_shards_than_context_tokens_and_waits_when_routi
     assert layer.get_seq_length() == 10 + 7
 
 
-def test_top_k_generate_with_left_padding_reads_less_and_stays_finite():
-    from pikvpress import PiKVPress
+# --------------------------------------------------------------------------------------------------
+# padding: out of placement and summaries
+# --------------------------------------------------------------------------------------------------
 
-    model = get_tiny_model("qwen3_moe")
-    ids = torch.randint(3, 259, (2, 64), generator=torch.Generator().manual_seed(13))
+
+def test_token_validity_reads_every_mask_form():
+    real = torch.tensor([[True] * 6, [False, False] + [True] * 4])  # row 1 left-padded by 2
+    causal = torch.tril(torch.ones(6, 6, dtype=torch.bool))
+    boolean = causal[None, None] & real[:, None, None, :]  # (B, 1, Q, K) as sdpa gets it
+    additive = torch.zeros(2, 1, 6, 6).masked_fill(~boolean, torch.finfo(torch.float32).min)  # as eager gets it
+    for mask in (boolean, additive, real.long()):
+        assert torch.equal(token_validity(mask, 6), real)
+    assert torch.equal(token_validity(boolean, 4), real[:, :4])  # a pruned layer: the columns decoding gives it
+    assert token_validity(None, 6) is None and token_validity(torch.ones(2, 6), 6) is None
+
+
+def _layer_with_padding(keys, values, valid, steps, **kwargs) -> ShardedKVLayer:
+    """A layer prefilled with ``keys`` / ``values`` (``valid``: real tokens), then decoding ``steps``."""
+    layer = ShardedKVLayer(**kwargs)
+    layer.lazy_initialization(keys, values)
+    layer.tail_keys, layer.tail_values = keys, values
+    layer.distribute(valid=valid)
+    for k, v in steps:  # decode tokens flush to the shards, placed by the shards' mean keys
+        layer.update(k, v)
+    return layer
+
+
+@pytest.mark.parametrize("placement", ["experts", "contiguous", "round_robin"])
+def test_padding_is_placed_apart_and_left_out_of_the_summaries(placement):
+    """Row 1 left-padded by 14 tokens: its real tokens land in the shards and summaries they have alone, whatever
+    the pad tokens' keys; the summaries count real tokens only."""
+    keys, values = random_kv(50, seed=21)
+    other = keys.clone()
+    other[1, :, :14] = torch.randn(HKV, 14, D, generator=torch.Generator().manual_seed(22)) * 5  # other pad keys
+    valid = torch.ones(B, 50, dtype=torch.bool)
+    valid[1, :14] = False
+    steps = [random_kv(1, seed=30 + i) for i in range(6)]
+    kwargs = {"num_shards": 4, "placement": placement, "tail_length": 4, "flush_tokens": 1}
+    padded = _layer_with_padding(keys, values, valid, steps, **kwargs)
+    repadded = _layer_with_padding(other, values, valid, steps, **kwargs)
+    row = [(k[1:], v[1:]) for k, v in steps]
+    alone = _layer_with_padding(keys[1:, :, 14:], values[1:, :, 14:], None, row, **kwargs)
+    assert padded.sharded_length > 46 and alone.sharded_length > 32  # decode tokens were flushed too
+    for s in range(4):  # the same placement whatever the pad keys
+        assert torch.equal(padded.shards[s].index, repadded.shards[s].index)
+    for name in ("key_min", "key_max", "key_sum", "key_count"):
+        assert torch.equal(getattr(padded, name), getattr(repadded, name)), name
+    # row 1's real tokens sit in the shards they sit in alone (indices shifted by the 14 pad tokens)
+    for s in range(4):
+        index = padded.shards[s].index[1].long()  # (HKV, L)
+        real = padded.valid[1].gather(-1, index)
+        for h in range(HKV):
+            assert (index[h][real[h]] - 14).tolist() == alone.shards[s].index[0, h].tolist()
+    assert torch.equal(padded.key_min[1], alone.key_min[0]) and torch.equal(padded.key_max[1], alone.key_max[0])
+    torch.testing.assert_close(padded.key_sum[1], alone.key_sum[0], rtol=1e-6, atol=1e-5)
+    assert torch.equal(padded.key_count[1], alone.key_count[0])
+    assert bool((padded.key_count[1].sum(-1) == alone.sharded_length).all())
+    assert bool((padded.key_count[0].sum(-1) == padded.sharded_length).all())  # row 0 has no padding
+    assert bool((padded.valid[1, :, :14] == 0).all()) and bool(padded.valid[1, :, 14:].all())
+    # crops and evictions keep the padding known: summaries recomputed from the real keys the shards still hold
+    padded.crop(45)
+    kept = padded.evict(torch.arange(45).flip(-1).expand(B, HKV, 45).contiguous(), budget=30)
+    assert padded.valid.shape == (B, HKV, 30) and torch.equal(
+        padded.valid, valid[:, None].expand(-1, HKV, -1)[..., :45].gather(-1, kept)
+    )
+    for s, shard in padded.local_shards:
+        real = padded.valid.gather(-1, shard.index.long())
+        assert torch.equal(padded.key_count[:, :, s], real.sum(-1))
+        k = shard.keys.masked_fill(~real[..., None], float("-inf"))
+        torch.testing.assert_close(padded.key_max[:, :, s], k.amax(2))
+
+
+def test_a_shard_of_padding_only_is_never_read_for_its_row():
+    keys, values = random_kv(50, seed=23)
+    valid = torch.ones(B, 50, dtype=torch.bool)
+    valid[1, :46] = False  # every sharded token of row 1 is padding; only the tail holds real ones
+    layer = _layer_with_padding(
+        keys, values, valid, [random_kv(1, seed=24)], num_shards=4, tail_length=4, top_k_shards=1
+    )
+    assert layer.key_count[1].sum() == 0
+    assert bool((layer.key_min[1] == float("inf")).all()) and bool((layer.key_max[1] == float("-inf")).all())
+    query = torch.randn(B, HKV * G, 1, D, generator=torch.Generator().manual_seed(25))
+    counts = torch.tensor(layer.shard_lengths).expand(B, HKV, 4)
+    for method in ("bound", "centroid"):
+        scores = shard_scores(query.reshape(B, HKV, G, D), layer.key_min, layer.key_max, layer.key_sum, counts, method)
+        assert bool((scores[1] == float("-inf")).all()) and bool(torch.isfinite(scores[0]).all())
+        assert not bool(select_shards(scores, 1)[1].any())
+    keep = torch.cat([valid, torch.ones(B, 1, dtype=torch.bool)], dim=1)[:, None, None, :]
+    out = sharded_layer_attention(nn.Module(), query, layer.tail_keys, layer.tail_values, keep, layer, scaling=0.3)
+    assert bool(torch.isfinite(out).all())
+    k, v = layer.dequantized()
+    torch.testing.assert_close(out[1:], dense_reference(query[1:], k[1:], v[1:], 0.3, keep[1:]), rtol=1e-5, atol=1e-5)
+
+
+@torch.no_grad()
+def forced_logits(model, ids, mask, press, forced):
+    """``(B, 1 + steps, V)`` logits: the prefill's last position, then each of ``forced`` ``(B, steps)`` fed in turn
+    (teacher forcing, so that two runs compare step by step even where their greedy tokens would differ)."""
+    cache = DynamicCache(config=model.config)
+    positions = (mask.cumsum(-1) - 1).clamp_min(0)
+    with press(model):
+        logits = [
+            model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache).logits[:, -1]
+        ]
+        for step in range(forced.shape[1]):
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            positions = positions[:, -1:] + 1
+            out = model(
+                input_ids=forced[:, step : step + 1], attention_mask=mask, position_ids=positions, past_key_values=cache
+            )
+            logits.append(out.logits[:, -1])
+    return torch.stack(logits, dim=1), cache
+
+
+@pytest.mark.parametrize("top_k", [1, None], ids=["top1", "every_shard"])
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_left_padded_row_decodes_as_alone_whatever_its_pad_tokens(family, top_k):
+    """A left-padded row of a batch of two decodes (8 teacher-forced steps, decode tokens flushed to the shards)
+    exactly as with other pad tokens and as alone without padding: its shard summaries and placement ignore the
+    padding and the other row. With top-1 shards this needs the padding fully out of the summaries and the
+    row's real tokens placed as alone (the same k-means, the same balanced split); with every shard read the
+    attention is exact whatever the placement."""
+    model = get_tiny_model(family)
+    gen = torch.Generator().manual_seed(13)
+    ids = torch.randint(3, 259, (2, 64), generator=gen)
+    forced = torch.randint(3, 259, (2, 8), generator=gen)
     mask = torch.ones_like(ids)
-    mask[1, :20] = 0  # row 1 left-padded
-    kwargs = {"attention_mask": mask, "max_new_tokens": 6, "do_sample": False}
-    kwargs |= {"output_scores": True, "return_dict_in_generate": True}
-    reads = {}
-    for k in (None, 1):
-        cache = DynamicCache(config=model.config)
-        with torch.no_grad(), PiKVPress(num_shards=4, top_k_shards=k, tail_length=4)(model):
-            out = model.generate(ids, past_key_values=cache, **kwargs)
-        assert all(torch.isfinite(score).all() for score in out.scores)
-        reads[k] = cache_bytes_read(cache)
-    assert reads[1] < 0.7 * reads[None]
+    mask[1, :20] = 0  # row 1 left-padded by 20
+    make = lambda: PiKVPress(num_shards=2, top_k_shards=top_k, tail_length=4, flush_tokens=1)
+    runs = []
+    for pad in (torch.zeros(20, dtype=torch.long), torch.randint(3, 259, (20,), generator=gen)):
+        padded = ids.clone()
+        padded[1, :20] = pad
+        runs.append(forced_logits(model, padded, mask, make(), forced))
+    (logits, cache), (repadded, _) = runs
+    alone, _ = forced_logits(model, ids[1:, 20:], mask[1:, 20:], make(), forced[1:])
+    torch.testing.assert_close(logits[1], repadded[1], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[1], alone[0], rtol=0, atol=1e-5)
+    torch.testing.assert_close(logits[0], repadded[0], rtol=0, atol=1e-5)
+    layers = [layer for layer in cache.layers if isinstance(layer, ShardedKVLayer)]
+    assert layers and all(layer.sharded_length > 64 - 4 for layer in layers)  # the padding is in the shards
+    assert all(bool((layer.key_count[1].sum(-1) == layer.sharded_length - 20).all()) for layer in layers)
+    if top_k == 1:  # and the top-1 read really skipped shards
+        for layer in layers:
+            every = sum(shard.kv_nbytes for shard in layer.shards) + 2 * layer.tail_keys.numel() * 4
+            assert layer.bytes_read < every
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt_oss"])

@@ -18,6 +18,13 @@ summary of every shard, the per-channel min / max and the sum of its keys per (b
 kept on the query's device, so the attention function can rank shards for each query
 (:func:`~pikvpress.routing.shard_scores`) and read only the ``top_k_shards`` best.
 
+Padding takes no part in placement or summaries: :meth:`ShardedKVLayer.distribute` is told which tail
+tokens are real (``valid``, from the prefill's attention mask: :func:`~pikvpress.routing.token_validity`),
+the layer keeps that for every token it holds (``valid``, in sequence order, through flushes, crops and
+evictions; tokens appended while decoding are real), a row's real tokens are placed as if its padding
+were not there, and each summary covers the real keys only (``key_count`` of them): a shard holding only
+padding for a row has ``key_min = +inf``, ``key_max = -inf`` there and is never chosen for that row.
+
 ``update`` returns the tail tagged with this layer when pikvpress's attention function is active (it
 then reads the shards itself, :mod:`pikvpress.attention`), and the whole layer gathered in sequence
 order otherwise. ``keys`` / ``values`` are the tail tensors while nothing is sharded (so kvpress presses
@@ -158,6 +165,8 @@ class ShardedKVLayer(PiKVCacheLayer):
         # blocks, so every shard loses the same number of tokens in every row
         self.blocks: list[tuple[int, list[int]]] = []
         self.key_min = self.key_max = self.key_sum = None  # (B, H, S, D) float32 on the query's device
+        self.key_count: torch.Tensor | None = None  # (B, H, S) int64 real (not padding) tokens behind each summary
+        self.valid: torch.Tensor | None = None  # (B, H, N) bool: which tokens (sequence order) are real; None: all
         self.bytes_read = 0.0  # key/value bytes the last attention call read (this rank)
         self._warned_dense = False
 
@@ -210,7 +219,8 @@ class ShardedKVLayer(PiKVCacheLayer):
         return sum(t.numel() * t.element_size() for t in (self.tail_keys, self.tail_values) if t is not None)
 
     def _summary_nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in (self.key_min, self.key_max, self.key_sum) if t is not None)
+        held = (self.key_min, self.key_max, self.key_sum, self.key_count, self.valid)
+        return sum(t.numel() * t.element_size() for t in held if t is not None)
 
     @property
     def nbytes(self) -> int:
@@ -268,6 +278,8 @@ class ShardedKVLayer(PiKVCacheLayer):
         if isinstance(value, torch.Tensor) and not self.has_shards:
             if which == "keys":
                 self.tail_keys = value
+                if self.valid is not None:  # kvpress crops an unsharded layer from the end
+                    self.valid = self.valid[..., : value.shape[2]] if value.shape[2] <= self.valid.shape[-1] else None
             else:
                 self.tail_values = value
             return
@@ -287,12 +299,20 @@ class ShardedKVLayer(PiKVCacheLayer):
             )
 
     def distribute(
-        self, count: int | None = None, experts: torch.Tensor | None = None, num_experts: int | None = None
+        self,
+        count: int | None = None,
+        experts: torch.Tensor | None = None,
+        num_experts: int | None = None,
+        valid: torch.Tensor | None = None,
     ) -> None:
         """Move the oldest ``count`` tail tokens (default: all but the last ``tail_length``) to the shards.
 
         ``experts`` ``(B, H, count)`` (expert of each token, -1 for none, out of ``num_experts``) steers
         ``placement="experts"``; without it the keys' clusters (or, once shards exist, the shards' mean keys) do.
+        ``valid`` ``(B, R)`` or ``(B, H, R)`` bool says which of the tail's ``R`` tokens are real (False: padding,
+        :func:`~pikvpress.routing.token_validity`); the layer keeps it for those tokens (``count=0`` only records
+        it). Padding is placed after the row's real tokens have been (:func:`~pikvpress.routing.shard_assignment`)
+        and stays out of the shard summaries.
 
         Raises
         ------
@@ -300,6 +320,8 @@ class ShardedKVLayer(PiKVCacheLayer):
             When the first distribution has fewer tokens than shards.
         """
         self._check_ready()
+        if valid is not None:
+            self._note_valid(valid)
         if count is None:
             count = max(0, self.tail_length_now - self.tail_length)
         if count <= 0:
@@ -313,6 +335,10 @@ class ShardedKVLayer(PiKVCacheLayer):
         centroids = None
         if self.has_shards and experts is None and self.placement == "experts":
             centroids = torch.nn.functional.normalize(self.key_sum, dim=-1)
+        real = None  # (B, H, count) which of the moved tokens are real; None: all of them
+        if self.valid is not None:
+            real = self.valid[..., self.sharded_length : self.sharded_length + count]
+            real = None if bool(real.all()) else real
         assignment = shard_assignment(
             keys,
             self.num_shards,
@@ -321,6 +347,7 @@ class ShardedKVLayer(PiKVCacheLayer):
             num_experts=num_experts,
             centroids=centroids,
             kmeans_iterations=self.kmeans_iterations,
+            valid=real,
         )
         counts = shard_counts(count, self.num_shards)
         # tokens grouped by shard, in sequence order inside a shard (every row has counts[s] tokens in shard s)
@@ -335,6 +362,7 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.key_min = torch.zeros(b, h, self.num_shards, dk, dtype=torch.float32, device=self.device)
             self.key_max = torch.zeros_like(self.key_min)
             self.key_sum = torch.zeros_like(self.key_min)
+            self.key_count = torch.zeros(b, h, self.num_shards, dtype=torch.int64, device=self.device)
         self.blocks.append((self.sharded_length, counts))
         start = 0
         for s, n in enumerate(counts):
@@ -343,11 +371,12 @@ class ShardedKVLayer(PiKVCacheLayer):
             pos = order[..., start : start + n]
             start += n
             k = keys.gather(2, pos.unsqueeze(-1).expand(b, h, n, dk))
-            kf = k.float()
+            low, high, total, number = _key_summary(k, None if real is None else real.gather(2, pos))
             fresh = self.shard_lengths[s] == 0
-            self.key_min[:, :, s] = kf.amin(2) if fresh else torch.minimum(self.key_min[:, :, s], kf.amin(2))
-            self.key_max[:, :, s] = kf.amax(2) if fresh else torch.maximum(self.key_max[:, :, s], kf.amax(2))
-            self.key_sum[:, :, s] += kf.sum(2)
+            self.key_min[:, :, s] = low if fresh else torch.minimum(self.key_min[:, :, s], low)
+            self.key_max[:, :, s] = high if fresh else torch.maximum(self.key_max[:, :, s], high)
+            self.key_sum[:, :, s] += total
+            self.key_count[:, :, s] += number
             self.shard_lengths[s] += n
             shard = self.shards[s]
             if shard is not None:
@@ -356,6 +385,25 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.sharded_length += count
         self.tail_keys = self.tail_keys[:, :, count:].clone()
         self.tail_values = self.tail_values[:, :, count:].clone()
+
+    def _note_valid(self, valid: torch.Tensor) -> None:
+        """Record which of the tail's tokens are real (``valid`` ``(B, R)`` or ``(B, H, R)`` bool)."""
+        b, h, r = self.tail_keys.shape[:3]
+        valid = valid.to(self.device, torch.bool)
+        valid = valid.unsqueeze(1) if valid.ndim == 2 else valid
+        if valid.ndim != 3 or valid.shape[-1] != r:
+            raise ValueError(
+                f"valid must be (batch, {r}) or (batch, heads, {r}) for the {r} tail tokens, got {tuple(valid.shape)}"
+            )
+        valid = valid.expand(b, h, r)
+        if self.valid is None and bool(valid.all()):
+            return
+        known = (
+            self.valid[..., : self.sharded_length]
+            if self.valid is not None
+            else valid.new_ones(b, h, self.sharded_length)
+        )
+        self.valid = torch.cat([known, valid], dim=-1)
 
     def _flush(self) -> None:
         """Move whole blocks of ``S * flush_tokens`` tokens from the tail while it is over ``tail_length``."""
@@ -377,6 +425,8 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.distribute()  # the first step after the prefill: shard it
         self.tail_keys = torch.cat([self.tail_keys, key_states.to(self.dtype)], dim=2)
         self.tail_values = torch.cat([self.tail_values, value_states.to(self.dtype)], dim=2)
+        if self.valid is not None:  # new tokens are real
+            self.valid = torch.cat([self.valid, self.valid.new_ones(*self.valid.shape[:2], key_states.shape[2])], -1)
         if not self.has_shards:
             return self.tail_keys, self.tail_values
         if self.attention_active():
@@ -428,6 +478,8 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.tail_values = self.tail_values.gather(
                 2, kept.unsqueeze(-1).expand(-1, -1, -1, self.tail_values.shape[-1])
             )
+            if self.valid is not None:
+                self.valid = self.valid.gather(-1, kept.to(self.device))
             return kept
         n = self.get_seq_length()
         rank = torch.empty_like(order).scatter_(-1, order, torch.arange(n, device=order.device).expand_as(order))
@@ -452,18 +504,21 @@ class ShardedKVLayer(PiKVCacheLayer):
             shard.index = new.to(shard.device, torch.int32)
         self.sharded_length = sum(quotas)
         self.blocks = [(0, quotas)]
+        if self.valid is not None:
+            self.valid = self.valid.gather(-1, kept.to(self.device))
         return kept
 
     def _refresh_summaries(self) -> None:
-        """Recompute every shard's key min / max / sum from its tokens."""
+        """Recompute every local shard's key min / max / sum / count from its real tokens (``valid`` at their
+        sequence indices, before any renumbering)."""
         for s, shard in self.local_shards:
-            keys = shard.dense_part("keys").to(self.device).float()
+            keys = shard.dense_part("keys").to(self.device)
             if keys.shape[2] == 0:
+                self.key_count[:, :, s] = 0
                 continue
-            self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = (
-                keys.amin(2),
-                keys.amax(2),
-                keys.sum(2),
+            real = None if self.valid is None else self.valid.gather(-1, shard.index.to(self.device, torch.int64))
+            self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s], self.key_count[:, :, s] = _key_summary(
+                keys, real
             )
 
     def crop(self, max_length: int) -> None:
@@ -479,6 +534,8 @@ class ShardedKVLayer(PiKVCacheLayer):
         max_length = max(0, max_length)
         if n <= max_length:
             return
+        if self.valid is not None:  # a prefix of the sequence stays, and the shards' indices below it
+            self.valid = self.valid[..., :max_length]
         if max_length >= self.sharded_length:
             keep = max_length - self.sharded_length
             self.tail_keys = self.tail_keys[:, :, :keep].clone()
@@ -509,7 +566,7 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.tail_values = gather(torch.cat([v for _, v, _ in parts], dim=2))
         self.sharded_length = cut
         if cut == 0:
-            self.shards, self.key_min, self.key_max, self.key_sum = [], None, None, None
+            self.shards, self.key_min, self.key_max, self.key_sum, self.key_count = [], None, None, None, None
             self.shard_lengths = [0] * self.num_shards
             self.blocks = []
 
@@ -526,13 +583,13 @@ class ShardedKVLayer(PiKVCacheLayer):
         the shard lengths), so one all-gather of a float32 buffer per rank carries everything: floating tensors
         widened to float32 (exact), integer ones as their int32 bits."""
         b, h, _, d = self.key_min.shape
-        summary = [((b, h, d), torch.float32)] * 3
+        summary = [((b, h, d), torch.float32)] * 3 + [((b, h), torch.int64)]
         owned = [[s for s in range(self.num_shards) if self.owner(s) == r] for r in range(self.group.world_size)]
         size = lambda s: sum(math.prod(shape) for shape, _ in layout(s) + summary)
         flat = [
             _to_float32_bits(t.to(self.device))
             for s, tensors in zip(owned[self.group.rank], local)
-            for t in (*tensors, self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s])
+            for t in (*tensors, *self._summary_of(s))
         ]
         buffer = torch.zeros(max(sum(size(s) for s in shards) for shards in owned), device=self.device)
         if flat:
@@ -548,9 +605,15 @@ class ShardedKVLayer(PiKVCacheLayer):
                     n = math.prod(shape)
                     tensors.append(_from_float32_bits(gathered[rank, at : at + n], dtype).view(shape))
                     at += n
-                *parts, self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s] = tensors
+                *parts, self.key_min[:, :, s], self.key_max[:, :, s], self.key_sum[:, :, s], self.key_count[:, :, s] = (
+                    tensors
+                )
                 everything.append(tuple(parts))
         return everything
+
+    def _summary_of(self, shard: int) -> tuple[torch.Tensor, ...]:
+        """Shard ``shard``'s key min, max, sum and real-token count, ``(B, H, D)`` x 3 and ``(B, H)``."""
+        return tuple(t[:, :, shard] for t in (self.key_min, self.key_max, self.key_sum, self.key_count))
 
     def _map_batch(self, fn) -> None:
         for _, shard in self.local_shards:
@@ -559,6 +622,9 @@ class ShardedKVLayer(PiKVCacheLayer):
             self.tail_keys, self.tail_values = fn(self.tail_keys), fn(self.tail_values)
         if self.key_min is not None:
             self.key_min, self.key_max, self.key_sum = fn(self.key_min), fn(self.key_max), fn(self.key_sum)
+            self.key_count = fn(self.key_count)
+        if self.valid is not None:
+            self.valid = fn(self.valid)
 
     def offload(self) -> None:
         """Shards stay where they are placed."""
@@ -570,7 +636,8 @@ class ShardedKVLayer(PiKVCacheLayer):
         """Drop every token (the layer stays initialised, with its dtype and device)."""
         self.shards, self.shard_lengths, self.sharded_length = [], [0] * self.num_shards, 0
         self.blocks = []
-        self.key_min = self.key_max = self.key_sum = None
+        self.key_min = self.key_max = self.key_sum = self.key_count = None
+        self.valid = None
         if self.tail_keys is not None:
             self.tail_keys = self.tail_keys[:, :, :0].clone()
             self.tail_values = self.tail_values[:, :, :0].clone()
@@ -580,6 +647,24 @@ class ShardedKVLayer(PiKVCacheLayer):
             f"ShardedKVLayer(num_shards={self.num_shards}, placement={self.placement!r}, "
             f"shard_lengths={self.shard_lengths}, tail={self.tail_length_now}, nbytes={self.nbytes})"
         )
+
+
+def _key_summary(
+    keys: torch.Tensor, real: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Float32 per-channel min, max and sum ``(B, H, D)`` and the count ``(B, H)`` of the real keys among ``keys``
+    ``(B, H, n, D)`` (``real`` ``(B, H, n)`` bool; None: all). A row without a real key has min ``+inf``, max ``-inf``,
+    sum 0 and count 0."""
+    kf = keys.float()
+    if real is None:
+        return kf.amin(2), kf.amax(2), kf.sum(2), torch.full(kf.shape[:2], kf.shape[2], device=kf.device)
+    pad = ~real.unsqueeze(-1)
+    return (
+        kf.masked_fill(pad, float("inf")).amin(2),
+        kf.masked_fill(pad, float("-inf")).amax(2),
+        kf.masked_fill(pad, 0.0).sum(2),
+        real.sum(-1),
+    )
 
 
 def _to_float32_bits(tensor: torch.Tensor) -> torch.Tensor:

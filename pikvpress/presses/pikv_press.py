@@ -18,7 +18,7 @@ from pikvpress.cache.sharded_layer import ShardedKVLayer, check_shard_args
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress
 from pikvpress.presses.quantization_press import QuantizationPress
-from pikvpress.routing.shards import ROUTED_EXPERTS
+from pikvpress.routing.shards import ROUTED_EXPERTS, token_validity
 
 logger = logging.getLogger(__name__)
 
@@ -260,8 +260,10 @@ class PiKVPress(BasePress):
                 f"use at most {hidden_states.shape[1]} shards"
             )
         sharded = self.sharded_layer(module, keys, values)
+        valid = token_validity(kwargs.get("attention_mask"), keys.shape[2])  # padding: kept out of shard summaries
         if keys.shape[2] - self.tail_length >= self.num_shards:
-            sharded.distribute(experts=experts, num_experts=num_experts)
-        # else: the few tokens routing left wait in the tail; the layer shards them once it holds enough
+            sharded.distribute(experts=experts, num_experts=num_experts, valid=valid)
+        else:  # the few tokens routing left wait in the tail (padding noted); the layer shards them once it can
+            sharded.distribute(0, valid=valid)
         cache.layers[idx] = sharded
         return output
