@@ -59,7 +59,8 @@ def presses(budget: int, interval: int, prompt_tokens: int) -> dict[str, object]
         "AdaptiveSchedulingPress(adaptive)": AdaptiveSchedulingPress(budget=budget, interval=interval),
         "AdaptiveSchedulingPress(h2o)": AdaptiveSchedulingPress(budget=budget, policy="h2o", interval=interval),
         "ExpertRoutingPress -> AdaptiveSchedulingPress(adaptive)": PrefillDecodingPress(
-            prefilling_press=routing, decoding_press=AdaptiveSchedulingPress(budget=budget, interval=interval)
+            prefilling_press=routing,
+            decoding_press=AdaptiveSchedulingPress(budget=budget, interval=interval, prior_from=routing),
         ),
         "DecodingPress(knorm)": decoding(KnormPress()),
         "DecodingPress(expected_attention)": decoding(ExpectedAttentionPress()),

@@ -26,7 +26,7 @@ from transformers import DynamicCache, pipeline
 from evaluation.benchmarks.ruler import generate_ruler
 from evaluation.prefill import capture_prefill
 from pikvpress import ExpertRoutingPress, load_model
-from pikvpress.compat.patches import window_probs
+from pikvpress.scheduling.attention import window_probs
 from pikvpress.models import get_adapter, language_model
 from pikvpress.routing.training import kvzip_targets, spearman
 

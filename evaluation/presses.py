@@ -29,6 +29,7 @@ from kvpress import (
 )
 
 from pikvpress.presses import PRESSES, PiKVPress
+from pikvpress.scheduling import KeptScoresSource
 
 PressFactory = Callable[[float], BasePress]
 
@@ -114,7 +115,8 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
 
 def chain_presses(parts: list[BasePress]) -> BasePress | None:
     """One press running ``parts`` in order: a ComposedPress of the prefill presses, inside a
-    PrefillDecodingPress when one part evicts while decoding (at most one may)."""
+    PrefillDecodingPress when one part evicts while decoding (at most one may). A scheduler without a
+    ``prior_from`` starts from the scores of the last prefill part that publishes them (ExpertRoutingPress)."""
     decoding = [p for p in parts if isinstance(p, PrefillDecodingPress)]
     prefill = [p for p in parts if not isinstance(p, PrefillDecodingPress)]
     if len(decoding) > 1:
@@ -126,4 +128,8 @@ def chain_presses(parts: list[BasePress]) -> BasePress | None:
         return prefill_press
     if prefill_press is None:
         return decoding[0]
-    return PrefillDecodingPress(prefilling_press=prefill_press, decoding_press=decoding[0].decoding_press)
+    scheduler = decoding[0].decoding_press
+    sources = [p for p in prefill if isinstance(p, KeptScoresSource)]
+    if sources and getattr(scheduler, "prior_from", False) is None:
+        scheduler.prior_from = sources[-1]  # the scheduler starts from the scores of the press that kept the tokens
+    return PrefillDecodingPress(prefilling_press=prefill_press, decoding_press=scheduler)

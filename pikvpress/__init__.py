@@ -6,7 +6,7 @@ every supported family (set ``PIKVPRESS_KVPRESS_FIXES=0`` in the environment to 
 
 import os as _os
 
-from pikvpress.attention import disable_packed_attention, enable_packed_attention
+from pikvpress.attention import disable_packed_attention, enable_packed_attention, install_attention_dispatch
 from pikvpress.cache import (
     ExpertShardedCache,
     PackedKVLayer,
@@ -48,6 +48,7 @@ from pikvpress.routing import LearnedRouter, load_router
 
 __version__ = "0.1.0"
 
+install_attention_dispatch()  # before the compatibility layer wraps the same functions (see pikvpress.attention)
 if _os.environ.get("PIKVPRESS_KVPRESS_FIXES", "1").lower() not in ("0", "false", "no", "off"):
     apply_kvpress_fixes()
 

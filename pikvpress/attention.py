@@ -1,41 +1,38 @@
-"""The attention function pikvpress registers with transformers for packed (quantized) cache layers.
+"""How the model reads pikvpress's packed and sharded cache layers: one attention wrapper, selected per layer.
 
-``pikv_<base>`` (``pikv_sdpa``, ``pikv_eager``, ``pikv_flash_attention_2``...) is registered with
-``AttentionInterface`` and ``AttentionMaskInterface``. For a layer whose cache is a
-:class:`~pikvpress.cache.PackedKVLayer` it computes, for every query (decode or a multi-token
-question):
+Every attention function transformers has registered (``sdpa``, ``flash_attention_2``, ...) and the eager function
+of every supported family is wrapped once, when :mod:`pikvpress` is imported (:func:`install_attention_dispatch`).
+A cache layer pikvpress stores hands attention only its recent tokens, tagged with the layer; the wrapper sees the
+tag and computes, for every query (decode or a multi-token question):
 
-- partial attention over the packed tokens with
-  :func:`~pikvpress.kernels.packed_attention_split_partials` (the Triton kernel on CUDA reads the
-  packed bytes directly, split along the sequence; the pure-torch reference on CPU), masking padded
-  and head-wise pruned tokens;
-- partial attention over the full-precision residual (which includes the new tokens, causally masked);
+- for a :class:`~pikvpress.cache.PackedKVLayer`: partial attention over the packed tokens with
+  :func:`~pikvpress.kernels.packed_attention_split_partials` (the Triton kernel on CUDA reads the packed bytes
+  directly, split along the sequence; the pure-torch reference on CPU), masking padded and head-wise pruned tokens;
+- for a :class:`~pikvpress.cache.ShardedKVLayer`: each chosen shard's partial where it lives;
+- partial attention over the full-precision tokens (which include the new ones, causally masked);
 - attention sinks (GPT-OSS) as one more partial with output 0;
 
-and merges the partials exactly by log-sum-exp. Every other layer and cache goes to ``<base>``
-unchanged.
-
-:func:`enable_packed_attention` installs a hook on the model's decoder stack that switches the model
-to ``pikv_<base>`` for the duration of any forward whose cache holds a packed layer, and back after.
-:class:`~pikvpress.presses.QuantizationPress` calls it, so ``model.generate`` and kvpress's pipeline
-(which decodes outside the press's context) read packed layers without dequantizing them.
+and merges the partials exactly by log-sum-exp. Every call with untagged keys (a dense cache, a sliding-window
+layer) goes to the original function unchanged. The model's ``config._attn_implementation`` is never rewritten, so
+two threads or nested forwards cannot flip it. Layers tag their parts once :func:`enable_packed_attention` has named
+the model's attention implementation (the presses call it); until then, and after :func:`disable_packed_attention`,
+they hand attention their dequantized tokens.
 """
 
 from __future__ import annotations
 
-import sys
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 from torch import nn
-from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+from torch.nn import functional as F
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-from pikvpress.cache.layer_base import ATTENTION_PREFIX, LAYER_TAG
+from pikvpress.cache.layer_base import DISPATCHED, LAYER_TAG, dispatch_key
 from pikvpress.cache.packed_layer import PackedKVLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
-from pikvpress.compat.patches import DECODE_QUERY_TOKENS, KEEP_DECODE_QUERY, align_mask
 from pikvpress.kernels.attention import (
     attention_partial,
     merge_partials,
@@ -43,25 +40,44 @@ from pikvpress.kernels.attention import (
     packed_attention_with_residual,
 )
 from pikvpress.kernels.quantize import _use_triton
-from pikvpress.models.adapter import language_model
+from pikvpress.models.families import FAMILIES
 from pikvpress.routing.shards import select_shards, shard_scores
+from pikvpress.scheduling.decode_queries import record_decode_query
 
 __all__ = [
     "disable_packed_attention",
     "enable_packed_attention",
-    "packed_attention_name",
+    "install_attention_dispatch",
     "packed_layer_attention",
-    "register_packed_attention",
     "sharded_layer_attention",
 ]
 
-_HOOKS_ATTR = "_pikv_packed_attention_hooks"
-_RESTORE_ATTR = "_pikv_restore_attn_implementation"
+#: marks the attention functions that read pikvpress's layers themselves
+_DISPATCH = "_pikv_dispatch"
 
 
 # --------------------------------------------------------------------------------------------------
 # masks
 # --------------------------------------------------------------------------------------------------
+
+
+def align_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tensor | None:
+    """Right-align a 4D mask built for another layer's cache length to ``key_len`` keys.
+
+    transformers builds one mask per attention type from the first layer's cache length. When a press
+    leaves layers with different lengths, the newest tokens (the right-hand columns) still line up;
+    older columns are dropped, or padded as visible.
+    """
+    if attention_mask is None or attention_mask.dim() != 4:
+        return attention_mask
+    mask_len = attention_mask.shape[-1]
+    if mask_len == key_len:
+        return attention_mask
+    if mask_len > key_len:
+        return attention_mask[..., -key_len:]
+    fill = True if attention_mask.dtype == torch.bool else 0.0
+    return F.pad(attention_mask, (key_len - mask_len, 0), value=fill)
+
 
 
 def _keep(
@@ -212,7 +228,7 @@ def sharded_layer_attention(
     rows_q = query.reshape(b, hkv, g * lq, d)  # the query rows of each kv head: (query head, token)
     chosen = None
     if layer.top_k_shards is not None and layer.top_k_shards < layer.num_shards:
-        counts = torch.tensor(layer.shard_lengths, device=device).expand(b, hkv, -1)
+        counts = layer.key_count.to(device)  # real (not padding) tokens behind each shard's summary
         centroid = layer.key_sum / counts.unsqueeze(-1).clamp_min(1)
         scores = shard_scores(rows_q * scale, layer.key_min, layer.key_max, centroid, counts, layer.shard_score)
         chosen = select_shards(scores, layer.top_k_shards)  # (B, Hkv, G, S)
@@ -259,105 +275,98 @@ def sharded_layer_attention(
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
-def _base_function(base: str, module: nn.Module) -> Callable:
-    if base == "eager":  # the modeling file's own eager function (GPT-OSS's adds sinks)
-        fn = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
-        if fn is None:
-            raise ValueError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
-        return fn
-    return ALL_ATTENTION_FUNCTIONS[base]
+def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer, **kwargs: Any):
+    """Attention over a packed or sharded layer (``key`` is the part ``update`` returned, tagged with the layer)."""
+    if module.training and kwargs.get("dropout", 0.0):
+        raise ValueError("packed KV attention does not support dropout; call model.eval()")
+    read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
+    out = read(module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux"))
+    return out, None
 
 
-def packed_attention_name(base: str) -> str:
-    """The registered name wrapping ``base`` (``"sdpa"`` -> ``"pikv_sdpa"``)."""
-    return base if base.startswith(ATTENTION_PREFIX) else ATTENTION_PREFIX + base
+def _dispatching(base: Callable) -> Callable:
+    """``base`` (an attention function), reading pikvpress's layers itself: a call whose ``key`` is tagged with a
+    packed or sharded layer goes to :func:`packed_layer_attention` / :func:`sharded_layer_attention`, every other call
+    to ``base`` unchanged. Either way the step's queries go to a decode-time press that asked for them."""
 
-
-def register_packed_attention(base: str) -> str:
-    """Register ``pikv_<base>`` with transformers' attention and mask interfaces; return its name."""
-    name = packed_attention_name(base)
-    if name in ALL_ATTENTION_FUNCTIONS and name in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
-        return name
-    if base != "eager" and base not in ALL_ATTENTION_FUNCTIONS:
-        raise ValueError(f"attention implementation {base!r} is not registered with transformers")
-
-    def attention(
-        module: nn.Module,
-        query: torch.Tensor,
-        key: torch.Tensor,
-        value: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        *args: Any,
-        **kwargs: Any,
-    ):
-        if getattr(module, KEEP_DECODE_QUERY, False) and query.shape[2] <= DECODE_QUERY_TOKENS:
-            module.pikvpress_decode_query = query  # the step's post-RoPE queries, for AdaptiveSchedulingPress
+    def attention(module, query, key, value, attention_mask, *args, **kwargs):
+        record_decode_query(module, query)
         layer = getattr(key, LAYER_TAG, None)
         if layer is None:
-            return _base_function(base, module)(module, query, key, value, attention_mask, *args, **kwargs)
-        if module.training and kwargs.get("dropout", 0.0):
-            raise ValueError("packed KV attention does not support dropout; call model.eval()")
-        read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
-        out = read(
-            module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
-        )
-        return out, None
+            return base(module, query, key, value, attention_mask, *args, **kwargs)
+        return _read_pikv_layer(module, query, key, value, attention_mask, layer, **kwargs)
 
-    attention.__name__ = f"{name}_attention"
-    AttentionInterface.register(name, attention)
-    mask_fn = ALL_MASK_ATTENTION_FUNCTIONS._global_mapping.get(base, sdpa_mask)
-    AttentionMaskInterface.register(name, mask_fn)
-    return name
+    attention.__name__ = getattr(base, "__name__", "attention")
+    attention.__wrapped__ = base  # type: ignore[attr-defined]
+    setattr(attention, _DISPATCH, True)
+    return attention
 
 
-# --------------------------------------------------------------------------------------------------
-# switching a model to it while a packed cache is read
-# --------------------------------------------------------------------------------------------------
+def _dispatched(func: Any) -> bool:
+    while func is not None:
+        if getattr(func, _DISPATCH, False):
+            return True
+        func = getattr(func, "__wrapped__", None)
+    return False
 
 
-def _has_packed_layer(cache: Any) -> bool:
-    return any(isinstance(layer, (PackedKVLayer, ShardedKVLayer)) for layer in getattr(cache, "layers", ()))
+def _modeling_module(model_type: str) -> Any:
+    try:
+        return importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+    except ImportError:
+        return None
 
 
-def _pre_hook(module: nn.Module, args: tuple, kwargs: dict) -> None:
-    cache = kwargs.get("past_key_values")
-    config = module.config
-    impl = config._attn_implementation
-    if cache is None or not _has_packed_layer(cache) or impl is None or impl.startswith(ATTENTION_PREFIX):
+def _install(impl: str, model_type: str | None) -> None:
+    """Wrap the function behind ``impl`` (for ``"eager"``: ``model_type``'s modeling file's own) once, and let
+    layers of models running it hand attention their tagged parts."""
+    if impl == "eager":
+        module = _modeling_module(model_type) if model_type else None
+        func = getattr(module, "eager_attention_forward", None)
+        if func is None:
+            return
+        if not _dispatched(func):
+            module.eager_attention_forward = _dispatching(func)
+        DISPATCHED.add(dispatch_key("eager", model_type))
         return
-    name = register_packed_attention(impl)
-    setattr(module, _RESTORE_ATTR, impl)
-    config._attn_implementation = name
+    if impl not in ALL_ATTENTION_FUNCTIONS:
+        raise ValueError(f"attention implementation {impl!r} is not registered with transformers")
+    if not _dispatched(ALL_ATTENTION_FUNCTIONS[impl]):
+        ALL_ATTENTION_FUNCTIONS[impl] = _dispatching(ALL_ATTENTION_FUNCTIONS[impl])
+    DISPATCHED.add(dispatch_key(impl, model_type))
 
 
-def _post_hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    impl = getattr(module, _RESTORE_ATTR, None)
-    if impl is not None:
-        module.config._attn_implementation = impl
-        delattr(module, _RESTORE_ATTR)
+def install_attention_dispatch() -> None:
+    """Wrap every registered attention function, and the eager function of every family pikvpress supports, so they
+    can read pikvpress's layers (idempotent). Run when :mod:`pikvpress` is imported, before the kvpress compatibility
+    layer wraps them, so that turning that layer off and on keeps these wrappers. A wrapper passes every call whose
+    keys are not a pikvpress layer's to the original function; layers hand attention their tagged parts only once
+    :func:`enable_packed_attention` has named the model's attention implementation."""
+    for impl in list(ALL_ATTENTION_FUNCTIONS.keys()):
+        if not _dispatched(ALL_ATTENTION_FUNCTIONS[impl]):
+            ALL_ATTENTION_FUNCTIONS[impl] = _dispatching(ALL_ATTENTION_FUNCTIONS[impl])
+    for spec in FAMILIES:
+        for model_type in spec.model_types:
+            module = _modeling_module(model_type)
+            func = getattr(module, "eager_attention_forward", None)
+            if func is not None and not _dispatched(func):
+                module.eager_attention_forward = _dispatching(func)
 
 
 def enable_packed_attention(model: nn.Module) -> None:
-    """Make ``model`` read packed cache layers with pikvpress's attention (idempotent).
+    """Make ``model`` read packed and sharded cache layers with pikvpress's attention (idempotent).
 
-    A hook on the decoder stack switches ``config._attn_implementation`` to ``pikv_<base>`` during
-    any forward whose ``past_key_values`` holds a :class:`~pikvpress.cache.PackedKVLayer`, and back
-    afterwards; other forwards are untouched.
+    The attention function ``model`` runs was wrapped once (:func:`install_attention_dispatch`; its
+    ``config._attn_implementation`` is never changed): for a layer pikvpress stores, the wrapper reads the packed
+    bytes and the shards where they are; every other call goes to the original function. Presses call it, so
+    ``model.generate`` and kvpress's pipeline (which decodes outside the press's context) read packed layers without
+    dequantizing them. Nothing is written on the model.
     """
-    stack = language_model(model)
-    if getattr(stack, _HOOKS_ATTR, None):
-        return
-    hooks = [
-        stack.register_forward_pre_hook(_pre_hook, with_kwargs=True),
-        stack.register_forward_hook(_post_hook, with_kwargs=True, always_call=True),
-    ]
-    setattr(stack, _HOOKS_ATTR, hooks)
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    _install(config._attn_implementation or "eager", getattr(config, "model_type", None))
 
 
-def disable_packed_attention(model: nn.Module) -> None:
-    """Remove the hooks :func:`enable_packed_attention` installed (packed layers then dequantize)."""
-    stack = language_model(model)
-    for hook in getattr(stack, _HOOKS_ATTR, None) or []:
-        hook.remove()
-    if hasattr(stack, _HOOKS_ATTR):
-        delattr(stack, _HOOKS_ATTR)
+def disable_packed_attention(model: nn.Module | None = None) -> None:
+    """Undo :func:`enable_packed_attention` (for every model): packed and sharded layers then hand attention their
+    dequantized tokens (slower, the same result up to rounding); the wrappers pass every call through."""
+    DISPATCHED.clear()

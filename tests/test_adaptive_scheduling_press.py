@@ -12,17 +12,16 @@ from kvpress import ComposedPress, KnormPress, PrefillDecodingPress
 from transformers import DynamicCache, pipeline
 
 from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, QuantizationPress
-from pikvpress.cache import PackedKVLayer
-from pikvpress.compat.patches import window_probs
+from pikvpress.cache import PackedKVLayer, evict
 from pikvpress.models import get_adapter
 from pikvpress.scheduling import (
     POLICIES,
-    PREFILL_SCORES,
     DecodeStatistics,
-    kept_indices,
+    priority_order,
     scores_to_prior,
     step_probs,
 )
+from pikvpress.scheduling.attention import window_probs
 
 T = 40
 
@@ -92,14 +91,19 @@ def test_budget_as_a_ratio_of_tokens_seen():
 def test_heavy_hitters_are_the_tokens_with_the_most_attention(monkeypatch):
     import pikvpress.presses.adaptive_scheduling_press as module
 
-    calls = []
+    calls, seen = [], []
 
-    def recording(stats, budget, policy, sink_tokens, recent_window):
-        kept = kept_indices(stats, budget, policy, sink_tokens, recent_window)
-        calls.append((stats.mass.clone(), stats.position.clone(), kept))
+    def recording_order(stats, policy, sink_tokens, recent_window):
+        seen.append((stats.mass.clone(), stats.position.clone()))
+        return priority_order(stats, policy, sink_tokens, recent_window)
+
+    def recording_evict(cache, layer_idx, order, budget):
+        kept = evict(cache, layer_idx, order, budget)
+        calls.append((*seen[-1], kept))
         return kept
 
-    monkeypatch.setattr(module, "kept_indices", recording)
+    monkeypatch.setattr(module, "priority_order", recording_order)
+    monkeypatch.setattr(module, "evict", recording_evict)
     model = get_tiny_model("llama")
     press = AdaptiveSchedulingPress(budget=20, policy="h2o", interval=6, sink_tokens=0, recent_window=0)
     cache = decode(model, press, ids(batch=2), steps=12)
@@ -181,21 +185,18 @@ def test_kvpress_pipeline_keeps_the_prefill_prior_across_its_two_press_contexts(
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_adaptive_prior_is_the_prefill_press_scores_of_the_kept_tokens(family):
     model = get_tiny_model(family)
-    scheduling = AdaptiveSchedulingPress(budget=1000, interval=8)
-    press = PrefillDecodingPress(
-        prefilling_press=ExpertRoutingPress(0.5, router="keys", num_experts=2, window_size=8),
-        decoding_press=scheduling,
-    )
-    modules = {layer.layer_idx: layer.attention for layer in get_adapter(model).layers}
+    routing = ExpertRoutingPress(0.5, router="keys", num_experts=2, window_size=8)
+    scheduling = AdaptiveSchedulingPress(budget=1000, interval=8, prior_from=routing)
+    press = PrefillDecodingPress(prefilling_press=routing, decoding_press=scheduling)
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
         model(input_ids=ids(), past_key_values=cache)
-        published = {idx: getattr(modules[idx], PREFILL_SCORES) for idx in full_layers(model)}
+        published = {idx: routing.kept_scores(cache, idx) for idx in full_layers(model)}
+        assert routing.kept_scores(DynamicCache(config=model.config), full_layers(model)[0]) is None  # that cache only
         position = torch.tensor([T])
         model(input_ids=ids(length=1), past_key_values=cache, cache_position=position, position_ids=position[None])
-        for idx, (cache_id, scores) in published.items():
-            assert cache_id == id(cache) and scores.shape == (1, cache.layers[idx].keys.shape[1], T // 2)
-            assert PREFILL_SCORES not in modules[idx].__dict__  # taken once
+        for idx, scores in published.items():
+            assert scores.shape == (1, cache.layers[idx].keys.shape[1], T // 2)
             # the first step is not recorded yet (interval 8): the moving average is still the prior
             torch.testing.assert_close(scheduling._stats[idx].ema[..., : T // 2], scores_to_prior(scores))
 
@@ -206,15 +207,16 @@ def test_decode_query_attention_equals_the_window_attention(family):
     # and from the query projected again both equal window_probs, the harness's reference attention
     model = get_tiny_model(family)
     captured = {}
+    press = AdaptiveSchedulingPress(budget=1000)
 
     def grab(module, args, kwargs, output):  # registered before the press's hook: runs first
         if kwargs["hidden_states"].shape[1] == 1:
-            captured[module.layer_idx] = (module, dict(kwargs), module.__dict__.get("pikvpress_decode_query"))
+            captured[module.layer_idx] = (module, dict(kwargs), press._tap._queries.get(module))
 
     adapter = get_adapter(model)
     hooks = [layer.attention.register_forward_hook(grab, with_kwargs=True) for layer in adapter.layers]
     try:
-        decode(model, AdaptiveSchedulingPress(budget=1000), ids(batch=2), steps=2)
+        decode(model, press, ids(batch=2), steps=2)
     finally:
         for hook in hooks:
             hook.remove()
@@ -224,11 +226,13 @@ def test_decode_query_attention_equals_the_window_attention(family):
         keys = kwargs["past_key_values"].layers[idx].keys
         layer = adapter.layers[idx]
         reference = window_probs(module, kwargs["hidden_states"], keys, 1, kwargs["position_embeddings"]).mean(dim=2)
-        assert kept_query is not None  # the attention wrapper kept the second step's queries
-        module.pikvpress_decode_query = kept_query
-        from_model = AdaptiveSchedulingPress._decode_query(module, layer, kwargs["hidden_states"], kwargs)
-        assert from_model is kept_query and "pikvpress_decode_query" not in module.__dict__  # read once
-        projected = AdaptiveSchedulingPress._decode_query(module, layer, kwargs["hidden_states"], kwargs)
+        assert kept_query is not None  # the attention handed the step's queries to the press's tap
+        press._tap.open([module])
+        press._tap.offer(module, kept_query)
+        from_model = press._decode_query(module, layer, kwargs["hidden_states"], kwargs)
+        assert from_model is kept_query  # taken once: the next call projects the query again
+        projected = press._decode_query(module, layer, kwargs["hidden_states"], kwargs)
+        press._tap.close()
         for query in (from_model, projected):
             probs = step_probs(query * layer.scaling, keys, keys.shape[2] - 1, layer.sinks)[:, :, 0]
             torch.testing.assert_close(probs, reference, rtol=1e-5, atol=1e-6)

@@ -15,7 +15,7 @@ from transformers import DynamicCache
 from evaluation.prefill import can_reuse_prefill
 from evaluation.presses import build_press, takes_ratio
 from pikvpress import ExpertRoutingPress
-from pikvpress.compat.patches import gather_kept
+from pikvpress.cache.ops import gather_kept
 from pikvpress.models import TINY_FAMILIES, get_adapter
 from pikvpress.routing import LearnedRouter, RouterSpec, load_router, spherical_kmeans
 from pikvpress.routing.training import KVzipSample, MlpFit, RidgeFit, linear_router, spearman
@@ -83,7 +83,7 @@ def test_gate_router_inside_composed_press_still_reads_the_gate(family):
     assert {cache.layers[i].keys.shape[2] for i in range(len(cache.layers))} == {expected}
     routers = {s.router for s in inner.stats.values()}
     assert routers == ({"gate"} if family == "qwen3_moe" else {"keys (no MoE gate)"})
-    assert not inner._input_hooks  # removed after the prefill's last MoE layer
+    assert not inner._gate_inputs._hooks  # removed after the prefill's last MoE layer
 
 
 @pytest.mark.parametrize("router", ["keys", "gate", "learned"])

@@ -14,7 +14,7 @@ from conftest import get_tiny_model
 from kvpress import DecodingPress, ExpectedAttentionPress, KnormPress, PerLayerCompressionPress
 from transformers import DynamicCache
 
-from pikvpress.compat.patches import gather_kept
+from pikvpress.cache.ops import gather_kept
 from pikvpress.models import get_adapter
 from pikvpress.models.tiny import TINY_FAMILIES
 

@@ -109,11 +109,14 @@ def test_update_returns_dense_when_pikv_attention_is_off():
 
 
 def test_update_returns_tagged_residual_when_pikv_attention_is_on():
-    class Config:
-        _attn_implementation = "pikv_sdpa"
+    from conftest import get_tiny_model
 
+    from pikvpress import enable_packed_attention
+
+    model = get_tiny_model("llama")
+    enable_packed_attention(model)
     layer, _k, _v = make_layer(t=30)
-    layer.config = Config()
+    layer.config = model.config
     keys, values = layer.update(rand(2, 3, 1, 16), rand(2, 3, 1, 8))
     assert keys.shape[2] == layer.residual_length_now
     assert keys._pikv_packed_layer is layer and values._pikv_packed_layer is layer

@@ -317,7 +317,7 @@ def test_the_scheduler_reads_the_query_pikv_attention_used():
 
     def grab(module, args, kwargs, output):  # registered before the press's hook: runs first
         if kwargs["hidden_states"].shape[1] == 1:
-            kept.append(module.__dict__.get("pikvpress_decode_query"))
+            kept.append(press.scheduling._tap._queries.get(module))  # what the tap holds for the press
 
     attention = model.model.layers[0].self_attn
     hook = attention.register_forward_hook(grab, with_kwargs=True)
@@ -328,8 +328,9 @@ def test_the_scheduler_reads_the_query_pikv_attention_used():
             model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(config=model.config))
     finally:
         hook.remove()
-    # the first step asks for it; from the second on, pikv attention keeps the query it used
-    assert kept[0] is None and all(q is not None and q.shape[2] == 1 for q in kept[1:])
+    # pikv attention handed the query it used to the press's tap at every decode step
+    assert len(kept) == 3 and all(q is not None and q.shape[2] == 1 for q in kept)
+    assert not press.scheduling._tap.is_open and not press.scheduling._tap._queries  # closed with the context
 
 
 def test_views_and_bytes():
@@ -576,16 +577,17 @@ def test_left_padded_batch_decodes_as_dense(family):
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     from pikvpress import apply_kvpress_fixes, remove_kvpress_fixes
-    from pikvpress.attention import register_packed_attention
+    from pikvpress.attention import _dispatched
 
     model = get_tiny_model(family)
     enable_packed_attention(model)
-    # the compatibility layer re-applied after pikvpress's attention is registered leaves it alone (it would
-    # cut the mask to the tail's length, and the padding of the sharded tokens would be lost)
-    name = register_packed_attention(model.config._attn_implementation)
+    # the compatibility layer turned off and on again keeps pikvpress's dispatch, and passes a pikvpress layer's
+    # part through unaligned (aligning would cut the mask to the tail's length and lose the shards' padding)
     remove_kvpress_fixes()
     apply_kvpress_fixes()
-    assert not hasattr(ALL_ATTENTION_FUNCTIONS[name], "__wrapped__")
+    impl = model.config._attn_implementation
+    if impl != "eager":
+        assert _dispatched(ALL_ATTENTION_FUNCTIONS[impl])
     ids = torch.randint(3, 259, (2, 50), generator=torch.Generator().manual_seed(14))
     mask = torch.ones_like(ids)
     mask[1, :15] = 0

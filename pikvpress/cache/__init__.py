@@ -8,25 +8,12 @@ transformers cache holds, read from its tensors.
 
 from __future__ import annotations
 
-import torch
-
+from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes
 from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
 from pikvpress.cache.sharded_layer import ShardedKVLayer, ShardedKVView
 from pikvpress.cache.view import KVView
-
-
-def layer_nbytes(layer) -> int:
-    """Bytes one cache layer holds (in this process): a packed layer's codes, scales, zeros and residual, a
-    sharded layer's shards, tail and summaries, or a dense layer's key and value tensors."""
-    if isinstance(layer, (PackedKVLayer, ShardedKVLayer)):
-        return layer.nbytes
-    total = 0
-    for t in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-        if isinstance(t, torch.Tensor):
-            total += t.numel() * t.element_size()
-    return total
 
 
 def cache_nbytes(cache) -> int:
@@ -38,7 +25,7 @@ def cache_nbytes_per_device(cache) -> dict[str, int]:
     """Bytes a cache holds on each device (in this process)."""
     out: dict[str, int] = {}
     for layer in cache.layers:
-        if isinstance(layer, ShardedKVLayer):
+        if hasattr(layer, "nbytes_per_device"):
             parts = layer.nbytes_per_device()
         else:
             keys = getattr(layer, "keys", None)
@@ -52,13 +39,7 @@ def cache_bytes_read(cache) -> float:
     """Key/value bytes the last decode step read from ``cache`` (this process, summed over layers): for a sharded
     layer, what its attention recorded (the tail and the shards the queries routed to); for any other layer,
     every byte it holds (attention reads the whole layer)."""
-    total = 0.0
-    for layer in cache.layers:
-        if isinstance(layer, ShardedKVLayer) and layer.has_shards:
-            total += layer.bytes_read
-        else:
-            total += layer_nbytes(layer)
-    return total
+    return float(sum(layer_read_nbytes(layer) for layer in cache.layers))
 
 
 __all__ = [
@@ -72,5 +53,7 @@ __all__ = [
     "cache_bytes_read",
     "cache_nbytes",
     "cache_nbytes_per_device",
+    "evict",
     "layer_nbytes",
+    "layer_read_nbytes",
 ]

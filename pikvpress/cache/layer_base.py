@@ -10,15 +10,21 @@ from transformers.cache_utils import CacheLayerMixin
 #: attribute set on the tensors ``update`` returns, pointing at the layer they come from
 LAYER_TAG = "_pikv_packed_layer"
 
-#: prefix of the attention implementations pikvpress registers (``pikv_sdpa``, ``pikv_eager``...)
-ATTENTION_PREFIX = "pikv_"
+#: the attention implementations whose functions read pikvpress's layers (pikvpress.attention), as
+#: :func:`dispatch_key` names them
+DISPATCHED: set[str] = set()
+
+
+def dispatch_key(impl: str | None, model_type: str | None) -> str:
+    """How :data:`DISPATCHED` names an attention implementation: ``eager`` is each family's own function."""
+    return f"eager:{model_type}" if impl in (None, "eager") else impl
 
 
 class PiKVCacheLayer(CacheLayerMixin):
     """A cache layer that pikvpress's attention function reads itself (:mod:`pikvpress.attention`).
 
     ``update`` hands attention a part of the layer (the recent tokens) tagged with the layer
-    (:meth:`tagged`) when the model runs a ``pikv_*`` attention implementation (:meth:`attention_active`,
+    (:meth:`tagged`) when the model's attention function reads pikvpress's layers (:meth:`attention_active`,
     read from ``config``). Subclasses provide ``get_seq_length`` and ``_map_batch(fn)``, which applies ``fn``
     to the batch axis of every tensor they hold.
     """
@@ -34,9 +40,11 @@ class PiKVCacheLayer(CacheLayerMixin):
         return -1
 
     def attention_active(self) -> bool:
-        """Whether the model reading this layer runs pikvpress's attention function."""
-        impl = getattr(self.config, "_attn_implementation", None)
-        return isinstance(impl, str) and impl.startswith(ATTENTION_PREFIX)
+        """Whether the attention function of the model reading this layer reads pikvpress's layers."""
+        config = self.config
+        if config is None:
+            return False
+        return dispatch_key(getattr(config, "_attn_implementation", None), getattr(config, "model_type", None)) in DISPATCHED
 
     def tagged(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of ``keys`` and ``values`` that tell pikvpress's attention function which layer they belong to."""
@@ -78,6 +86,24 @@ class PiKVCacheLayer(CacheLayerMixin):
     @values.setter
     def values(self, value: Any) -> None:
         self._assign("values", value)
+
+    # ----------------------------------------------------------------------------------------------
+    # what presses use, the same for every layer kind (dense layers: pikvpress.cache.ops)
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def nbytes(self) -> int:
+        """Bytes the layer holds in this process, read from its tensors (codes, scales, indices included)."""
+        raise NotImplementedError
+
+    def read_nbytes(self) -> float:
+        """Key/value bytes the last decode step read from this layer (this process): all it holds, unless the
+        layer's attention reads a part of it."""
+        return float(self.nbytes)
+
+    def evict(self, order: torch.Tensor, budget: int) -> torch.Tensor:
+        """Keep ``budget`` tokens per (batch row, KV head), the best by ``order`` ``(B, H, N)`` (the layer's sequence
+        indices, best first); return the kept indices ``(B, H, K)``, increasing. The layer shrinks in place."""
+        raise NotImplementedError
 
     def _map_batch(self, fn) -> None:
         raise NotImplementedError

@@ -54,10 +54,10 @@ def check_packing_args(
     bits: Any, group_size: Any, key_group_size: Any, residual_length: Any, stats_dtype: Any, layout: Any
 ) -> None:
     """Validate packing arguments; raise ``ValueError`` naming the argument and the allowed values."""
-    if isinstance(bits, bool) or bits not in ALLOWED_BITS:
-        raise ValueError(f"bits must be one of {ALLOWED_BITS}, got {bits!r}")
-    if not _is_pow2(group_size):
-        raise ValueError(f"group_size must be a positive power of two, got {group_size!r}")
+    if isinstance(bits, bool) or not isinstance(bits, int) or bits not in ALLOWED_BITS:
+        raise ValueError(f"bits must be an int in {ALLOWED_BITS}, got {bits!r}")
+    if group_size is not None and not _is_pow2(group_size):
+        raise ValueError(f"group_size must be None (follow each layer's head dims) or a positive power of two, got {group_size!r}")
     if not _is_pow2(key_group_size):
         raise ValueError(f"key_group_size must be a positive power of two, got {key_group_size!r}")
     if isinstance(residual_length, bool) or not isinstance(residual_length, int) or residual_length < 0:
@@ -66,6 +66,17 @@ def check_packing_args(
         raise ValueError(f"stats_dtype must be one of {ALLOWED_STATS_DTYPES}, got {stats_dtype!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
+
+
+#: the largest channel group :func:`default_group_size` picks
+MAX_DEFAULT_GROUP = 64
+
+
+def default_group_size(key_dim: int, value_dim: int) -> int:
+    """The channel group of a layer whose ``group_size`` was not given: the largest power of two dividing both head
+    dims, at most ``MAX_DEFAULT_GROUP`` (Phi-3's 96 -> 32, 80 -> 16, MLA's 192 / 128 -> 64)."""
+    both = key_dim | value_dim
+    return min(MAX_DEFAULT_GROUP, both & -both)
 
 
 def check_head_dims(group_size: int, bits: int, key_dim: int, value_dim: int, where: str = "") -> None:
@@ -369,6 +380,12 @@ class PackedKVLayer(PiKVCacheLayer):
         keys = keys.gather(2, indices.unsqueeze(-1).expand(b, h, k, keys.shape[-1]))
         values = values.gather(2, indices.unsqueeze(-1).expand(b, h, k, values.shape[-1]))
         return PackedKVLayer.from_dense(keys, values, **self.packing())
+
+    def evict(self, order: torch.Tensor, budget: int) -> torch.Tensor:
+        """Keep the first ``budget`` tokens of ``order`` (packed again: :meth:`gathered`); return them, increasing."""
+        kept = order[..., :budget].sort(dim=-1).values
+        self.__dict__.update(self.gathered(kept).__dict__)
+        return kept
 
     def packing(self) -> dict[str, Any]:
         """The constructor arguments this layer was built with (how it packs), for a new layer packed alike."""

@@ -81,6 +81,8 @@ def check_shard_args(
     if devices is not None:
         if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
             raise ValueError(f"devices must be a non-empty list of devices, got {devices!r}")
+        for device in devices:
+            parse_device(device)
         if len(devices) > num_shards or num_shards % len(devices):
             raise ValueError(
                 f"num_shards={num_shards} shards cannot be spread evenly over {len(devices)} devices {list(devices)}; "
@@ -91,6 +93,36 @@ def check_shard_args(
             f"num_shards={num_shards} shards cannot be spread evenly over the process group's {world_size} ranks; "
             "use a multiple of the world size"
         )
+
+
+def parse_device(device: Any) -> torch.device:
+    """``device`` as a ``torch.device``; ``ValueError`` naming it if it is not a device string or ``torch.device``."""
+    if isinstance(device, torch.device):
+        return device
+    try:
+        if not isinstance(device, str):
+            raise TypeError
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ValueError(
+            f"devices must hold device names such as 'cpu', 'cuda:0' or torch.device objects, got {device!r}"
+        ) from None
+
+
+def check_devices_available(devices: Sequence[Any]) -> None:
+    """Raise ``ValueError`` naming a device of ``devices`` that this process cannot use, and the ones it can."""
+    for name in devices:
+        device = parse_device(name)
+        if device.type == "cuda":
+            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+            index = 0 if device.index is None else device.index
+            if index >= count:
+                allowed = ", ".join(f"'cuda:{i}'" for i in range(count)) or "none: CUDA is not available here"
+                raise ValueError(f"devices names {name!r}, which this process cannot use; CUDA devices: {allowed}")
+        elif device.type not in ("cpu", "meta"):
+            backend = getattr(torch, device.type, None)
+            if backend is None or not getattr(backend, "is_available", lambda: False)():
+                raise ValueError(f"devices names {name!r}, whose backend is not available in this process")
 
 
 class ShardedKVLayer(PiKVCacheLayer):
@@ -226,6 +258,10 @@ class ShardedKVLayer(PiKVCacheLayer):
     def nbytes(self) -> int:
         """Bytes this process holds for the layer: its shards (keys, values, indices), the tail and the summaries."""
         return sum(shard.nbytes for _, shard in self.local_shards) + self._tail_nbytes() + self._summary_nbytes()
+
+    def read_nbytes(self) -> float:
+        """What the last attention call read (the tail and the shards the queries chose), once the layer has shards."""
+        return self.bytes_read if self.has_shards else float(self.nbytes)
 
     def nbytes_per_device(self) -> dict[str, int]:
         """Bytes held on each device by this process (the tail and summaries count on the query's device)."""

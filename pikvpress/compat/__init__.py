@@ -16,9 +16,10 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+from collections.abc import Generator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Generator
+from typing import Any
 
 from kvpress.presses.base_press import BasePress
 from kvpress.presses.expected_attention_press import ExpectedAttentionPress
@@ -137,8 +138,6 @@ def apply_kvpress_fixes() -> None:
     _setattr(BasePress, "__call__", patches.press_call)
     # masks aligned to each layer's length, in the registered and the per-family eager attention
     for key in list(ALL_ATTENTION_FUNCTIONS.keys()):
-        if key.startswith("pikv_"):  # pikvpress.cache.layer_base.ATTENTION_PREFIX
-            continue  # pikvpress's own functions read the whole layer's mask (packed / sharded tokens included)
         func = ALL_ATTENTION_FUNCTIONS[key]
         _saved.append((ALL_ATTENTION_FUNCTIONS, key, func))
         ALL_ATTENTION_FUNCTIONS[key] = patches.with_aligned_mask(func)

@@ -8,8 +8,9 @@ that worked before changes behaviour there.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Generator
 from contextlib import contextmanager
-from typing import Any, Callable, Generator
+from typing import Any
 
 import torch
 from kvpress.presses.base_press import BasePress
@@ -21,9 +22,12 @@ from kvpress.utils import compute_n_kept
 from kvpress.utils import get_prerope_key_states as _kvpress_key_states
 from kvpress.utils import get_prerope_query_states as _kvpress_query_states
 from torch import nn
-from torch.nn import functional as F
 
-from pikvpress.models import get_adapter, is_supported, language_model, layer_adapter, slice_positions
+from pikvpress.attention import align_mask
+from pikvpress.cache.layer_base import LAYER_TAG
+from pikvpress.cache.ops import gather_kept
+from pikvpress.models import get_adapter, is_supported, language_model, layer_adapter
+from pikvpress.scheduling.attention import window_probs
 
 logger = logging.getLogger(__name__)
 
@@ -58,40 +62,6 @@ def get_prerope_key_states(module: nn.Module, hidden_states: torch.Tensor) -> to
 
 
 # --- window attention (SnapKV, TOVA, PyramidKV, ...): the model's RoPE, scaling and sinks ---------
-
-
-def window_queries(
-    adapter: Any, hidden_states: torch.Tensor, num_kv_heads: int, window: int, position_embeddings: Any
-) -> torch.Tensor:
-    """``(B, H_kv, groups * window, D)`` post-RoPE queries of the last ``window`` tokens, grouped by KV head
-    (query head ``j`` belongs to KV head ``j // groups``), from the layer's adapter."""
-    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
-    return queries.reshape(queries.shape[0], num_kv_heads, -1, queries.shape[-1])
-
-
-def window_probs(
-    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
-) -> torch.Tensor:
-    """``(B, H_kv, groups * window, T)`` float32 attention probabilities of the last ``window`` queries.
-
-    Computed as the model computes its attention weights: its own rotary function (half-dim cos/sin on
-    GPT-OSS, partial and complex RoPE on DeepSeek), its own softmax scale, and its attention sinks in the
-    softmax denominator; causal inside the window. Rows are grouped by KV head (query head ``j`` belongs
-    to KV head ``j // groups``). ``module`` must be of a family pikvpress has an adapter for.
-    """
-    adapter = layer_adapter(module)
-    b, h, t, _ = keys.shape
-    queries = window_queries(adapter, hidden_states, h, window, position_embeddings) * adapter.scaling
-    groups = queries.shape[2] // window
-    logits = torch.matmul(queries, keys.transpose(2, 3)).float()  # (B, H, g*w, T)
-    # causal inside the window: only the last `window` key columns can lie in a query's future
-    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
-    logits[..., t - window :].masked_fill_(future.repeat(groups, 1), float("-inf"))
-    sinks = adapter.sinks
-    if sinks is not None:
-        sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
-        return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
-    return F.softmax(logits, dim=-1)
 
 
 def window_attention(
@@ -132,19 +102,6 @@ def apply_avg_rope(self, module: nn.Module, mu: torch.Tensor, cov: torch.Tensor,
 # --- pruning with different key and value head dims (MLA) -----------------------------------------
 
 
-def gather_kept(keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor):
-    """Keep ``indices`` ``(batch, kv_heads, n_kept)`` of keys and values, each with its own head dim."""
-    b, h, t, key_dim = keys.shape
-    value_dim = values.shape[-1]
-    n = indices.shape[-1]
-    # rows of the flattened (B*H*T, D) tensors: one index_select copies whole rows (much faster than gather);
-    # the head dims are given, not inferred: n = 0 (a layer keeping nothing) or t = 0 leaves no -1 to infer
-    rows = (indices + torch.arange(b * h, device=indices.device).view(b, h, 1) * t).reshape(-1)
-    keys = keys.reshape(b * h * t, key_dim).index_select(0, rows).view(b, h, n, key_dim)
-    values = values.reshape(b * h * t, value_dim).index_select(0, rows).view(b, h, n, value_dim)
-    return keys, values
-
-
 def scorer_compress(self, module, hidden_states, keys, values, attentions, kwargs):
     """``ScorerPress.compress`` that gathers keys and values with their own head dims."""
     if self.compression_ratio == 0:
@@ -168,7 +125,7 @@ def pyramidkv_compress(self, module, hidden_states, keys, values, attentions, kw
 
 @contextmanager
 def press_call(self, model: nn.Module) -> Generator:
-    """``BasePress.__call__`` that leaves sliding-window layers alone.
+    """``BasePress.__call__`` that leaves sliding-window layers alone, and the model as it found it.
 
     A sliding-window layer's cache already holds at most ``window - 1`` tokens and its length is
     tracked by the cache layer itself; pruning it desynchronises that length from the mask.
@@ -182,15 +139,19 @@ def press_call(self, model: nn.Module) -> Generator:
     self.post_init_from_model(model)
     rotary = language_model(model).rotary_emb
     hooks = []
+    added: list[tuple[nn.Module, str]] = []  # attributes the presses read, removed when the context ends
     skipped = [layer.layer_idx for layer in adapter.layers if layer.is_sliding]
     if skipped:
         logger.info("%s leaves sliding-window layers %s uncompressed", type(self).__name__, skipped)
     try:
         for layer in adapter.layers:
             attention = layer.attention
-            attention.rotary_emb = rotary
+            if not hasattr(attention, "rotary_emb"):
+                attention.rotary_emb = rotary
+                added.append((attention, "rotary_emb"))
             if layer.family.mla and not hasattr(attention, "head_dim"):
                 attention.head_dim = layer.key_dim  # kvpress reads head_dim; MLA names it qk_head_dim
+                added.append((attention, "head_dim"))
             if layer.is_sliding:
                 continue
             hooks.append(attention.register_forward_hook(self.forward_hook, with_kwargs=True))
@@ -198,27 +159,11 @@ def press_call(self, model: nn.Module) -> Generator:
     finally:
         for hook in hooks:
             hook.remove()
+        for module, name in added:
+            delattr(module, name)
 
 
 # --- attention masks for layers of different lengths (PyramidKV, PerLayerCompression) -------------
-
-
-def align_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tensor | None:
-    """Right-align a 4D mask built for another layer's cache length to ``key_len`` keys.
-
-    transformers builds one mask per attention type from the first layer's cache length. When a press
-    leaves layers with different lengths, the newest tokens (the right-hand columns) still line up;
-    older columns are dropped, or padded as visible.
-    """
-    if attention_mask is None or attention_mask.dim() != 4:
-        return attention_mask
-    mask_len = attention_mask.shape[-1]
-    if mask_len == key_len:
-        return attention_mask
-    if mask_len > key_len:
-        return attention_mask[..., -key_len:]
-    fill = True if attention_mask.dtype == torch.bool else 0.0
-    return F.pad(attention_mask, (key_len - mask_len, 0), value=fill)
 
 
 def mask_pruned_keys(
@@ -243,20 +188,13 @@ def mask_pruned_keys(
     return attention_mask.masked_fill(~keep, torch.finfo(attention_mask.dtype).min)
 
 
-#: attention modules with this attribute set keep their last decode step's queries (at most
-#: ``DECODE_QUERY_TOKENS`` of them) in ``module.pikvpress_decode_query``, so a decode-time press reads the
-#: queries the model computed instead of projecting and rotating them again
-KEEP_DECODE_QUERY = "pikvpress_keep_decode_query"
-DECODE_QUERY_TOKENS = 64
-
-
 def with_aligned_mask(func: Callable[..., Any]) -> Callable[..., Any]:
-    """Wrap an attention function so its mask matches the layer's key length and AdaKV's pruned keys (and,
-    on modules marked with ``KEEP_DECODE_QUERY``, keeps the decode step's queries)."""
+    """Wrap an attention function so its mask matches the layer's key length and AdaKV's pruned keys (a pikvpress
+    layer's part goes through as it is: its attention reads the whole layer's mask)."""
 
     def attention(module, query, key, value, attention_mask, *args, **kwargs):
-        if getattr(module, KEEP_DECODE_QUERY, False) and query.shape[2] <= DECODE_QUERY_TOKENS:
-            module.pikvpress_decode_query = query  # the step's post-RoPE queries, for AdaptiveSchedulingPress
+        if getattr(key, LAYER_TAG, None) is not None:  # a pikvpress layer's part: its attention reads the whole mask
+            return func(module, query, key, value, attention_mask, *args, **kwargs)
         attention_mask = align_mask(attention_mask, key.shape[-2])
         masked = getattr(module, "masked_key_indices", None)
         if masked is None or query.shape[2] == key.shape[2]:

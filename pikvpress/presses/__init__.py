@@ -8,9 +8,10 @@ adaptive scheduling, quantization, the chained ``PiKVPress``) register here as t
 from kvpress.presses.base_press import BasePress
 
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
-from pikvpress.presses.expert_routing_press import ExpertRoutingPress, RoutingStats
+from pikvpress.presses.expert_routing_press import ExpertRoutingPress
 from pikvpress.presses.pikv_press import PiKVPress
 from pikvpress.presses.quantization_press import QuantizationPress
+from pikvpress.routing.stats import RoutingStats
 
 PRESSES: dict[str, type[BasePress]] = {
     "adaptive_scheduling": AdaptiveSchedulingPress,

@@ -4,25 +4,29 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
-from pikvpress.cache import KVView, PackedKVLayer, ShardedKVLayer
-from pikvpress.compat.patches import KEEP_DECODE_QUERY, gather_kept, window_probs
-from pikvpress.models.adapter import layer_adapter
+from pikvpress.cache.ops import evict
+from pikvpress.cache.support import check_cache
+from pikvpress.models.adapter import get_adapter, layer_adapter
+from pikvpress.presses.arguments import check_choice, check_int, check_number
 from pikvpress.scheduling import (
     POLICIES,
-    PREFILL_SCORES,
+    DecodeQueryTap,
     DecodeStatistics,
-    kept_indices,
+    KeptScoresSource,
+    PerCache,
+    layer_step_probs,
     priority_order,
     scores_to_prior,
-    sharded_step_probs,
-    step_probs,
+    window_probs,
 )
 
 logger = logging.getLogger(__name__)
@@ -45,11 +49,13 @@ class AdaptiveSchedulingPress(BasePress):
     - ``"lru"``: by the last step a token was used;
     - ``"streaming"``: the most recent tokens (sinks plus a window);
     - ``"adaptive"``: by the moving average of attention. For the tokens cached when decoding starts it
-      starts at a prior: the scores of the prefill press that kept them (ExpertRoutingPress publishes
-      them), turned into probabilities by rank; else, when the press sees the prefill itself, the attention
-      of the prefill's last ``prior_window`` queries; else ``1 / T``.
+      starts at a prior: the scores of the prefill press that kept them (``prior_from``, e.g. the
+      :class:`~pikvpress.ExpertRoutingPress` of a ``PrefillDecodingPress``), turned into probabilities by rank;
+      else, when the press sees the prefill itself, the attention of the prefill's last ``prior_window``
+      queries; else ``1 / T``.
 
-    Decode steps are recorded in batches: each step's query (the one the model's attention used) is kept,
+    Decode steps are recorded in batches: each step's query (the one the model's attention used, handed over
+    through a :class:`~pikvpress.scheduling.DecodeQueryTap` the press opens while its hooks are on) is kept,
     and the attention of all steps kept since the last record is computed in one masked matmul when the
     press evicts, or every ``interval`` steps; the statistics equal step-by-step updates.
 
@@ -84,6 +90,19 @@ class AdaptiveSchedulingPress(BasePress):
     prior_window : int
         Prefill queries whose attention is the ``adaptive`` prior when no prefill press gives scores; 0: a
         uniform prior.
+    prior_from : KeptScoresSource, optional
+        The prefill press whose scores of the tokens it kept start the ``adaptive`` and ``h2o`` statistics (any
+        press with ``kept_scores(cache, layer_idx)``, e.g. :class:`~pikvpress.ExpertRoutingPress`). It is asked
+        about the cache being decoded only, at its first decode step.
+
+    Examples
+    --------
+    >>> routing = ExpertRoutingPress(compression_ratio=0.5)
+    >>> press = PrefillDecodingPress(routing, AdaptiveSchedulingPress(budget=256, prior_from=routing))
+    >>> pipe(context, question=question, press=press)["answer"]
+
+    Nothing of the press stays on the model when its context ends, and it keeps no cache alive: the decode
+    steps waiting to be scored are recorded and let go, and the query tap closes.
     """
 
     #: the press evicts while decoding: harnesses must keep it active during generation (no shared prefill)
@@ -98,47 +117,62 @@ class AdaptiveSchedulingPress(BasePress):
     decay: float = 0.9
     threshold: float | None = None
     prior_window: int = 32
+    prior_from: Any = None
     _stats: dict[int, DecodeStatistics] = field(default_factory=dict, init=False, repr=False)
     _pending: dict[int, _PendingSteps] = field(default_factory=dict, init=False, repr=False)
-    _priors: dict[int, tuple[int, torch.Tensor]] = field(default_factory=dict, init=False, repr=False)
+    _priors: PerCache = field(default_factory=PerCache, init=False, repr=False)
     _adapters: dict[int, tuple] = field(default_factory=dict, init=False, repr=False)
+    _tap: DecodeQueryTap = field(default_factory=DecodeQueryTap, init=False, repr=False)
 
     def __post_init__(self) -> None:
         if (self.budget is None) == (self.compression_ratio is None):
             raise ValueError("give exactly one of budget (tokens per layer) and compression_ratio")
-        if self.budget is not None and (
-            isinstance(self.budget, bool) or not isinstance(self.budget, int) or self.budget < 1
-        ):
-            raise ValueError(f"budget must be an int >= 1, got {self.budget!r}")
-        if self.compression_ratio is not None and (
-            isinstance(self.compression_ratio, bool)
-            or not isinstance(self.compression_ratio, (int, float))
-            or not 0 <= self.compression_ratio < 1
-        ):
-            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
-        if self.policy not in POLICIES:
-            raise ValueError(f"policy must be one of {POLICIES}, got {self.policy!r}")
-        if isinstance(self.interval, bool) or not isinstance(self.interval, int) or self.interval < 1:
-            raise ValueError(f"interval must be an int >= 1, got {self.interval!r}")
+        if self.budget is not None:
+            check_int("budget", self.budget, 1)
+        if self.compression_ratio is not None:
+            check_number("compression_ratio", self.compression_ratio, 0, 1)
+        check_choice("policy", self.policy, POLICIES)
+        check_int("interval", self.interval, 1)
         for name in ("sink_tokens", "recent_window", "prior_window"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-        if not 0 <= self.decay < 1:
-            raise ValueError(f"decay must be in [0, 1), got {self.decay!r}")
+            check_int(name, getattr(self, name), 0)
+        check_number("decay", self.decay, 0, 1)
         if self.threshold is not None and not self.threshold >= 0:
             raise ValueError(f"threshold must be None or >= 0, got {self.threshold!r}")
+        if self.prior_from is not None and not isinstance(self.prior_from, KeptScoresSource):
+            raise ValueError(
+                "prior_from must be None or a press with kept_scores(cache, layer_idx) (e.g. ExpertRoutingPress), "
+                f"got {type(self.prior_from).__name__}"
+            )
 
     def post_init_from_model(self, model: nn.Module) -> None:
+        adapter = get_adapter(model)  # UnsupportedModelError naming the model's class and the supported families
         self.reset()
+        self._tap.open(layer.attention for layer in adapter.layers if not layer.is_sliding)
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Generator:
+        try:
+            with super().__call__(model):
+                yield
+        finally:
+            self.finish()
+
+    def finish(self) -> None:
+        """End of the press's context: record the decode steps still waiting, let go of the cache, close the tap."""
+        for idx in list(self._pending):
+            self._flush(idx)
+        self._pending = {}
+        self._tap.close()
 
     def reset(self) -> None:
-        """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it).
+        """Forget every layer's statistics (a new sequence starts; kvpress's PrefillDecodingPress calls it when its
+        context ends) and let go of the cache.
 
-        The priors of the last prefill stay: kvpress's pipeline prefills in one press context and decodes in
-        another, with a reset between. A prior is used only on the cache it was computed for (same cache
-        object and length), once, and the next prefill replaces it."""
+        The priors of the last prefill stay, weakly keyed by their cache: kvpress's pipeline prefills in one press
+        context and decodes in another, with a reset between. A prior is used only on the cache it was computed for
+        (that cache object, same length), once, and is freed with the cache."""
         self._stats, self._pending, self._adapters = {}, {}, {}
+        self._tap.close()
 
     @property
     def stats(self) -> dict[int, DecodeStatistics]:
@@ -165,35 +199,37 @@ class AdaptiveSchedulingPress(BasePress):
         if length < t + n or stats.rows_heads != (b, h):
             return  # the cache changed under the press (another press cut it): these steps are lost
         queries = torch.cat(pending.queries, dim=2) * pending.scaling  # (B, Hq, n, D)
-        probs = _step_probs(layer, queries, t, pending.sinks)
+        probs = layer_step_probs(layer, queries, t, pending.sinks)
         positions = torch.cat(pending.positions, dim=-1).to(probs.device)  # (B or 1, n)
         stats.record_steps(positions.view(-1, 1, n).expand(b, h, n), probs)
 
     def _start(self, module: nn.Module, cache, idx: int, position: torch.Tensor) -> DecodeStatistics:
         """Statistics for the tokens cached when decoding starts; the moving average starts at the prior."""
         prior = None
-        published = module.__dict__.pop(PREFILL_SCORES, None)  # a prefill press's scores of the tokens it kept
-        own = self._priors.pop(idx, None)  # this press's window attention at the prefill
-        if published is not None and published[0] == id(cache) and published[1].shape == position.shape:
-            prior = scores_to_prior(published[1])
-        elif own is not None and own[0] == id(cache) and own[1].shape == position.shape:
-            prior = own[1]
+        # the prefill press's scores of the tokens it kept in this cache, else this press's own window attention
+        published = None if self.prior_from is None else self.prior_from.kept_scores(cache, idx)
+        own = self._priors.pop(cache, idx)
+        if published is not None and published.shape == position.shape:
+            prior = scores_to_prior(published)
+        elif own is not None and own.shape == position.shape:
+            prior = own
         return DecodeStatistics.start(position, prior=prior, decay=self.decay, threshold=self.threshold)
 
     def _prefill(self, module, adapter, hidden_states, kwargs, idx: int) -> None:
         """At the prefill: forget the layer's statistics; keep the last queries' attention as the prior."""
         self._stats.pop(idx, None)
         self._pending.pop(idx, None)
-        self._priors.pop(idx, None)
+        cache = kwargs["past_key_values"]
+        self._priors.pop(cache, idx)
         if self.policy not in ("adaptive", "h2o") or not self.prior_window or adapter is None or adapter.is_sliding:
             return  # lru and streaming do not read a prior
-        cache = kwargs["past_key_values"]
         keys = cache.layers[idx].keys
         window = min(self.prior_window, hidden_states.shape[1])
         if keys.shape[2] != hidden_states.shape[1]:
             return  # another press already cut this layer: its tokens no longer match the prefill's
-        probs = window_probs(module, hidden_states, _dense(keys), window, kwargs["position_embeddings"])
-        self._priors[idx] = (id(cache), probs.mean(dim=2))
+        keys = keys if isinstance(keys, torch.Tensor) else keys.dequantize()  # a packed layer's keys
+        probs = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        self._priors.put(cache, idx, probs.mean(dim=2))
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
@@ -201,6 +237,7 @@ class AdaptiveSchedulingPress(BasePress):
         idx = int(module.layer_idx)
         adapter, sliding = self._adapters.get(idx) or self._adapters.setdefault(idx, _adapter_of(module))
         cache = kwargs["past_key_values"]
+        check_cache(cache, type(self).__name__, layer_idx=None if idx == 0 else idx)
         layer = cache.layers[idx]
         keys = layer.keys
         # a one-token step on a cache holding more than it is a decode step (no device sync to find out)
@@ -235,35 +272,25 @@ class AdaptiveSchedulingPress(BasePress):
             self._flush(idx)
             stats.append(position_ids.to(keys.device).view(-1, 1, q_len).expand(b, h, q_len))
             queries = adapter.queries(hidden_states, kwargs["position_embeddings"]) * adapter.scaling
-            probs = _step_probs(layer, queries, t - q_len, adapter.sinks)  # causal among the step's tokens
+            probs = layer_step_probs(layer, queries, t - q_len, adapter.sinks)  # causal among the step's tokens
             stats.observe(probs.mean(dim=2))
         seen = stats.seen + n_pending
         budget = self.layer_budget(seen)
         if t > budget and (stats.since_eviction + n_pending >= self.interval or t >= budget + self.interval):
             self._flush(idx)
             budget = self.layer_budget(stats.seen)
-            if isinstance(layer, ShardedKVLayer):  # each shard keeps its share of the budget, by the policy
-                order = priority_order(stats, self.policy, self.sink_tokens, self.recent_window)
-                kept = layer.evict(order, budget)
-                stats.keep(kept)
-                return output
-            kept = kept_indices(stats, budget, self.policy, self.sink_tokens, self.recent_window)
-            if isinstance(layer, PackedKVLayer):  # a QuantizationPress layer: the kept tokens, packed again
-                cache.layers[idx] = layer.gathered(kept)
-            else:
-                layer.keys, layer.values = gather_kept(keys, layer.values, kept)
-            stats.keep(kept)
+            # the layer keeps the budget's best tokens by the policy (a sharded layer: each shard its share)
+            order = priority_order(stats, self.policy, self.sink_tokens, self.recent_window)
+            stats.keep(evict(cache, idx, order, budget))
         elif n_pending >= self.interval:
             self._flush(idx)
         return output
 
-    @staticmethod
-    def _decode_query(module, adapter, hidden_states, kwargs) -> torch.Tensor:
-        """``(B, Hq, 1, D)`` post-RoPE query of this decode step: the one the model's attention just used
-        (kept by the compat layer's attention wrapper), else projected and rotated again."""
-        query = module.__dict__.pop("pikvpress_decode_query", None)
+    def _decode_query(self, module, adapter, hidden_states, kwargs) -> torch.Tensor:
+        """``(B, Hq, 1, D)`` post-RoPE query of this decode step: the one the model's attention just used (handed
+        over by the tap), else projected and rotated again."""
+        query = self._tap.take(module)
         if query is None or query.shape[2] != 1 or query.shape[0] != hidden_states.shape[0]:
-            setattr(module, KEEP_DECODE_QUERY, True)  # from the next step on
             query = adapter.queries(hidden_states, kwargs["position_embeddings"])
         return query
 
@@ -278,23 +305,6 @@ class _PendingSteps:
     sinks: torch.Tensor | None
     queries: list[torch.Tensor] = field(default_factory=list)
     positions: list[torch.Tensor] = field(default_factory=list)
-
-
-def _is_sharded(layer) -> bool:
-    """Whether ``layer`` keeps tokens in shards (read where they are, not gathered)."""
-    return isinstance(layer, ShardedKVLayer) and layer.has_shards
-
-
-def _step_probs(layer, queries: torch.Tensor, start: int, sinks: torch.Tensor | None) -> torch.Tensor:
-    """``(B, H, n, start + n)`` attention of ``n`` buffered decode steps over the layer's first ``start + n`` tokens."""
-    if _is_sharded(layer):
-        return sharded_step_probs(layer, queries, start, sinks)
-    return step_probs(queries, _dense(layer.keys)[:, :, : start + queries.shape[2]], start, sinks)
-
-
-def _dense(keys):
-    """Keys as a dense tensor (a packed layer's keys dequantized)."""
-    return keys.dequantize() if isinstance(keys, KVView) else keys
 
 
 def _adapter_of(module: nn.Module) -> tuple:

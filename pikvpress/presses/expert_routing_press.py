@@ -16,12 +16,32 @@ from kvpress.utils import compute_n_kept
 from torch import nn
 from torch.nn import functional as F
 
-from pikvpress.compat.patches import gather_kept, window_probs, window_queries
+from pikvpress.cache.ops import gather_kept
+from pikvpress.cache.support import check_cache
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
-from pikvpress.routing import allocate_budget, gate_routing, spherical_kmeans
+from pikvpress.presses.arguments import check_choice, check_int, check_number
+from pikvpress.routing import allocate_budget
+from pikvpress.routing.experts import (
+    ExpertRouting,
+    attention_mass,
+    centroid_mass,
+    key_experts,
+    predicted_mass,
+    route_by_gate,
+)
+from pikvpress.routing.gate import GateInputs
 from pikvpress.routing.learned import LearnedRouter, load_router, shipped_router_path
-from pikvpress.routing.shards import ROUTED_EXPERTS
-from pikvpress.scheduling.prior import PREFILL_SCORES
+from pikvpress.routing.selection import (
+    choose_in_experts,
+    head_budgets,
+    kept_indices,
+    protected_tokens,
+    selection_scores,
+)
+from pikvpress.routing.stats import RoutingStats
+from pikvpress.routing.token_scores import keydiff_scores, span_max, window_scores
+from pikvpress.scheduling.attention import window_probs, window_queries
+from pikvpress.scheduling.prior import PerCache
 
 logger = logging.getLogger(__name__)
 
@@ -39,65 +59,36 @@ LAYER_BUDGETS = ("auto", "uniform", "learned")
 HEAD_BUDGETS = ("uniform", "adaptive")
 
 
-@dataclass
-class RoutingStats:
-    """What routing did at one layer of the last prefill (tensors on CPU).
+@dataclass(frozen=True)
+class RoutedTokens:
+    """What the press kept at one layer of one cache, for the presses composed with it.
 
     Parameters
     ----------
-    router : str
-        The router that ran (``"keys"`` where ``"gate"`` fell back on a layer without a MoE router).
-    sizes : torch.Tensor
-        ``(B, H, E)`` context tokens in each expert (protected sink/recent tokens excluded).
-    mass : torch.Tensor
-        ``(B, H, E)`` query mass routed to each expert (normalised to sum 1 per row).
-    kept : torch.Tensor
-        ``(B, H, E)`` tokens kept in each expert.
-    protected : int
-        Sink and recent tokens kept outside the experts, per head.
+    scores : torch.Tensor
+        ``(B, H, n)`` float32 token scores of the kept tokens, in cache order (the scheduler's prior).
+    experts : torch.Tensor
+        ``(B, H, n)`` int64 expert of each kept token; -1 for the sink and recent tokens.
+    num_experts : int
+        Experts the layer was routed to.
     """
 
-    router: str
-    sizes: torch.Tensor
-    mass: torch.Tensor
-    kept: torch.Tensor
-    protected: int
-
-    @property
-    def load(self) -> torch.Tensor:
-        """``(E,)`` share of the tokens in each expert, averaged over batch and heads."""
-        sizes = self.sizes.float()
-        return (sizes / sizes.sum(-1, keepdim=True).clamp_min(1)).mean(dim=(0, 1))
-
-    def summary(self) -> dict[str, Any]:
-        """One report row: router, experts, token loads, query mass and kept counts (means over batch and heads)."""
-        load = self.load
-        mass = self.mass.float().mean(dim=(0, 1))
-        kept = self.kept.float().mean(dim=(0, 1))
-        return {
-            "router": self.router,
-            "experts": int(self.sizes.shape[-1]),
-            "max_load": float(load.max()),
-            "max_mass": float(mass.max()),
-            "kept_min": float(kept.min()),
-            "kept_max": float(kept.max()),
-            "kept_total": float(kept.sum()) + self.protected,
-            "protected": self.protected,
-        }
+    scores: torch.Tensor
+    experts: torch.Tensor
+    num_experts: int
 
 
 @dataclass(frozen=True)
 class _Selection:
-    """One layer's choice: ``(B, H, T)`` token scores, protected mask ``(T,)``, tokens by descending score,
-    chosen mask, ``(B, H)`` tokens each head keeps, the number of experts and ``(B, H, T)`` each token's expert."""
+    """One layer's choice: ``(B, H, T)`` token scores, the protected mask ``(T,)``, the chosen mask, ``(B, H)`` tokens
+    each head keeps, the routing, and the scores whose top-k is the choice."""
 
     token_scores: torch.Tensor
     protected: torch.Tensor
-    by_score: torch.Tensor
     chosen: torch.Tensor
     head_kept: torch.Tensor
-    experts: int
-    assignment: torch.Tensor
+    routing: ExpertRouting
+    scores: torch.Tensor
 
 
 @dataclass
@@ -213,18 +204,12 @@ class ExpertRoutingPress(ScorerPress):
     replays_with_hooks = True
 
     def __post_init__(self) -> None:
-        if not isinstance(self.compression_ratio, (int, float)) or not 0 <= self.compression_ratio < 1:
-            raise ValueError(f"compression_ratio must be in [0, 1), got {self.compression_ratio!r}")
-        if self.router not in ROUTERS:
-            raise ValueError(f"router must be one of {ROUTERS}, got {self.router!r}")
+        check_number("compression_ratio", self.compression_ratio, 0, 1)
+        check_choice("router", self.router, ROUTERS)
         for name in ("num_experts", "top_k", "window_size", "kernel_size", "span"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+            check_int(name, getattr(self, name), 1)
         for name in ("expert_floor", "n_sink", "n_recent", "kmeans_iterations"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name} must be an int >= 0, got {value!r}")
+            check_int(name, getattr(self, name), 0)
         if self.span % 2 == 0:
             raise ValueError(f"span must be odd, got {self.span}")
         if self.top_k > self.num_experts:
@@ -234,16 +219,9 @@ class ExpertRoutingPress(ScorerPress):
             or (self.scorer in SCORERS if isinstance(self.scorer, str) else isinstance(self.scorer, ScorerPress))
         ):
             raise ValueError(f"scorer must be one of {SCORERS} or a kvpress ScorerPress, got {self.scorer!r}")
-        if self.head_budget not in HEAD_BUDGETS:
-            raise ValueError(f"head_budget must be one of {HEAD_BUDGETS}, got {self.head_budget!r}")
-        if (
-            isinstance(self.head_floor, bool)
-            or not isinstance(self.head_floor, (int, float))
-            or not (0 <= self.head_floor <= 1)
-        ):
-            raise ValueError(f"head_floor must be in [0, 1], got {self.head_floor!r}")
-        if self.layer_budget not in LAYER_BUDGETS:
-            raise ValueError(f"layer_budget must be one of {LAYER_BUDGETS}, got {self.layer_budget!r}")
+        check_choice("head_budget", self.head_budget, HEAD_BUDGETS)
+        check_number("head_floor", self.head_floor, 0, 1, high_open=False)
+        check_choice("layer_budget", self.layer_budget, LAYER_BUDGETS)
         self._resolve(None if self.router == "auto" else self.router)
         if self.router != "auto":
             self._check_layer_budget()
@@ -251,11 +229,25 @@ class ExpertRoutingPress(ScorerPress):
         self._learned: LearnedRouter | None = None
         self._learned_model: nn.Module | None = None
         self._adapters: dict[int, LayerAdapter] = {}
-        self._layer_inputs: dict[int, torch.Tensor] = {}
-        self._attention_outputs: dict[int, torch.Tensor] = {}
+        self._gate_inputs = GateInputs()
         self._warned: set[str] = set()
-        self._input_hooks: list = []
-        self._last_moe_layer = -1
+        self._routed = PerCache()
+
+    # --- what the press tells the presses composed with it ----------------------------------------
+    def kept_scores(self, cache: Any, layer_idx: int) -> torch.Tensor | None:
+        """``(B, H, n)`` scores of the tokens this press kept in layer ``layer_idx`` of ``cache`` (None if it did not
+        compress that layer of that cache). A scheduler composed with this press starts from them:
+        ``AdaptiveSchedulingPress(prior_from=press)``."""
+        routed = self._routed.get(cache, layer_idx)
+        return None if routed is None else routed.scores
+
+    def routed_tokens(self, cache: Any, layer_idx: int) -> RoutedTokens | None:
+        """What this press kept in layer ``layer_idx`` of ``cache``: scores and experts of the kept tokens.
+
+        The hand-off lives as long as ``cache`` (weakly keyed by it): it never keeps the cache alive and never
+        reaches another cache, so it survives kvpress's pipeline, which prefills and decodes in two press contexts.
+        """
+        return self._routed.get(cache, layer_idx)
 
     def stats_frame(self):
         """The last prefill's routing statistics as a pandas DataFrame, one row per pressed layer."""
@@ -263,6 +255,7 @@ class ExpertRoutingPress(ScorerPress):
 
         return pd.DataFrame([{"layer": idx, **stats.summary()} for idx, stats in sorted(self.stats.items())])
 
+    # --- set-up -----------------------------------------------------------------------------------
     def _resolve(self, router: str | None) -> None:
         """Fix the router and scorer that run (``router="auto"`` is resolved once the model is known)."""
         self._router = router
@@ -277,7 +270,6 @@ class ExpertRoutingPress(ScorerPress):
         if self.layer_budget == "learned" and not self.uses_learned_router:
             raise ValueError("layer_budget='learned' needs the learned router (router='learned' or scorer='learned')")
 
-    # ----------------------------------------------------------------------------------------------
     @property
     def uses_learned_router(self) -> bool:
         return self._router == "learned" or self._scorer == "learned"
@@ -304,28 +296,9 @@ class ExpertRoutingPress(ScorerPress):
         self._budgets = {}
         self.stats = {}
         if self.reads_decoder_inputs:
-            self._install_input_hooks(adapter)
-
-    def _install_input_hooks(self, adapter) -> None:
-        """Record each MoE layer's input (the residual stream) until this prefill's last MoE layer is pressed.
-
-        Installed here rather than in ``__call__`` so that wrappers (ComposedPress, AdaKVPress...) that
-        call ``post_init_from_model`` but not this press's context manager still feed the gate.
-        """
-        self._remove_input_hooks()
-        moe = [layer for layer in adapter.layers if layer.router is not None and not layer.is_sliding]
-        for layer in moe:
-            self._input_hooks.append(
-                layer.decoder_layer.register_forward_pre_hook(self._record_layer_input, with_kwargs=True)
-            )
-        self._last_moe_layer = moe[-1].layer_idx if moe else -1
-
-    def _remove_input_hooks(self) -> None:
-        for hook in self._input_hooks:
-            hook.remove()
-        self._input_hooks.clear()
-        self._layer_inputs.clear()
-        self._attention_outputs.clear()
+            # installed here rather than in __call__ so that wrappers (ComposedPress, AdaKVPress...) that call
+            # post_init_from_model but not this press's context manager still feed the gate
+            self._gate_inputs.install(adapter.layers)
 
     @contextmanager
     def __call__(self, model: nn.Module) -> Generator:
@@ -333,32 +306,28 @@ class ExpertRoutingPress(ScorerPress):
             with super().__call__(model):
                 yield
         finally:
-            self._remove_input_hooks()
-
-    def _record_layer_input(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        self._layer_inputs[int(module.self_attn.layer_idx)] = hidden
+            self._gate_inputs.remove()
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         idx = int(module.layer_idx)
+        prefilling = is_prefilling(kwargs["cache_position"], kwargs["hidden_states"].shape[1])
+        if prefilling:
+            check_cache(kwargs["past_key_values"], type(self).__name__)
         if self.reads_decoder_inputs:
-            self._attention_outputs[idx] = output[0]
+            self._gate_inputs.attention_output(idx, output[0])
         try:
             return super().forward_hook(module, input, kwargs, output)
         finally:
-            self._attention_outputs.pop(idx, None)
-            self._layer_inputs.pop(idx, None)
-            if idx == self._last_moe_layer and is_prefilling(
-                kwargs["cache_position"], kwargs["hidden_states"].shape[1]
-            ):
-                self._remove_input_hooks()
+            self._gate_inputs.forget(idx)
+            if idx == self._gate_inputs.last_layer and prefilling:
+                self._gate_inputs.remove()
 
     def _warn_once(self, key: str, message: str, *args: Any) -> None:
         if key not in self._warned:
             self._warned.add(key)
             logger.warning(message, *args)
 
-    # ----------------------------------------------------------------------------------------------
+    # --- the press's formula ----------------------------------------------------------------------
     def score(
         self,
         module: nn.Module,
@@ -368,22 +337,9 @@ class ExpertRoutingPress(ScorerPress):
         attentions: torch.Tensor,
         kwargs: dict,
     ) -> torch.Tensor:
-        return self._scores(self._select(module, hidden_states, keys, values, attentions, kwargs))
+        return self._select(module, hidden_states, keys, values, attentions, kwargs).scores
 
-    @staticmethod
-    def _scores(selection: _Selection) -> torch.Tensor:
-        """``(B, H, T)`` scores: the chosen tokens above the others, each group ordered by token score."""
-        b, h, t = selection.token_scores.shape
-        device = selection.token_scores.device
-        if selection.experts == 1:  # one expert: the token scores themselves (so AdaKVPress can compare heads)
-            top = selection.token_scores.amax().item() + 1.0
-            return selection.token_scores.masked_fill(selection.protected, top)
-        # chosen tokens above every other token; the token score orders each group
-        positions = torch.arange(t - 1, -1, -1, device=device, dtype=torch.float).expand(b, h, t)
-        ranked = torch.zeros(b, h, t, device=device).scatter_(-1, selection.by_score, positions) / max(t, 1)
-        return selection.chosen.float() * 2.0 + ranked
-
-    def _select(
+    def compress(
         self,
         module: nn.Module,
         hidden_states: torch.Tensor,
@@ -391,9 +347,22 @@ class ExpertRoutingPress(ScorerPress):
         values: torch.Tensor,
         attentions: torch.Tensor,
         kwargs: dict,
-    ) -> _Selection:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = int(module.layer_idx)
+        if self.compression_ratio == 0 or self.layer_kept(idx, keys.shape[2]) >= keys.shape[2]:
+            return keys, values  # nothing to remove (a context as short as the budget): keep what there is
+        selection = self._select(module, hidden_states, keys, values, attentions, kwargs)
+        indices = kept_indices(selection.chosen, selection.head_kept, selection.scores, selection.routing.num_experts)
+        # what was kept, for the presses composed with this one (a scheduler's prior, a sharded cache's placement)
+        experts = selection.routing.assignment.masked_fill(selection.protected, -1).gather(-1, indices)
+        scores = selection.token_scores.gather(-1, indices).float()
+        kept = RoutedTokens(scores, experts, selection.routing.num_experts)
+        self._routed.put(kwargs.get("past_key_values"), idx, kept)
+        return gather_kept(keys, values, indices)
+
+    def _select(self, module, hidden_states, keys, values, attentions, kwargs) -> _Selection:
         """Route, split the budget and choose the kept tokens of one layer (records ``stats``)."""
-        b, h, t, _ = keys.shape
+        t = keys.shape[2]
         idx = int(module.layer_idx)
         adapter = self._adapters.get(idx) or layer_adapter(module)
         n_kept = self.layer_kept(idx, t)
@@ -403,57 +372,31 @@ class ExpertRoutingPress(ScorerPress):
         # protected tokens: sinks first, then the most recent ones; the routable tokens lie between them
         n_sink = min(self.n_sink, n_kept)
         n_recent = min(self.n_recent, n_kept - n_sink, t - n_sink)
-        protected = torch.zeros(t, dtype=torch.bool, device=keys.device)
-        protected[:n_sink] = True
-        if n_recent:
-            protected[t - n_recent :] = True
-        n_protected = n_sink + n_recent
+        protected = protected_tokens(t, n_sink, n_recent, keys.device)
         span = slice(n_sink, t - n_recent)
 
         # unit keys, shared by the k-means and KeyDiff (the gate router computes them when it falls back)
         unit = F.normalize(keys.float(), dim=-1) if self._scorer == "keydiff" or self._router != "gate" else None
-
-        # token scores (ranking inside an expert) and the window's attention when needed
-        attention = None
-        if needs_window:
-            # (B, H, groups * w, T): the window queries over every context token, causal
-            attention = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        # (B, H, groups * w, T): the window queries over every context token, causal
+        attention = (
+            window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"]) if needs_window else None
+        )
         token_scores = self._token_scores(
             module, hidden_states, keys, values, attentions, kwargs, attention, window, unit
         )
 
-        # tokens each head keeps: n_kept, or the heads' share of the layer's budget by score
-        head_kept = self._split_heads(token_scores, protected, n_kept, n_protected)
+        # tokens each head keeps, the experts, the query mass routed to them, and each expert's share of the budget
+        head_kept = self._head_budgets(token_scores, protected, n_kept, n_sink + n_recent)
+        routing = self._route(adapter, hidden_states, keys, unit, attention, token_scores, span, window, kwargs)
+        kept = allocate_budget(routing.mass, routing.sizes, head_kept - n_sink - n_recent, floor=self.expert_floor)
+        chosen, by_score = choose_in_experts(token_scores, routing.assignment, protected, routing.sizes, kept)
 
-        # experts, their sizes and the query mass routed to them
-        assignment, sizes, mass, router_used = self._route(
-            adapter, idx, hidden_states, keys, unit, attention, token_scores, span, window, kwargs
-        )
-        e = mass.shape[-1]
-        kept = allocate_budget(mass, sizes, head_kept - n_protected, floor=self.expert_floor)
+        mass = routing.mass / routing.mass.sum(-1, keepdim=True).clamp_min(1e-12)
+        self.stats[idx] = RoutingStats(routing.router, routing.sizes.cpu(), mass.cpu(), kept.cpu(), n_sink + n_recent)
+        scores = selection_scores(token_scores, protected, chosen, by_score, routing.num_experts)
+        return _Selection(token_scores, protected, chosen, head_kept, routing, scores)
 
-        # rank tokens inside their expert (protected tokens form bucket e, kept whole)
-        bucket = torch.where(protected, torch.full_like(assignment, e), assignment)
-        quota = torch.cat([kept, torch.full((b, h, 1), n_protected, dtype=torch.long, device=keys.device)], dim=-1)
-        by_score = torch.argsort(token_scores, dim=-1, descending=True, stable=True)
-        order = torch.gather(by_score, -1, torch.argsort(torch.gather(bucket, -1, by_score), dim=-1, stable=True))
-        sorted_bucket = torch.gather(bucket, -1, order)
-        bucket_sizes = torch.cat([sizes, torch.full_like(kept[..., :1], n_protected)], dim=-1)
-        starts = torch.cumsum(bucket_sizes, dim=-1) - bucket_sizes
-        rank = torch.arange(t, device=keys.device).expand(b, h, t) - torch.gather(starts, -1, sorted_bucket)
-        chosen_sorted = rank < torch.gather(quota, -1, sorted_bucket)
-        chosen = torch.zeros_like(chosen_sorted).scatter_(-1, order, chosen_sorted)
-
-        self.stats[idx] = RoutingStats(
-            router_used,
-            sizes.cpu(),
-            (mass / mass.sum(-1, keepdim=True).clamp_min(1e-12)).cpu(),
-            kept.cpu(),
-            n_protected,
-        )
-        return _Selection(token_scores, protected, by_score, chosen, head_kept, e, assignment)
-
-    # ----------------------------------------------------------------------------------------------
+    # --- budgets ----------------------------------------------------------------------------------
     @property
     def uses_layer_budget(self) -> bool:
         if self.layer_budget == "uniform" or self._learned is None:
@@ -478,51 +421,13 @@ class ExpertRoutingPress(ScorerPress):
             self._budgets[t] = dict(zip(layers, kept.tolist()))
         return self._budgets[t][layer_idx]
 
-    def compress(
-        self,
-        module: nn.Module,
-        hidden_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        attentions: torch.Tensor,
-        kwargs: dict,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        if self.compression_ratio == 0:
-            return keys, values
-        selection = self._select(module, hidden_states, keys, values, attentions, kwargs)
-        b, h, _ = selection.chosen.shape
-        n_cut = int(selection.head_kept.max())
-        if selection.experts > 1 and int(selection.head_kept.min()) == n_cut:
-            # every head chose exactly n_cut tokens: keep them, in context order
-            indices = selection.chosen.nonzero()[:, -1].view(b, h, n_cut)
-        else:
-            # the chosen tokens score above the others; the layer keeps the largest head's share, and heads
-            # with a smaller share fill the same length with their next-best tokens (nothing is masked)
-            indices = self._scores(selection).topk(n_cut, dim=-1).indices
-        # the kept tokens' scores, for a decode-time press that starts from them (AdaptiveSchedulingPress)
-        cache_id = id(kwargs.get("past_key_values"))
-        kept_scores = selection.token_scores.gather(-1, indices)
-        setattr(module, PREFILL_SCORES, (cache_id, kept_scores))
-        # the kept tokens' experts (-1: sink and recent tokens), for a sharded cache that places tokens by expert
-        experts = selection.assignment.masked_fill(selection.protected, -1).gather(-1, indices)
-        setattr(module, ROUTED_EXPERTS, (cache_id, experts, selection.experts))
-        return gather_kept(keys, values, indices)
-
-    def _split_heads(self, token_scores: torch.Tensor, protected: torch.Tensor, n_kept: int, n_protected: int):
-        """``(B, H)`` int64 tokens each head keeps: ``n_kept`` everywhere, or (``head_budget="adaptive"``) the
-        heads' shares of the layer's ``H * n_kept`` by a top-k of the token scores across heads."""
+    def _head_budgets(self, token_scores, protected, n_kept: int, n_protected: int) -> torch.Tensor:
+        """``(B, H)`` int64 tokens each head keeps: ``n_kept`` everywhere, or (``head_budget="adaptive"``) the heads'
+        shares of the layer's ``H * n_kept`` by the token scores across heads."""
         b, h, t = token_scores.shape
-        uniform = torch.full((b, h), n_kept, dtype=torch.long, device=token_scores.device)
         if self.head_budget == "uniform" or h == 1 or n_kept in (0, t):
-            return uniform
-        # every head keeps its protected tokens and the best head_floor of its budget
-        n_safe = min(max(n_protected, int(n_kept * self.head_floor)), n_kept)
-        scores = token_scores.float().masked_fill(protected, float("inf"))
-        if n_safe > n_protected:
-            top = scores.topk(n_safe, dim=-1).indices
-            scores = scores.scatter(-1, top, float("inf"))
-        chosen = scores.reshape(b, h * t).topk(h * n_kept, dim=-1).indices // t  # head of each kept token
-        return torch.zeros_like(uniform).scatter_add_(1, chosen, torch.ones_like(chosen))
+            return torch.full((b, h), n_kept, dtype=torch.long, device=token_scores.device)
+        return head_budgets(token_scores, protected, n_kept, n_protected, self.head_floor)
 
     def _window(self, t: int) -> int:
         window = self.window_size
@@ -537,105 +442,42 @@ class ExpertRoutingPress(ScorerPress):
             )
         return window
 
-    def _token_scores(
-        self, module, hidden_states, keys, values, attentions, kwargs, attention, window, unit=None
-    ) -> torch.Tensor:
+    # --- ranking inside an expert, and routing ----------------------------------------------------
+    def _token_scores(self, module, hidden_states, keys, values, attentions, kwargs, attention, window, unit=None):
         """``(B, H, T)`` ranking of the tokens inside an expert."""
         if self._scorer == "keydiff" and unit is not None:
-            # KeyDiffPress's score (minus the cosine to the mean unit key) from the unit keys already at hand
-            anchor = unit.mean(dim=2, keepdim=True)  # (B, H, 1, D)
-            similarity = torch.matmul(unit, anchor.transpose(-1, -2)).squeeze(-1)
-            return -similarity / anchor.norm(dim=-1).clamp_min(1e-8)
+            return keydiff_scores(unit)  # KeyDiffPress's score, from the unit keys already at hand
         if self._base_scorer is not None:
             return self._base_scorer.score(module, hidden_states, keys, values, attentions, kwargs).float()
         if self._scorer == "learned":
             assert self._learned is not None
-            scores = self._learned.predict(int(module.layer_idx), hidden_states).float()
-            if self.span > 1:
-                b, h, t = scores.shape
-                pooled = F.max_pool1d(scores.reshape(b * h, 1, t), self.span, stride=1, padding=self.span // 2)
-                scores = pooled.reshape(b, h, t)
-            return scores
-        # mean attention over the window queries that can see each token (window tokens are seen by fewer)
-        t = keys.shape[2]
-        rows = attention.shape[2]
-        seen = torch.full((t,), float(window), device=keys.device)
-        seen[t - window :] = torch.arange(window, 0, -1, device=keys.device, dtype=torch.float)
-        scores = attention.sum(dim=2) / (seen * (rows // window))
-        if self.kernel_size > 1:
-            scores = F.avg_pool1d(scores, kernel_size=self.kernel_size, padding=self.kernel_size // 2, stride=1)
-        return scores[..., :t]
+            return span_max(self._learned.predict(int(module.layer_idx), hidden_states).float(), self.span)
+        return window_scores(attention, window, self.kernel_size)
 
-    def _route(self, adapter, idx, hidden_states, keys, unit, attention, token_scores, span, window, kwargs):
-        """``(assignment (B, H, T), sizes (B, H, E), mass (B, H, E), router used)``; ``sizes`` count the
-        routable tokens (``span``, between the sinks and the recent tokens) of each expert."""
-        b, h, t, _ = keys.shape
+    def _route(self, adapter, hidden_states, keys, unit, attention, token_scores, span, window, kwargs):
+        """The layer's :class:`~pikvpress.routing.experts.ExpertRouting` by the press's router."""
+        h = keys.shape[1]
         if self._router == "gate":
-            routing = self._gate(adapter, idx, hidden_states)
-            if routing is not None:
-                probs = routing.probs.float()  # (B, T, E)
-                assignment = probs.argmax(-1)[:, None, :].expand(b, h, t).contiguous()
-                sizes = torch.zeros(b, h, probs.shape[-1], dtype=torch.long, device=keys.device)
-                sizes.scatter_add_(2, assignment[..., span], torch.ones_like(assignment[..., span]))
-                query = probs[:, t - window :]  # (B, w, E)
-                k = min(self.top_k, probs.shape[-1])
-                top = query.topk(k, dim=-1)
-                routed = torch.zeros_like(query).scatter_(-1, top.indices, top.values)
-                routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
-                mass = routed.sum(1)[:, None, :].expand(b, h, -1).contiguous()
-                return assignment, sizes, mass, "gate"
+            gate = self._gate_inputs.routing(adapter, hidden_states)
+            if gate is not None:
+                return route_by_gate(gate.probs, h, span, window, self.top_k)
+            if adapter.router is not None:
+                self._warn_once(
+                    "gate-input",
+                    "ExpertRoutingPress(router='gate'): the MoE gate's input was not seen for layer %d "
+                    "(press used outside a full prefill); routing by keys",
+                    adapter.layer_idx,
+                )
         if unit is None:
             unit = F.normalize(keys.float(), dim=-1)
-        n_routable = span.stop - span.start
-        experts = max(1, min(self.num_experts, n_routable))
-        clusters = spherical_kmeans(unit[:, :, span], experts, self.kmeans_iterations, normalized=True)
-        sizes = clusters.sizes
-        assignment = torch.zeros(b, h, t, dtype=torch.long, device=keys.device)
-        assignment[:, :, span] = clusters.assignment
-        if self._router == "learned":  # predicted attention mass of each expert's tokens
-            weight = torch.softmax(token_scores[..., span].float(), dim=-1)
-            mass = torch.zeros(b, h, experts, device=keys.device).scatter_add_(2, clusters.assignment, weight)
-            return assignment, sizes, mass, "learned"
-        # keys: each window query routes to the top_k experts holding most of its attention
-        member = (clusters.assignment.unsqueeze(-2) == torch.arange(experts, device=keys.device)[:, None]).float()
+        assignment, sizes, member = key_experts(unit, span, self.num_experts, self.kmeans_iterations)
+        experts = sizes.shape[-1]
+        if self._router == "learned":  # the predicted attention mass of each expert's tokens
+            mass = predicted_mass(token_scores[..., span], assignment[..., span], experts)
+            return ExpertRouting(assignment, sizes, mass, "learned")
         if attention is not None:  # measured: the window's attention summed over each expert's tokens
-            per_query = torch.matmul(attention[..., span], member.transpose(-1, -2))  # (B, H, w*g, E)
-        else:  # estimated: softmax over experts of q . (the expert's mean key), q's mean logit to the expert
-            per_query = self._centroid_affinity(adapter, hidden_states, keys[:, :, span], member, sizes, window, kwargs)
-        k = min(self.top_k, experts)
-        top = per_query.topk(k, dim=-1)
-        routed = torch.zeros_like(per_query).scatter_(-1, top.indices, top.values)
-        routed = routed / routed.sum(-1, keepdim=True).clamp_min(1e-12)
-        return assignment, sizes, routed.sum(2), "keys" if self._router == "keys" else "keys (no MoE gate)"
-
-    @staticmethod
-    def _centroid_affinity(adapter, hidden_states, keys, member, sizes, window, kwargs) -> torch.Tensor:
-        """``(B, H, groups * w, E)`` routing probabilities of the window queries from their mean logit to the
-        keys of each expert (``member`` ``(B, H, E, T)`` marks them; empty experts get none); no pass over
-        the context's tokens per query."""
-        queries = window_queries(adapter, hidden_states, keys.shape[1], window, kwargs["position_embeddings"])
-        queries = queries.float() * adapter.scaling  # (B, H, g*w, D)
-        means = torch.matmul(member, keys.float()) / sizes.unsqueeze(-1).clamp_min(1)  # (B, H, E, D)
-        logits = torch.matmul(queries, means.transpose(-1, -2))  # (B, H, g*w, E)
-        logits = logits.masked_fill(sizes[:, :, None, :] == 0, float("-inf"))
-        return torch.softmax(logits, dim=-1)
-
-    def _gate(self, adapter: LayerAdapter, idx: int, hidden_states: torch.Tensor):
-        layer_input = self._layer_inputs.get(idx)
-        attention_output = self._attention_outputs.get(idx)
-        if adapter.router is None:
-            return None
-        if (
-            layer_input is None
-            or attention_output is None
-            or layer_input.shape[:2] != hidden_states.shape[:2]
-            or attention_output.shape[:2] != hidden_states.shape[:2]
-        ):
-            self._warn_once(
-                "gate-input",
-                "ExpertRoutingPress(router='gate'): the MoE gate's input was not seen for layer %d "
-                "(press used outside a full prefill); routing by keys",
-                idx,
-            )
-            return None
-        return gate_routing(adapter, layer_input, attention_output)
+            mass = attention_mass(attention[..., span], member, self.top_k)
+        else:  # estimated from the window queries' logit to each expert's mean key
+            queries = window_queries(adapter, hidden_states, h, window, kwargs["position_embeddings"]) * adapter.scaling
+            mass = centroid_mass(queries, keys[:, :, span], member, sizes, self.top_k)
+        return ExpertRouting(assignment, sizes, mass, "keys" if self._router == "keys" else "keys (no MoE gate)")

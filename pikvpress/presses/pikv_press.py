@@ -14,11 +14,12 @@ from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
 from pikvpress.attention import enable_packed_attention
-from pikvpress.cache.sharded_layer import ShardedKVLayer, check_shard_args
+from pikvpress.cache.sharded_layer import ShardedKVLayer, check_devices_available, check_shard_args
+from pikvpress.cache.support import check_cache
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress
 from pikvpress.presses.quantization_press import QuantizationPress
-from pikvpress.routing.shards import ROUTED_EXPERTS, token_validity
+from pikvpress.routing.shards import token_validity
 
 logger = logging.getLogger(__name__)
 
@@ -46,6 +47,10 @@ class PiKVPress(BasePress):
        ``placement`` (``"experts"``: the shard holding the token's expert, balanced), on ``devices`` or on the
        ranks of ``process_group``; the last ``tail_length`` tokens stay in the tail, on the query's device;
     3. with ``compression`` (a :class:`QuantizationPress`), every shard stores its tokens packed its way.
+
+    The press owns its parts and reads their results from them: the routing press's kept tokens and experts
+    (:meth:`ExpertRoutingPress.routed_tokens`), and the scheduling press starts from the routing press's scores
+    (its ``prior_from`` is set to ``routing`` when not given).
 
     Decode: each query reads the tail and its ``top_k_shards`` best shards (all of them when None: exact
     attention over what is stored), each shard computing its partial attention where it lives, merged exactly
@@ -132,11 +137,16 @@ class PiKVPress(BasePress):
                     f"compression_ratio={ratio} differs from the routing press's {self.routing.compression_ratio}"
                 )
             self.compression_ratio = self.routing.compression_ratio
+        if self.scheduling is not None and self.scheduling.prior_from is None and self.routing is not None:
+            self.scheduling.prior_from = self.routing
         if self.tail_length is None:
             self.tail_length = self.compression.residual_length if self.compression is not None else 32
         self._check_sharding()
         if self.devices is not None and self.process_group is not None:
             raise ValueError("give devices or process_group, not both")
+        timeout = self.timeout
+        if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
     replays_with_hooks: ClassVar[bool] = True
@@ -181,12 +191,15 @@ class PiKVPress(BasePress):
             "flush_tokens": self.flush_tokens,
             "packing": packing,
             "routing": None if self.routing is None else repr(self.routing),
+            "scheduling": None if self.scheduling is None else repr(self.scheduling),
         }
 
     def post_init_from_model(self, model: nn.Module) -> None:
         for part in (self.routing, self.compression, self.scheduling):
             if part is not None:
                 part.post_init_from_model(model)
+        if self.devices is not None:
+            check_devices_available(self.devices)
         if self.process_group is not None:
             if self._group is None:
                 from pikvpress.distributed import ShardGroup
@@ -203,7 +216,9 @@ class PiKVPress(BasePress):
                 yield
         finally:
             if self.routing is not None:
-                self.routing._remove_input_hooks()
+                self.routing._gate_inputs.remove()
+            if self.scheduling is not None:
+                self.scheduling.finish()
 
     def reset(self) -> None:
         """Forget the scheduling press's per-sequence statistics (kvpress's PrefillDecodingPress calls it)."""
@@ -222,7 +237,7 @@ class PiKVPress(BasePress):
             shard_score=self.shard_score,
             tail_length=self.tail_length,
             flush_tokens=self.flush_tokens,
-            packing=None if self.compression is None else self.compression.packing(),
+            packing=None if self.compression is None else self.compression.packing(keys.shape[-1], values.shape[-1]),
             config=module.config,
         )
         layer.lazy_initialization(keys, values)
@@ -237,6 +252,7 @@ class PiKVPress(BasePress):
             if self.scheduling is not None:
                 return self.scheduling.forward_hook(module, input, kwargs, output)
             return output
+        check_cache(cache, type(self).__name__, quantized=False)
         if isinstance(cache.layers[idx], ShardedKVLayer) and cache.layers[idx].has_shards:
             raise ValueError(f"layer {idx} is sharded already: PiKVPress prefills an empty cache")
         if self.routing is not None:
@@ -245,15 +261,10 @@ class PiKVPress(BasePress):
             output = self.scheduling.forward_hook(module, input, kwargs, output)
         layer = cache.layers[idx]
         keys, values = layer.keys, layer.values
-        routed = module.__dict__.pop(ROUTED_EXPERTS, None)
+        routed = None if self.routing is None else self.routing.routed_tokens(cache, idx)
         experts = num_experts = None
-        if (
-            routed is not None
-            and routed[0] == id(cache)
-            and routed[1].shape == keys.shape[:3]
-            and keys.shape[2] > self.tail_length
-        ):
-            experts, num_experts = routed[1][..., : keys.shape[2] - self.tail_length], routed[2]
+        if routed is not None and routed.experts.shape == keys.shape[:3] and keys.shape[2] > self.tail_length:
+            experts, num_experts = routed.experts[..., : keys.shape[2] - self.tail_length], routed.num_experts
         if hidden_states.shape[1] < self.num_shards:
             raise ValueError(
                 f"cannot split a {hidden_states.shape[1]}-token context into num_shards={self.num_shards} shards; "

@@ -9,12 +9,11 @@ from typing import Any
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
-from transformers import DynamicCache
-from transformers.cache_utils import DynamicLayer
 
 from pikvpress.attention import enable_packed_attention
 from pikvpress.cache import PackedKVLayer, cache_nbytes
-from pikvpress.cache.packed_layer import Layout, check_head_dims, check_packing_args
+from pikvpress.cache.packed_layer import Layout, check_head_dims, check_packing_args, default_group_size
+from pikvpress.cache.support import check_cache
 from pikvpress.models.adapter import language_model, layer_adapter
 
 logger = logging.getLogger(__name__)
@@ -41,9 +40,10 @@ class QuantizationPress(BasePress):
     ----------
     bits : int
         8, 4 or 2.
-    group_size : int
-        Channels sharing one scale and zero point (values; keys too in the ``"per_token"`` layout).
-        A power of two dividing every layer's key and value head dims.
+    group_size : int, optional
+        Channels sharing one scale and zero point (values; keys too in the ``"per_token"`` layout): a power of
+        two dividing every layer's key and value head dims. None (default): per layer, the largest power of two
+        dividing both its head dims, at most 64 (:func:`~pikvpress.cache.packed_layer.default_group_size`).
     key_group_size : int
         Tokens sharing one key scale and zero point per channel (``"kivi"`` layout), and the number
         of tokens packed at a time. A power of two.
@@ -64,7 +64,7 @@ class QuantizationPress(BasePress):
     """
 
     bits: int = 4
-    group_size: int = 64
+    group_size: int | None = None
     key_group_size: int = 128
     residual_length: int = 128
     stats_dtype: torch.dtype = torch.float16
@@ -89,29 +89,16 @@ class QuantizationPress(BasePress):
                 key_dim, value_dim = adapter.key_dim, adapter.value_dim
             else:
                 key_dim = value_dim = int(attention.head_dim)
-            check_head_dims(self.group_size, self.bits, key_dim, value_dim, f" of layer {attention.layer_idx}")
+            group = self.group_size or default_group_size(key_dim, value_dim)
+            check_head_dims(group, self.bits, key_dim, value_dim, f" of layer {attention.layer_idx}")
         enable_packed_attention(model)
-
-    def _check_cache(self, cache: Any) -> None:
-        """Raise before anything is converted if ``cache`` is not a cache this press can pack."""
-        if not isinstance(cache, DynamicCache):
-            raise ValueError(  # noqa: TRY004 - a bad argument value, as every other check here
-                f"QuantizationPress packs a DynamicCache (past_key_values), got {type(cache).__name__}; "
-                "pass DynamicCache() or let the model create one"
-            )
-        for idx, layer in enumerate(cache.layers):
-            if not isinstance(layer, (DynamicLayer, PackedKVLayer)):
-                raise ValueError(  # noqa: TRY004
-                    f"QuantizationPress cannot pack cache layer {idx} of type {type(layer).__name__}; "
-                    "supported: DynamicLayer (sliding-window layers are left dense)"
-                )
 
     def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
         hidden_states = kwargs["hidden_states"]
         if not is_prefilling(kwargs["cache_position"], hidden_states.shape[1]):
             return output
         cache = kwargs["past_key_values"]
-        self._check_cache(cache)
+        check_cache(cache, type(self).__name__, quantized=False)
         idx = module.layer_idx
         layer = cache.layers[idx]
         if isinstance(layer, PackedKVLayer) or getattr(layer, "is_sliding", False):
@@ -119,15 +106,19 @@ class QuantizationPress(BasePress):
         cache.layers[idx] = self.pack(layer.keys, layer.values, module.config)
         return output
 
-    def packing(self) -> dict[str, Any]:
-        """The :class:`~pikvpress.cache.PackedKVLayer` arguments this press packs with."""
+    def packing(self, key_dim: int | None = None, value_dim: int | None = None) -> dict[str, Any]:
+        """The :class:`~pikvpress.cache.PackedKVLayer` arguments this press packs a layer with; ``group_size`` is
+        resolved for a layer of these head dims when the press was given none (else left None)."""
         names = ("bits", "group_size", "key_group_size", "residual_length", "stats_dtype", "layout")
-        return {name: getattr(self, name) for name in names}
+        packing = {name: getattr(self, name) for name in names}
+        if packing["group_size"] is None and key_dim is not None and value_dim is not None:
+            packing["group_size"] = default_group_size(key_dim, value_dim)
+        return packing
 
     def pack(self, keys: torch.Tensor, values: torch.Tensor, config: Any = None) -> PackedKVLayer:
         """The packed layer this press stores for one layer's ``keys`` and ``values``; ``config`` is
         the model config whose attention implementation the layer checks when it is read."""
-        return PackedKVLayer.from_dense(keys, values, **self.packing(), config=config)
+        return PackedKVLayer.from_dense(keys, values, **self.packing(keys.shape[-1], values.shape[-1]), config=config)
 
     @staticmethod
     def cache_nbytes(cache: Any) -> int:

@@ -27,9 +27,6 @@ import torch
 from pikvpress.routing.key_clusters import spherical_kmeans
 
 PLACEMENTS = ("experts", "contiguous", "round_robin")
-#: a routing press sets ``module.pikvpress_routed_experts = (id(cache), experts, num_experts)`` after it prunes a
-#: layer: ``(B, H, T)`` int64 expert of each token it kept, in cache order (-1 for none), out of ``num_experts``
-ROUTED_EXPERTS = "pikvpress_routed_experts"
 SHARD_SCORES = ("bound", "centroid")
 
 

@@ -1,4 +1,5 @@
-"""Attention of several buffered decode steps over the cache they saw, in one batched computation."""
+"""Attention probabilities as the model computes them: of a prefill's last queries (:func:`window_probs`), and of
+several buffered decode steps over the cache they saw, in one batched computation (:func:`step_probs`)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,45 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+
+from pikvpress.models import layer_adapter, slice_positions
+
+
+def window_queries(
+    adapter: Any, hidden_states: torch.Tensor, num_kv_heads: int, window: int, position_embeddings: Any
+) -> torch.Tensor:
+    """``(B, H_kv, groups * window, D)`` post-RoPE queries of the last ``window`` tokens, grouped by KV head
+    (query head ``j`` belongs to KV head ``j // groups``), from the layer's adapter."""
+    queries = adapter.queries(hidden_states[:, -window:], slice_positions(position_embeddings, slice(-window, None)))
+    return queries.reshape(queries.shape[0], num_kv_heads, -1, queries.shape[-1])
+
+
+def window_probs(
+    module: nn.Module, hidden_states: torch.Tensor, keys: torch.Tensor, window: int, position_embeddings: Any
+) -> torch.Tensor:
+    """``(B, H_kv, groups * window, T)`` float32 attention probabilities of the last ``window`` queries.
+
+    Computed as the model computes its attention weights: its own rotary function (half-dim cos/sin on
+    GPT-OSS, partial and complex RoPE on DeepSeek), its own softmax scale, and its attention sinks in the
+    softmax denominator; causal inside the window. Rows are grouped by KV head (query head ``j`` belongs
+    to KV head ``j // groups``). ``module`` must be of a family pikvpress has an adapter for.
+    """
+    adapter = layer_adapter(module)
+    b, h, t, _ = keys.shape
+    queries = window_queries(adapter, hidden_states, h, window, position_embeddings) * adapter.scaling
+    groups = queries.shape[2] // window
+    logits = torch.matmul(queries, keys.transpose(2, 3)).float()  # (B, H, g*w, T)
+    # causal inside the window: only the last `window` key columns can lie in a query's future
+    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(1)
+    logits[..., t - window :].masked_fill_(future.repeat(groups, 1), float("-inf"))
+    sinks = adapter.sinks
+    if sinks is not None:
+        sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
+        return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
+    return F.softmax(logits, dim=-1)
+
+
 
 #: logits elements computed at once; more steps are split into chunks of steps
 _CHUNK_ELEMENTS = 1 << 25
@@ -119,3 +159,13 @@ def _logits(
     index = index.to(keys.device, torch.int64).unsqueeze(-2).unsqueeze(-2)  # (..., 1, 1, L)
     future = index > visible.to(keys.device).view(m, 1)
     return logits.masked_fill_(future, float("-inf"))
+
+
+def layer_step_probs(layer: Any, queries: torch.Tensor, start: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
+    """:func:`step_probs` of ``n`` steps over the first ``start + n`` tokens of any cache layer: where a sharded layer
+    keeps them (:func:`sharded_step_probs`), else over its keys (a packed layer's dequantized)."""
+    if getattr(layer, "has_shards", False):
+        return sharded_step_probs(layer, queries, start, sinks)
+    keys = layer.keys
+    keys = keys if isinstance(keys, torch.Tensor) else keys.dequantize()  # a packed layer's view
+    return step_probs(queries, keys[:, :, : start + queries.shape[2]], start, sinks)
