@@ -1,7 +1,7 @@
 """KV bytes each rank holds as the shards spread over 1, 2, 4 torch.distributed ranks (gloo on CPU).
 
 For each world size W, launches ``torchrun --nproc_per_node=W`` on this script; every rank loads the default
-model, prefills a ``--context``-token prompt under ``PiKVPress(num_shards=--shards, process_group="default")``
+model, prefills a ``--context``-token prompt under ``PiKVPress(sharding={"num_shards": --shards}, process_group="default")``
 (with ``--budget N``, also ``scheduling=AdaptiveSchedulingPress(budget=N)``: every rank evicts inside its own
 shards) and decodes ``--steps`` greedy tokens. Each rank reports the bytes it holds (its shards, the replicated
 tail and shard summaries, from the tensors), the bytes it contributed to the collectives per decode step
@@ -44,7 +44,9 @@ def worker(args: argparse.Namespace) -> None:
     text = Path(args.text).read_text() if args.text else "The grass is green. The sky is blue. " * 2000
     ids = tokenizer(text, return_tensors="pt").input_ids[:, : args.context]
     scheduling = None if args.budget is None else AdaptiveSchedulingPress(budget=args.budget)
-    press = PiKVPress(num_shards=args.shards, tail_length=32, scheduling=scheduling, process_group="default")
+    press = PiKVPress(
+        scheduling=scheduling, process_group="default", sharding={"num_shards": args.shards, "tail_length": 32}
+    )
     cache = DynamicCache(config=model.config)
     step_times = []
 

@@ -122,9 +122,7 @@ def _pikv_scheduling(r: float) -> BasePress:
     press prefills, shards, and evicts inside the shards every 2 steps down to (1 - r) of the tokens seen)."""
     press = PiKVPress(
         scheduling=AdaptiveSchedulingPress(compression_ratio=r, interval=2, sink_tokens=2, recent_window=2),
-        num_shards=2,
-        tail_length=2,
-        flush_tokens=1,
+        sharding={"num_shards": 2, "tail_length": 2, "flush_tokens": 1},
     )
     return PrefillDecodingPress(prefilling_press=press, decoding_press=press)
 
@@ -213,9 +211,7 @@ PRESS_CASES: list[PressCase] = [
         "pikv_routing_sharded",
         lambda r: PiKVPress(
             routing=ExpertRoutingPress(r, router="gate", num_experts=4, window_size=8),
-            num_shards=4,
-            tail_length=4,
-            flush_tokens=1,
+            sharding={"num_shards": 4, "tail_length": 4, "flush_tokens": 1},
         ),
         kept=_pikv_kept,
         lossless=False,
@@ -226,8 +222,7 @@ PRESS_CASES: list[PressCase] = [
         lambda r: PiKVPress(
             routing=ExpertRoutingPress(r, router="keys", num_experts=2, window_size=8),
             compression=QuantizationPress(bits=8, group_size=4, key_group_size=4, residual_length=2),
-            num_shards=2,
-            flush_tokens=2,
+            sharding={"num_shards": 2, "flush_tokens": 2},
         ),
         kept=_pikv_kept,
         lossless=False,

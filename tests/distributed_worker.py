@@ -47,7 +47,9 @@ def pipeline_answers(args) -> dict:
 
     def press(**where):  # with a scheduler, the press runs on both sides of a PrefillDecodingPress (as the harness)
         scheduling = {"budget": 40, "interval": 4, "sink_tokens": 2, "recent_window": 4} if args.scheduling else None
-        pikv = PiKVPress(num_shards=args.shards, tail_length=2, flush_tokens=1, scheduling=scheduling, **where)
+        pikv = PiKVPress(
+            scheduling=scheduling, **where, sharding={"num_shards": args.shards, "tail_length": 2, "flush_tokens": 1}
+        )
         return PrefillDecodingPress(prefilling_press=pikv, decoding_press=pikv) if args.scheduling else pikv
 
     if args.scheduling:
@@ -123,11 +125,9 @@ def decode_report(args, rank: int) -> dict:
             routing=dataclasses.replace(routing) if args.routing else None,
             compression=QuantizationPress(bits=8, group_size=4, key_group_size=8) if args.packed else None,
             scheduling=SCHEDULING if args.scheduling else None,
-            num_shards=shards,
-            tail_length=4,
-            flush_tokens=1,
             timeout=args.timeout,
             **where,
+            sharding={"num_shards": shards, "tail_length": 4, "flush_tokens": 1},
         )
 
     reference_cache = DynamicCache(config=model.config)

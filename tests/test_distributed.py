@@ -147,7 +147,7 @@ def test_an_uninitialised_process_group_is_rejected():
     assert not torch.distributed.is_initialized()
     with pytest.raises(RuntimeError, match="torch.distributed is not initialised"):
         ExpertShardedCache(num_shards=2, process_group="default")
-    press = PiKVPress(num_shards=2, process_group="default")
+    press = PiKVPress(process_group="default", sharding={"num_shards": 2})
     with pytest.raises(RuntimeError, match="torchrun"), press(tiny_model("llama")):
         pass
 

@@ -116,9 +116,9 @@ def test_adaptive_scheduling_sweep_evicts_while_answering(tmp_path):
 
 PIKV = (
     "composed_presses={"
-    "read_all: [{press: pikv, num_shards: 4, tail_length: 4}], "
-    "read_one: [{press: pikv, num_shards: 4, tail_length: 4, top_k_shards: 1}], "
-    "sched: [{press: pikv, num_shards: 4, tail_length: 4, scheduling: {compression_ratio: 0.5, interval: 2}}]}"
+    "read_all: [{press: pikv, sharding: {num_shards: 4, tail_length: 4}}], "
+    "read_one: [{press: pikv, sharding: {num_shards: 4, tail_length: 4, top_k_shards: 1}}], "
+    "sched: [{press: pikv, sharding: {num_shards: 4, tail_length: 4}, scheduling: {compression_ratio: 0.5, interval: 2}}]}"
 )
 
 

@@ -28,8 +28,8 @@ def random_ids(length: int, seed: int = 0) -> torch.Tensor:
 STATIC_PRESSES = {
     "expert_routing": lambda: ExpertRoutingPress(0.5, router="keys", window_size=4),
     "adaptive_scheduling": lambda: AdaptiveSchedulingPress(budget=8),
-    "pikv": lambda: PiKVPress(num_shards=2, tail_length=2),
-    "pikv_routing": lambda: PiKVPress(compression_ratio=0.5, num_shards=2, tail_length=2),
+    "pikv": lambda: PiKVPress(sharding={"num_shards": 2, "tail_length": 2}),
+    "pikv_routing": lambda: PiKVPress(compression_ratio=0.5, sharding={"num_shards": 2, "tail_length": 2}),
     "quantization": lambda: QuantizationPress(bits=4),
 }
 
@@ -107,8 +107,8 @@ def test_expert_routing_keeps_what_a_tiny_context_has(router, length):
 @pytest.mark.parametrize(
     ("make", "match"),
     [
-        (lambda: PiKVPress(devices=["foo", "bar"]), r"devices must hold device names.*'foo'"),
-        (lambda: PiKVPress(devices=[3, 4]), "devices must hold device names"),
+        (lambda: PiKVPress(sharding={"devices": ["foo", "bar"]}), r"devices must hold device names.*'foo'"),
+        (lambda: PiKVPress(sharding={"devices": [3, 4]}), "devices must hold device names"),
         (lambda: PiKVPress(timeout=-1), "timeout must be a number of seconds > 0, got -1"),
         (lambda: PiKVPress(timeout=0), "timeout must be"),
         (lambda: PiKVPress(timeout="soon"), "timeout must be"),
@@ -126,7 +126,9 @@ def test_bad_arguments_fail_at_construction(make, match):
 
 def test_an_unusable_device_fails_when_the_press_meets_the_model():
     model = get_tiny_model("llama")
-    press = PiKVPress(num_shards=2, devices=["cuda:7"])  # a valid name: whether it exists is known at run time
+    press = PiKVPress(
+        sharding={"num_shards": 2, "devices": ["cuda:7"]}
+    )  # a valid name: whether it exists is known at run time
     allowed = "'cuda:" if torch.cuda.is_available() else "CUDA is not available here"
     with pytest.raises(ValueError, match=f"devices names 'cuda:7'.*{allowed}"), press(model):
         pass
@@ -141,9 +143,9 @@ def test_the_scheduler_refuses_a_model_family_it_has_no_adapter_for():
 
 
 def test_ranks_compare_their_scheduling_settings():
-    a = PiKVPress(scheduling={"budget": 64}, num_shards=2)
-    b = PiKVPress(scheduling={"budget": 128}, num_shards=2)
-    c = PiKVPress(scheduling={"budget": 64}, num_shards=2)
+    a = PiKVPress(scheduling={"budget": 64}, sharding={"num_shards": 2})
+    b = PiKVPress(scheduling={"budget": 128}, sharding={"num_shards": 2})
+    c = PiKVPress(scheduling={"budget": 64}, sharding={"num_shards": 2})
     assert a.settings()["scheduling"] != b.settings()["scheduling"]
     assert a.settings() == c.settings()
-    assert PiKVPress(num_shards=2).settings()["scheduling"] is None
+    assert PiKVPress(sharding={"num_shards": 2}).settings()["scheduling"] is None

@@ -322,7 +322,7 @@ def test_the_scheduler_reads_the_query_pikv_attention_used():
     attention = model.model.layers[0].self_attn
     hook = attention.register_forward_hook(grab, with_kwargs=True)
     ids = torch.randint(3, 259, (1, 40), generator=torch.Generator().manual_seed(2))
-    press = PiKVPress(num_shards=2, tail_length=4, scheduling={"budget": 1000})
+    press = PiKVPress(scheduling={"budget": 1000}, sharding={"num_shards": 2, "tail_length": 4})
     try:
         with torch.no_grad(), press(model):
             model.generate(ids, max_new_tokens=4, do_sample=False, past_key_values=DynamicCache(config=model.config))
@@ -411,11 +411,13 @@ def test_pikv_press_rejects_more_shards_than_context_tokens_and_waits_when_routi
     model = get_tiny_model("llama")
     with (
         pytest.raises(ValueError, match="cannot split a 6-token context into num_shards=8"),
-        PiKVPress(num_shards=8, tail_length=0)(model),
+        PiKVPress(sharding={"num_shards": 8, "tail_length": 0})(model),
     ):
         model(torch.randint(3, 259, (1, 6)), past_key_values=DynamicCache(config=model.config))
     # routing leaves 10 tokens, 8 of them in the tail: too few to shard yet; decoding shards them later
-    press = PiKVPress(routing=ExpertRoutingPress(0.75, router="keys", num_experts=2), num_shards=4, tail_length=8)
+    press = PiKVPress(
+        routing=ExpertRoutingPress(0.75, router="keys", num_experts=2), sharding={"num_shards": 4, "tail_length": 8}
+    )
     cache = DynamicCache(config=model.config)
     with press(model):
         model.generate(torch.randint(3, 259, (1, 40)), past_key_values=cache, max_new_tokens=8, min_new_tokens=8)
@@ -552,7 +554,7 @@ def test_left_padded_row_decodes_as_alone_whatever_its_pad_tokens(family, top_k)
     forced = torch.randint(3, 259, (2, 8), generator=gen)
     mask = torch.ones_like(ids)
     mask[1, :20] = 0  # row 1 left-padded by 20
-    make = lambda: PiKVPress(num_shards=2, top_k_shards=top_k, tail_length=4, flush_tokens=1)
+    make = lambda: PiKVPress(sharding={"num_shards": 2, "top_k_shards": top_k, "tail_length": 4, "flush_tokens": 1})
     runs = []
     for pad in (torch.zeros(20, dtype=torch.long), torch.randint(3, 259, (20,), generator=gen)):
         padded = ids.clone()
@@ -601,12 +603,22 @@ def test_left_padded_batch_decodes_as_dense(family):
 
 
 def test_pikv_press_arguments():
-    from pikvpress import ExpertRoutingPress, PiKVPress, QuantizationPress
+    from dataclasses import FrozenInstanceError, replace
+
+    from pikvpress import ExpertRoutingPress, PiKVPress, QuantizationPress, ShardingOptions
 
     press = PiKVPress(compression_ratio=0.5, compression={"bits": 2, "key_group_size": 8}, scheduling={"budget": 64})
     assert press.routing.compression_ratio == 0.5 and press.compression.bits == 2 and press.scheduling.budget == 64
-    assert press.tail_length == QuantizationPress().residual_length and press.compresses_while_decoding
-    assert PiKVPress().routing is None and PiKVPress().tail_length == 32
+    assert press.sharding.tail_length == QuantizationPress().residual_length and press.compresses_while_decoding
+    assert PiKVPress().routing is None and PiKVPress().sharding == ShardingOptions(tail_length=32)
+    options = ShardingOptions(num_shards=8, top_k_shards=2)  # one frozen set of options for press, cache and layer
+    assert PiKVPress(sharding=options).sharding == replace(options, tail_length=32)
+    assert ExpertShardedCache(options).options is options and ShardedKVLayer(options).options is options
+    assert ShardedKVLayer(options, tail_length=3).tail_length == 3 and options.tail_length is None
+    with pytest.raises(ValueError, match=r"sharding has no option \['shards'\]"):
+        PiKVPress(sharding={"shards": 2})
+    with pytest.raises(FrozenInstanceError):
+        options.num_shards = 2
     with pytest.raises(ValueError, match="differs from the routing press"):
         PiKVPress(routing=ExpertRoutingPress(0.25), compression_ratio=0.5)
     with pytest.raises(ValueError, match="routing must be a ExpertRoutingPress instance"):
@@ -614,8 +626,8 @@ def test_pikv_press_arguments():
     with pytest.raises(ValueError, match="give exactly one of budget"):
         PiKVPress(scheduling={})
     with pytest.raises(ValueError, match="top_k_shards must be None or an int in 1..num_shards=2"):
-        PiKVPress(num_shards=2, top_k_shards=3)
+        PiKVPress(sharding={"num_shards": 2, "top_k_shards": 3})
     with pytest.raises(ValueError, match="devices or process_group"):
-        PiKVPress(num_shards=2, devices=["cpu", "cpu"], process_group="default")
+        PiKVPress(process_group="default", sharding={"num_shards": 2, "devices": ["cpu", "cpu"]})
     with pytest.raises(ValueError, match="spread evenly over 3 devices"):
-        PiKVPress(num_shards=4, devices=["cpu"] * 3)
+        PiKVPress(sharding={"num_shards": 4, "devices": ["cpu"] * 3})

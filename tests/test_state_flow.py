@@ -101,7 +101,9 @@ def test_reading_packed_layers_changes_nothing_on_the_model_not_even_its_attenti
     try:
         cache = DynamicCache(config=model.config)
         with torch.no_grad():
-            with PiKVPress(compression={"bits": 4, "key_group_size": 8, "residual_length": 4}, num_shards=2)(model):
+            with PiKVPress(
+                compression={"bits": 4, "key_group_size": 8, "residual_length": 4}, sharding={"num_shards": 2}
+            )(model):
                 model(input_ids=random_ids(30, seed=3), past_key_values=cache)
             model(input_ids=random_ids(1, seed=4), past_key_values=cache)  # a sharded, packed cache read after exit
     finally:
@@ -216,7 +218,7 @@ def test_pikv_press_reads_the_experts_from_its_routing_press(monkeypatch):
     monkeypatch.setattr(ShardedKVLayer, "distribute", recording)
     model = get_tiny_model("qwen3_moe")
     routing = ExpertRoutingPress(0.5, router="gate", num_experts=4, window_size=8)
-    press = PiKVPress(routing=routing, num_shards=2, tail_length=2)
+    press = PiKVPress(routing=routing, sharding={"num_shards": 2, "tail_length": 2})
     cache = DynamicCache(config=model.config)
     with torch.no_grad(), press(model):
         model(input_ids=random_ids(40, seed=9), past_key_values=cache)

@@ -13,6 +13,7 @@ from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
 from pikvpress.cache.sharded_layer import ShardedKVLayer, ShardedKVView
+from pikvpress.cache.sharding import ShardingOptions
 from pikvpress.cache.view import KVView
 
 
@@ -50,6 +51,7 @@ __all__ = [
     "PackedKVView",
     "ShardedKVLayer",
     "ShardedKVView",
+    "ShardingOptions",
     "cache_bytes_read",
     "cache_nbytes",
     "cache_nbytes_per_device",

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import replace
 from functools import partial
 from typing import Any
 
-import torch
 from transformers import DynamicCache
 
-from pikvpress.cache.sharded_layer import ShardedKVLayer, check_shard_args
+from pikvpress.cache.sharded_layer import ShardedKVLayer
+from pikvpress.cache.sharding import ShardingOptions
 
 
 class ExpertShardedCache(DynamicCache):
@@ -23,63 +23,53 @@ class ExpertShardedCache(DynamicCache):
 
     Parameters
     ----------
-    num_shards, placement, devices, top_k_shards, shard_score, tail_length, flush_tokens, packing
-        As in :class:`~pikvpress.cache.ShardedKVLayer`.
+    options : ShardingOptions, optional
+        How every full-attention layer shards its tokens; keyword arguments named like its fields override them
+        (``ExpertShardedCache(num_shards=4, tail_length=8)``).
     process_group : ShardGroup or torch.distributed.ProcessGroup, optional
         Spread the shards over the ranks of this group (a :class:`~pikvpress.distributed.ShardGroup`, or a
         process group / ``"default"`` to build one); every rank must run the same model on the same inputs.
+    packing : dict, optional
+        :class:`~pikvpress.cache.PackedKVLayer` arguments for packed shards; None keeps them dense.
     config : transformers.PretrainedConfig, optional
         The model config: its layer types (sliding-window layers stay dense) and attention implementation.
 
     Examples
     --------
-    >>> cache = ExpertShardedCache(num_shards=4, devices=["cuda:0", "cuda:1"], config=model.config)
-    >>> pikvpress.enable_packed_attention(model)
+    >>> cache = ExpertShardedCache(num_shards=4, devices=("cuda:0", "cuda:1"), config=model.config)
     >>> model.generate(input_ids, past_key_values=cache, max_new_tokens=32)
     """
 
     def __init__(
         self,
-        num_shards: int = 4,
-        placement: str = "experts",
-        devices: Sequence[str | torch.device] | None = None,
+        options: ShardingOptions | None = None,
+        *,
         process_group: Any = None,
-        top_k_shards: int | None = None,
-        shard_score: str = "bound",
-        tail_length: int = 0,
-        flush_tokens: int = 16,
         packing: dict[str, Any] | None = None,
         config: Any = None,
+        **option_fields: Any,
     ):
+        options = ShardingOptions.of(options)
+        if option_fields:
+            options = replace(options, **option_fields)
         group = None
         if process_group is not None:
             from pikvpress.distributed import ShardGroup
 
             group = process_group if isinstance(process_group, ShardGroup) else ShardGroup(process_group)
-        world = None if group is None else group.world_size
-        check_shard_args(num_shards, placement, top_k_shards, shard_score, tail_length, flush_tokens, devices, world)
-        self.layer_kwargs = {
-            "num_shards": num_shards,
-            "placement": placement,
-            "devices": devices,
-            "group": group,
-            "top_k_shards": top_k_shards,
-            "shard_score": shard_score,
-            "tail_length": tail_length,
-            "flush_tokens": flush_tokens,
-            "packing": packing,
-            "config": config,
-        }
+        if group is not None:
+            if options.devices is not None:
+                raise ValueError("give devices or a process group, not both")
+            options.check_world(group.world_size)
+        make = partial(ShardedKVLayer, options, group=group, packing=packing, config=config)
+        self.options, self._group = options, group
         super().__init__(config=config)
         if config is None:
-            self.layer_class_to_replicate = partial(ShardedKVLayer, **self.layer_kwargs)
+            self.layer_class_to_replicate = make
         else:
-            self.layers = [
-                layer if getattr(layer, "is_sliding", False) else ShardedKVLayer(**self.layer_kwargs)
-                for layer in self.layers
-            ]
+            self.layers = [layer if getattr(layer, "is_sliding", False) else make() for layer in self.layers]
 
     @property
     def group(self) -> Any:
         """The :class:`~pikvpress.distributed.ShardGroup` the shards are spread over, or None."""
-        return self.layer_kwargs["group"]
+        return self._group

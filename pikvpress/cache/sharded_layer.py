@@ -35,15 +35,17 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
+from dataclasses import replace
 from typing import Any
 
 import torch
 
 from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.shard import KVShard
+from pikvpress.cache.sharding import ShardingOptions
 from pikvpress.cache.view import KVView
-from pikvpress.routing.shards import PLACEMENTS, SHARD_SCORES, shard_assignment, shard_counts
+from pikvpress.routing.shards import shard_assignment, shard_counts
 
 logger = logging.getLogger(__name__)
 
@@ -54,100 +56,18 @@ class ShardedKVView(KVView):
     hint = "call .dequantize() on the view for the layer's tokens gathered in sequence order."
 
 
-def check_shard_args(
-    num_shards: Any,
-    placement: Any,
-    top_k_shards: Any,
-    shard_score: Any,
-    tail_length: Any,
-    flush_tokens: Any,
-    devices: Any = None,
-    world_size: int | None = None,
-) -> None:
-    """Validate sharding arguments; raise ``ValueError`` naming the argument and the allowed values."""
-    if isinstance(num_shards, bool) or not isinstance(num_shards, int) or num_shards < 1:
-        raise ValueError(f"num_shards must be an int >= 1, got {num_shards!r}")
-    if placement not in PLACEMENTS:
-        raise ValueError(f"placement must be one of {PLACEMENTS}, got {placement!r}")
-    if top_k_shards is not None and (
-        isinstance(top_k_shards, bool) or not isinstance(top_k_shards, int) or not 1 <= top_k_shards <= num_shards
-    ):
-        raise ValueError(f"top_k_shards must be None or an int in 1..num_shards={num_shards}, got {top_k_shards!r}")
-    if shard_score not in SHARD_SCORES:
-        raise ValueError(f"shard_score must be one of {SHARD_SCORES}, got {shard_score!r}")
-    for name, value, low in (("tail_length", tail_length, 0), ("flush_tokens", flush_tokens, 1)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    if devices is not None:
-        if isinstance(devices, (str, torch.device)) or not isinstance(devices, Sequence) or not devices:
-            raise ValueError(f"devices must be a non-empty list of devices, got {devices!r}")
-        for device in devices:
-            parse_device(device)
-        if len(devices) > num_shards or num_shards % len(devices):
-            raise ValueError(
-                f"num_shards={num_shards} shards cannot be spread evenly over {len(devices)} devices {list(devices)}; "
-                "give a device list whose length divides num_shards"
-            )
-    if world_size is not None and (world_size > num_shards or num_shards % world_size):
-        raise ValueError(
-            f"num_shards={num_shards} shards cannot be spread evenly over the process group's {world_size} ranks; "
-            "use a multiple of the world size"
-        )
-
-
-def parse_device(device: Any) -> torch.device:
-    """``device`` as a ``torch.device``; ``ValueError`` naming it if it is not a device string or ``torch.device``."""
-    if isinstance(device, torch.device):
-        return device
-    try:
-        if not isinstance(device, str):
-            raise TypeError
-        return torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ValueError(
-            f"devices must hold device names such as 'cpu', 'cuda:0' or torch.device objects, got {device!r}"
-        ) from None
-
-
-def check_devices_available(devices: Sequence[Any]) -> None:
-    """Raise ``ValueError`` naming a device of ``devices`` that this process cannot use, and the ones it can."""
-    for name in devices:
-        device = parse_device(name)
-        if device.type == "cuda":
-            count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-            index = 0 if device.index is None else device.index
-            if index >= count:
-                allowed = ", ".join(f"'cuda:{i}'" for i in range(count)) or "none: CUDA is not available here"
-                raise ValueError(f"devices names {name!r}, which this process cannot use; CUDA devices: {allowed}")
-        elif device.type not in ("cpu", "meta"):
-            backend = getattr(torch, device.type, None)
-            if backend is None or not getattr(backend, "is_available", lambda: False)():
-                raise ValueError(f"devices names {name!r}, whose backend is not available in this process")
-
-
 class ShardedKVLayer(PiKVCacheLayer):
     """A cache layer holding its tokens in ``num_shards`` shards plus a full-precision tail.
 
     Parameters
     ----------
-    num_shards : int
-        Shards per layer (``S``).
-    placement : {"experts", "contiguous", "round_robin"}
-        Which shard a token goes to (:func:`~pikvpress.routing.shard_assignment`); ``"experts"`` follows the
-        routing press's experts when :meth:`distribute` is given them, and the keys' clusters otherwise.
-    devices : list of str or torch.device, optional
-        One device per block of ``S / len(devices)`` consecutive shards; default: the query's device.
+    options : ShardingOptions, optional
+        How the layer shards its ``S = options.num_shards`` shards (placement, devices, shards read, tail, flushes);
+        keyword arguments named like its fields override them (``ShardedKVLayer(num_shards=8)``). Shard ``s`` lives
+        on ``devices[s * len(devices) // S]`` (default: the query's device).
     group : object, optional
         A :class:`~pikvpress.distributed.ShardGroup`: shard ``s`` belongs to rank ``s * world_size // S``
         and only that rank holds its tokens.
-    top_k_shards : int, optional
-        Shards each query reads (by ``shard_score``); None reads them all (exact attention).
-    shard_score : {"bound", "centroid"}
-        How shards are ranked for a query (:func:`~pikvpress.routing.shard_scores`).
-    tail_length : int
-        Most recent tokens kept in the tail, on the query's device, always attended.
-    flush_tokens : int
-        Tokens each shard receives per row when the tail overflows.
     packing : dict, optional
         :class:`~pikvpress.cache.PackedKVLayer` arguments for packed shards; None keeps shards dense.
     config : transformers.PretrainedConfig, optional
@@ -158,30 +78,24 @@ class ShardedKVLayer(PiKVCacheLayer):
 
     def __init__(
         self,
-        num_shards: int = 4,
-        placement: str = "experts",
-        devices: Sequence[str | torch.device] | None = None,
+        options: ShardingOptions | None = None,
+        *,
         group: Any = None,
-        top_k_shards: int | None = None,
-        shard_score: str = "bound",
-        tail_length: int = 0,
-        flush_tokens: int = 16,
         packing: dict[str, Any] | None = None,
         config: Any = None,
         kmeans_iterations: int = 4,
+        **option_fields: Any,
     ):
-        world = None if group is None else group.world_size
-        check_shard_args(num_shards, placement, top_k_shards, shard_score, tail_length, flush_tokens, devices, world)
-        if devices is not None and group is not None:
+        options = ShardingOptions.of(options)
+        if option_fields:
+            options = replace(options, **option_fields)
+        if options.devices is not None and group is not None:
             raise ValueError("give devices or a process group, not both")
-        self.num_shards = num_shards
-        self.placement = placement
-        self.devices = None if devices is None else [torch.device(d) for d in devices]
+        if group is not None:
+            options.check_world(group.world_size)
+        self.options = options
+        self.devices = None if options.devices is None else [torch.device(d) for d in options.devices]
         self.group = group
-        self.top_k_shards = top_k_shards
-        self.shard_score = shard_score
-        self.tail_length = tail_length
-        self.flush_tokens = flush_tokens
         self.packing = None if packing is None else {**packing, "residual_length": 0, "config": None}
         self.config = config
         self.kmeans_iterations = kmeans_iterations
@@ -191,7 +105,7 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.tail_keys: torch.Tensor | None = None
         self.tail_values: torch.Tensor | None = None
         self.shards: list[KVShard | None] = []
-        self.shard_lengths = [0] * num_shards
+        self.shard_lengths = [0] * options.num_shards
         self.sharded_length = 0
         # placement blocks, oldest first: (first sequence index, tokens each shard received); a crop removes whole
         # blocks, so every shard loses the same number of tokens in every row
@@ -201,6 +115,13 @@ class ShardedKVLayer(PiKVCacheLayer):
         self.valid: torch.Tensor | None = None  # (B, H, N) bool: which tokens (sequence order) are real; None: all
         self.bytes_read = 0.0  # key/value bytes the last attention call read (this rank)
         self._warned_dense = False
+
+    num_shards = property(lambda self: self.options.num_shards)
+    placement = property(lambda self: self.options.placement)
+    top_k_shards = property(lambda self: self.options.top_k_shards)
+    shard_score = property(lambda self: self.options.shard_score)
+    tail_length = property(lambda self: self.options.tail_length or 0)
+    flush_tokens = property(lambda self: self.options.flush_tokens)
 
     # ----------------------------------------------------------------------------------------------
     # placement

@@ -4,9 +4,9 @@ scheduling while decoding."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Sequence
+from collections.abc import Generator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
 import torch
@@ -14,7 +14,8 @@ from kvpress.presses.base_press import BasePress, is_prefilling
 from torch import nn
 
 from pikvpress.attention import enable_packed_attention
-from pikvpress.cache.sharded_layer import ShardedKVLayer, check_devices_available, check_shard_args
+from pikvpress.cache.sharded_layer import ShardedKVLayer
+from pikvpress.cache.sharding import ShardingOptions, check_devices_available
 from pikvpress.cache.support import check_cache
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress
@@ -43,16 +44,17 @@ class PiKVPress(BasePress):
 
     1. ``routing`` (an :class:`ExpertRoutingPress`) decides which tokens are kept, and which expert each kept
        token belongs to;
-    2. the kept tokens move to a :class:`~pikvpress.cache.ShardedKVLayer` of ``num_shards`` shards placed by
-       ``placement`` (``"experts"``: the shard holding the token's expert, balanced), on ``devices`` or on the
-       ranks of ``process_group``; the last ``tail_length`` tokens stay in the tail, on the query's device;
+    2. the kept tokens move to a :class:`~pikvpress.cache.ShardedKVLayer` of ``sharding.num_shards`` shards placed
+       by ``sharding.placement`` (``"experts"``: the shard holding the token's expert, balanced), on
+       ``sharding.devices`` or on the ranks of ``process_group``; the last ``sharding.tail_length`` tokens stay in
+       the tail, on the query's device;
     3. with ``compression`` (a :class:`QuantizationPress`), every shard stores its tokens packed its way.
 
     The press owns its parts and reads their results from them: the routing press's kept tokens and experts
     (:meth:`ExpertRoutingPress.routed_tokens`), and the scheduling press starts from the routing press's scores
     (its ``prior_from`` is set to ``routing`` when not given).
 
-    Decode: each query reads the tail and its ``top_k_shards`` best shards (all of them when None: exact
+    Decode: each query reads the tail and its ``sharding.top_k_shards`` best shards (all of them when None: exact
     attention over what is stored), each shard computing its partial attention where it lives, merged exactly
     by log-sum-exp (one all-gather of (output, lse) per layer and step across ranks). With ``scheduling`` (an
     :class:`AdaptiveSchedulingPress`), its policy evicts inside the shards every ``interval`` steps, each shard
@@ -69,25 +71,13 @@ class PiKVPress(BasePress):
         How shards pack their tokens (bits, group sizes, layout); None keeps them dense.
     scheduling : AdaptiveSchedulingPress or dict, optional
         Decode-time eviction inside the shards.
-    num_shards : int
-        Shards per layer.
-    top_k_shards : int, optional
-        Shards each query reads, in 1..num_shards; None reads all.
-    shard_score : {"bound", "centroid"}
-        How shards are ranked for a query: Quest's upper bound on ``q . k`` from the shard's key min/max, or the
-        affinity to its mean key.
-    placement : {"experts", "contiguous", "round_robin"}
-        Token-to-shard rule (:func:`~pikvpress.routing.shard_assignment`).
-    devices : list of str, optional
-        Devices the shards are spread over (their number must divide ``num_shards``); default: the model's.
+    sharding : ShardingOptions or dict, optional
+        How each layer is sharded (:class:`~pikvpress.cache.ShardingOptions`: ``num_shards``, ``placement``,
+        ``top_k_shards``, ``shard_score``, ``tail_length``, ``flush_tokens``, ``devices``); a dict builds one. Its
+        ``tail_length`` defaults to ``compression.residual_length`` with compression, else 32.
     process_group : torch.distributed.ProcessGroup or "default", optional
-        Spread the shards over this group's ranks instead (every rank runs the same calls); needs
-        ``torch.distributed`` initialised (``torchrun``).
-    tail_length : int, optional
-        Most recent tokens kept unsharded and always read; default: ``compression.residual_length`` with
-        compression, else 32.
-    flush_tokens : int
-        Tokens each shard receives per row when the tail overflows while decoding.
+        Spread the shards over this group's ranks instead of ``sharding.devices`` (every rank runs the same calls);
+        needs ``torch.distributed`` initialised (``torchrun``).
     timeout : float
         Seconds a rank waits for the others at a collective before raising.
     compression_ratio : float, optional
@@ -100,8 +90,7 @@ class PiKVPress(BasePress):
     >>> press = PiKVPress(
     ...     routing=ExpertRoutingPress(compression_ratio=0.5),
     ...     compression=QuantizationPress(bits=4),
-    ...     num_shards=4,
-    ...     top_k_shards=2,
+    ...     sharding=ShardingOptions(num_shards=4, top_k_shards=2),
     ... )
     >>> with press(model):
     ...     out = model.generate(input_ids, max_new_tokens=32)
@@ -110,14 +99,8 @@ class PiKVPress(BasePress):
     routing: ExpertRoutingPress | dict | None = None
     compression: QuantizationPress | dict | None = None
     scheduling: AdaptiveSchedulingPress | dict | None = None
-    num_shards: int = 4
-    top_k_shards: int | None = None
-    shard_score: str = "bound"
-    placement: str = "experts"
-    devices: Sequence[str] | None = None
+    sharding: ShardingOptions | dict | None = None
     process_group: Any = None
-    tail_length: int | None = None
-    flush_tokens: int = 16
     timeout: float = 300.0
     compression_ratio: float | None = None
     _group: Any = field(default=None, init=False, repr=False)
@@ -139,29 +122,18 @@ class PiKVPress(BasePress):
             self.compression_ratio = self.routing.compression_ratio
         if self.scheduling is not None and self.scheduling.prior_from is None and self.routing is not None:
             self.scheduling.prior_from = self.routing
-        if self.tail_length is None:
-            self.tail_length = self.compression.residual_length if self.compression is not None else 32
-        self._check_sharding()
-        if self.devices is not None and self.process_group is not None:
-            raise ValueError("give devices or process_group, not both")
+        self.sharding = ShardingOptions.of(self.sharding)
+        if self.sharding.tail_length is None:
+            tail = self.compression.residual_length if self.compression is not None else 32
+            self.sharding = replace(self.sharding, tail_length=tail)
+        if self.sharding.devices is not None and self.process_group is not None:
+            raise ValueError("give sharding.devices or process_group, not both")
         timeout = self.timeout
         if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
 
     #: the context manager only adds clean-up around kvpress's hooks, so a captured prefill can be replayed
     replays_with_hooks: ClassVar[bool] = True
-
-    def _check_sharding(self, world_size: int | None = None) -> None:
-        check_shard_args(
-            self.num_shards,
-            self.placement,
-            self.top_k_shards,
-            self.shard_score,
-            self.tail_length,
-            self.flush_tokens,
-            self.devices,
-            world_size,
-        )
 
     # ----------------------------------------------------------------------------------------------
     @property
@@ -183,12 +155,7 @@ class PiKVPress(BasePress):
         """What every rank of a process group must agree on."""
         packing = None if self.compression is None else {k: str(v) for k, v in self.compression.packing().items()}
         return {
-            "num_shards": self.num_shards,
-            "top_k_shards": self.top_k_shards,
-            "shard_score": self.shard_score,
-            "placement": self.placement,
-            "tail_length": self.tail_length,
-            "flush_tokens": self.flush_tokens,
+            **{name: value for name, value in asdict(self.sharding).items() if name != "devices"},
             "packing": packing,
             "routing": None if self.routing is None else repr(self.routing),
             "scheduling": None if self.scheduling is None else repr(self.scheduling),
@@ -198,14 +165,14 @@ class PiKVPress(BasePress):
         for part in (self.routing, self.compression, self.scheduling):
             if part is not None:
                 part.post_init_from_model(model)
-        if self.devices is not None:
-            check_devices_available(self.devices)
+        if self.sharding.devices is not None:
+            check_devices_available(self.sharding.devices)
         if self.process_group is not None:
             if self._group is None:
                 from pikvpress.distributed import ShardGroup
 
                 self._group = ShardGroup(self.process_group, timeout=self.timeout)
-                self._check_sharding(self._group.world_size)
+                self.sharding.check_world(self._group.world_size)
             self._group.check_consistent(self.settings())
         enable_packed_attention(model)
 
@@ -229,14 +196,8 @@ class PiKVPress(BasePress):
     def sharded_layer(self, module: nn.Module, keys: torch.Tensor, values: torch.Tensor) -> ShardedKVLayer:
         """The sharded layer this press stores for one layer's ``keys`` and ``values`` (not yet distributed)."""
         layer = ShardedKVLayer(
-            num_shards=self.num_shards,
-            placement=self.placement,
-            devices=self.devices,
+            self.sharding,
             group=self._group,
-            top_k_shards=self.top_k_shards,
-            shard_score=self.shard_score,
-            tail_length=self.tail_length,
-            flush_tokens=self.flush_tokens,
             packing=None if self.compression is None else self.compression.packing(keys.shape[-1], values.shape[-1]),
             config=module.config,
         )
@@ -263,16 +224,17 @@ class PiKVPress(BasePress):
         keys, values = layer.keys, layer.values
         routed = None if self.routing is None else self.routing.routed_tokens(cache, idx)
         experts = num_experts = None
-        if routed is not None and routed.experts.shape == keys.shape[:3] and keys.shape[2] > self.tail_length:
-            experts, num_experts = routed.experts[..., : keys.shape[2] - self.tail_length], routed.num_experts
-        if hidden_states.shape[1] < self.num_shards:
+        tail, num_shards = self.sharding.tail_length, self.sharding.num_shards
+        if routed is not None and routed.experts.shape == keys.shape[:3] and keys.shape[2] > tail:
+            experts, num_experts = routed.experts[..., : keys.shape[2] - tail], routed.num_experts
+        if hidden_states.shape[1] < num_shards:
             raise ValueError(
-                f"cannot split a {hidden_states.shape[1]}-token context into num_shards={self.num_shards} shards; "
+                f"cannot split a {hidden_states.shape[1]}-token context into num_shards={num_shards} shards; "
                 f"use at most {hidden_states.shape[1]} shards"
             )
         sharded = self.sharded_layer(module, keys, values)
         valid = token_validity(kwargs.get("attention_mask"), keys.shape[2])  # padding: kept out of shard summaries
-        if keys.shape[2] - self.tail_length >= self.num_shards:
+        if keys.shape[2] - tail >= num_shards:
             sharded.distribute(experts=experts, num_experts=num_experts, valid=valid)
         else:  # the few tokens routing left wait in the tail (padding noted); the layer shards them once it can
             sharded.distribute(0, valid=valid)
