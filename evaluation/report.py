@@ -69,7 +69,7 @@ def _mib_table(runs: pd.DataFrame, value: str) -> pd.DataFrame:
 
 
 def kv_table(runs: pd.DataFrame) -> pd.DataFrame:
-    """Mean KV-cache bytes after prefill: ``MiB (fraction of no_press)`` per press and ratio."""
+    """Mean KV-cache bytes held: ``MiB (fraction of no_press)`` per press and ratio (see :data:`KV_HELD_TITLE`)."""
     return _mib_table(runs, "kv_bytes")
 
 
@@ -141,6 +141,11 @@ def plot_needle_heatmaps(runs: pd.DataFrame, directory: Path) -> list[Path]:
     return paths
 
 
+#: what the runner measures: the cache after the prefill, except for a press that evicts while decoding (it runs
+#: while the pipeline answers), whose cache is measured after answering, once the answer's tokens are cropped off
+KV_HELD_TITLE = "KV cache held (after the prefill; after answering for presses that evict while decoding)"
+
+
 def write_report(results_dir: str | Path) -> Path:
     """Aggregate every run under ``results_dir``; write report.md, report.csv and plots; return report.md."""
     results_dir = Path(results_dir)
@@ -150,7 +155,7 @@ def write_report(results_dir: str | Path) -> Path:
         title = f"{dataset} - {model}"
         scores, kv, tasks = score_table(group), kv_table(group), task_table(group)
         sections += [f"## {title}", "", "Score (0-100; rows = presses, columns = compression ratio)", "",
-                     scores.to_markdown(floatfmt=".1f"), "", "KV cache after prefill", "",
+                     scores.to_markdown(floatfmt=".1f"), "", KV_HELD_TITLE, "",
                      kv.to_markdown(), ""]
         read = read_table(group)
         if not read.empty:
