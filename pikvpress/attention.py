@@ -79,7 +79,6 @@ def align_mask(attention_mask: torch.Tensor | None, key_len: int) -> torch.Tenso
     return F.pad(attention_mask, (key_len - mask_len, 0), value=fill)
 
 
-
 def _keep(
     attention_mask: torch.Tensor | None,
     module: nn.Module,
@@ -280,7 +279,9 @@ def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer
     if module.training and kwargs.get("dropout", 0.0):
         raise ValueError("packed KV attention does not support dropout; call model.eval()")
     read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
-    out = read(module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux"))
+    out = read(
+        module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
+    )
     return out, None
 
 
@@ -317,22 +318,33 @@ def _modeling_module(model_type: str) -> Any:
         return None
 
 
-def _install(impl: str, model_type: str | None) -> None:
-    """Wrap the function behind ``impl`` (for ``"eager"``: ``model_type``'s modeling file's own) once, and let
-    layers of models running it hand attention their tagged parts."""
-    if impl == "eager":
-        module = _modeling_module(model_type) if model_type else None
-        func = getattr(module, "eager_attention_forward", None)
-        if func is None:
-            return
-        if not _dispatched(func):
-            module.eager_attention_forward = _dispatching(func)
-        DISPATCHED.add(dispatch_key("eager", model_type))
-        return
+def _wrap_registered(impl: str) -> None:
+    """Wrap the attention function transformers registered as ``impl`` (once)."""
     if impl not in ALL_ATTENTION_FUNCTIONS:
         raise ValueError(f"attention implementation {impl!r} is not registered with transformers")
     if not _dispatched(ALL_ATTENTION_FUNCTIONS[impl]):
         ALL_ATTENTION_FUNCTIONS[impl] = _dispatching(ALL_ATTENTION_FUNCTIONS[impl])
+
+
+def _wrap_eager(model_type: str | None) -> bool:
+    """Wrap ``model_type``'s modeling file's own eager function (once); False if it has none."""
+    module = _modeling_module(model_type) if model_type else None
+    func = getattr(module, "eager_attention_forward", None)
+    if func is None:
+        return False
+    if not _dispatched(func):
+        module.eager_attention_forward = _dispatching(func)
+    return True
+
+
+def _install(impl: str, model_type: str | None) -> None:
+    """Wrap the function behind ``impl`` (for ``"eager"``: ``model_type``'s own) once, and let layers of models
+    running it hand attention their tagged parts."""
+    if impl == "eager":
+        if not _wrap_eager(model_type):
+            return
+    else:
+        _wrap_registered(impl)
     DISPATCHED.add(dispatch_key(impl, model_type))
 
 
@@ -343,14 +355,10 @@ def install_attention_dispatch() -> None:
     keys are not a pikvpress layer's to the original function; layers hand attention their tagged parts only once
     :func:`enable_packed_attention` has named the model's attention implementation."""
     for impl in list(ALL_ATTENTION_FUNCTIONS.keys()):
-        if not _dispatched(ALL_ATTENTION_FUNCTIONS[impl]):
-            ALL_ATTENTION_FUNCTIONS[impl] = _dispatching(ALL_ATTENTION_FUNCTIONS[impl])
+        _wrap_registered(impl)
     for spec in FAMILIES:
         for model_type in spec.model_types:
-            module = _modeling_module(model_type)
-            func = getattr(module, "eager_attention_forward", None)
-            if func is not None and not _dispatched(func):
-                module.eager_attention_forward = _dispatching(func)
+            _wrap_eager(model_type)
 
 
 def enable_packed_attention(model: nn.Module) -> None:

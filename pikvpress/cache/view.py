@@ -84,3 +84,8 @@ class KVView:
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.which}, shape={tuple(self.shape)})"
+
+
+def dense(x: Any) -> torch.Tensor:
+    """``x`` as a dense tensor: a tensor as it is, a pikvpress layer's view dequantized (gathered)."""
+    return x if isinstance(x, torch.Tensor) else x.dequantize()

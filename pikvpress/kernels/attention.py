@@ -407,6 +407,13 @@ def _packed_split_partials_triton(
 # --------------------------------------------------------------------------------------------------
 
 
+def _checked_splits(q, k_packed, v_packed, scale, num_splits, kv_mask) -> tuple[int, list[int]]:
+    """Check the operands of a packed split-partials call; return the query heads per kv head and the splits."""
+    group = _check_packed(q, k_packed, v_packed, scale)
+    _check_kv_mask(kv_mask, q, k_packed.shape)
+    return group, split_bounds(k_packed.shape[2], num_splits, _token_align(k_packed, v_packed))
+
+
 def packed_attention_split_partials(
     q: torch.Tensor,
     k_packed: QuantizedTensor,
@@ -445,9 +452,7 @@ def packed_attention_split_partials(
         logits (``-inf`` for an empty split). A split whose tokens are all dropped by ``kv_mask``
         is empty.
     """
-    group = _check_packed(q, k_packed, v_packed, scale)
-    _check_kv_mask(kv_mask, q, k_packed.shape)
-    bounds = split_bounds(k_packed.shape[2], num_splits, _token_align(k_packed, v_packed))
+    group, bounds = _checked_splits(q, k_packed, v_packed, scale, num_splits, kv_mask)
     if _use_triton(q):
         return _packed_split_partials_triton(q, k_packed, v_packed, float(scale), bounds, group, kv_mask)
     return packed_split_partials(q, k_packed, v_packed, float(scale), bounds, kv_mask)
@@ -464,9 +469,7 @@ def packed_attention_split_partials_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch reference of :func:`packed_attention_split_partials` (dequantizes the whole cache
     once to float32, then float32 attention)."""
-    _check_packed(q, k_packed, v_packed, scale)
-    _check_kv_mask(kv_mask, q, k_packed.shape)
-    bounds = split_bounds(k_packed.shape[2], num_splits, _token_align(k_packed, v_packed))
+    _, bounds = _checked_splits(q, k_packed, v_packed, scale, num_splits, kv_mask)
     k, v = dequantize_reference(k_packed, torch.float32), dequantize_reference(v_packed, torch.float32)
     return split_partials(q, k, v, float(scale), bounds, kv_mask)
 

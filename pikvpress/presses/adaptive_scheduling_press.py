@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Generator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -15,8 +13,10 @@ from torch import nn
 
 from pikvpress.cache.ops import evict
 from pikvpress.cache.support import check_cache
+from pikvpress.cache.view import dense
 from pikvpress.models.adapter import get_adapter, layer_adapter
 from pikvpress.presses.arguments import check_choice, check_int, check_number
+from pikvpress.presses.lifecycle import FinishesOnExit
 from pikvpress.scheduling import (
     POLICIES,
     DecodeQueryTap,
@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 
 
 @dataclass
-class AdaptiveSchedulingPress(BasePress):
+class AdaptiveSchedulingPress(FinishesOnExit, BasePress):
     """Evict cached tokens while decoding, down to a budget, by what the decode queries keep using.
 
     At every decode step and full-attention layer the press computes the step's attention over the
@@ -149,14 +149,6 @@ class AdaptiveSchedulingPress(BasePress):
         self.reset()
         self._tap.open(layer.attention for layer in adapter.layers if not layer.is_sliding)
 
-    @contextmanager
-    def __call__(self, model: nn.Module) -> Generator:
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self.finish()
-
     def finish(self) -> None:
         """End of the press's context: record the decode steps still waiting, let go of the cache, close the tap."""
         for idx in list(self._pending):
@@ -227,8 +219,7 @@ class AdaptiveSchedulingPress(BasePress):
         window = min(self.prior_window, hidden_states.shape[1])
         if keys.shape[2] != hidden_states.shape[1]:
             return  # another press already cut this layer: its tokens no longer match the prefill's
-        keys = keys if isinstance(keys, torch.Tensor) else keys.dequantize()  # a packed layer's keys
-        probs = window_probs(module, hidden_states, keys, window, kwargs["position_embeddings"])
+        probs = window_probs(module, hidden_states, dense(keys), window, kwargs["position_embeddings"])
         self._priors.put(cache, idx, probs.mean(dim=2))
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):

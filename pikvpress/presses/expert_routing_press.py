@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,6 +18,7 @@ from pikvpress.cache.ops import gather_kept
 from pikvpress.cache.support import check_cache
 from pikvpress.models.adapter import LayerAdapter, get_adapter, layer_adapter
 from pikvpress.presses.arguments import check_choice, check_int, check_number
+from pikvpress.presses.lifecycle import FinishesOnExit
 from pikvpress.routing import allocate_budget
 from pikvpress.routing.experts import (
     ExpertRouting,
@@ -92,7 +91,7 @@ class _Selection:
 
 
 @dataclass
-class ExpertRoutingPress(ScorerPress):
+class ExpertRoutingPress(FinishesOnExit, ScorerPress):
     """Route each layer's KV to experts; give each expert a keep budget from the query mass routed to it.
 
     For every full-attention layer and KV head, the context tokens are partitioned into "KV experts"
@@ -300,13 +299,9 @@ class ExpertRoutingPress(ScorerPress):
             # post_init_from_model but not this press's context manager still feed the gate
             self._gate_inputs.install(adapter.layers)
 
-    @contextmanager
-    def __call__(self, model: nn.Module) -> Generator:
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            self._gate_inputs.remove()
+    def finish(self) -> None:
+        """End of the press's context: the gate's input hooks and the tensors they recorded go."""
+        self._gate_inputs.remove()
 
     def forward_hook(self, module: nn.Module, input: list, kwargs: dict, output: list):
         idx = int(module.layer_idx)

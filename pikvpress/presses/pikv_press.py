@@ -4,8 +4,6 @@ scheduling while decoding."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -19,6 +17,7 @@ from pikvpress.cache.sharding import ShardingOptions, check_devices_available
 from pikvpress.cache.support import check_cache
 from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress
+from pikvpress.presses.lifecycle import FinishesOnExit
 from pikvpress.presses.quantization_press import QuantizationPress
 from pikvpress.routing.shards import token_validity
 
@@ -37,7 +36,7 @@ def _component(value: Any, cls: type, name: str, **defaults: Any) -> Any:
 
 
 @dataclass
-class PiKVPress(BasePress):
+class PiKVPress(FinishesOnExit, BasePress):
     """The PiKV system: route, compress and shard each layer's KV at prefill; read it routed and sharded.
 
     Prefill (each full-attention layer, after its attention ran on the whole context):
@@ -176,16 +175,11 @@ class PiKVPress(BasePress):
             self._group.check_consistent(self.settings())
         enable_packed_attention(model)
 
-    @contextmanager
-    def __call__(self, model: nn.Module) -> Generator:
-        try:
-            with super().__call__(model):
-                yield
-        finally:
-            if self.routing is not None:
-                self.routing._gate_inputs.remove()
-            if self.scheduling is not None:
-                self.scheduling.finish()
+    def finish(self) -> None:
+        """End of the press's context: its parts let go of what they held (gate hooks, pending decode steps)."""
+        for part in (self.routing, self.scheduling):
+            if part is not None:
+                part.finish()
 
     def reset(self) -> None:
         """Forget the scheduling press's per-sequence statistics (kvpress's PrefillDecodingPress calls it)."""

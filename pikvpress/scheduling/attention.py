@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pikvpress.cache.view import dense
 from pikvpress.models import layer_adapter, slice_positions
 
 
@@ -44,7 +45,6 @@ def window_probs(
         sink_logits = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, window, 1).reshape(b, h, -1, 1)
         return F.softmax(torch.cat([logits, sink_logits], dim=-1), dim=-1)[..., :-1]
     return F.softmax(logits, dim=-1)
-
 
 
 #: logits elements computed at once; more steps are split into chunks of steps
@@ -166,6 +166,4 @@ def layer_step_probs(layer: Any, queries: torch.Tensor, start: int, sinks: torch
     keeps them (:func:`sharded_step_probs`), else over its keys (a packed layer's dequantized)."""
     if getattr(layer, "has_shards", False):
         return sharded_step_probs(layer, queries, start, sinks)
-    keys = layer.keys
-    keys = keys if isinstance(keys, torch.Tensor) else keys.dequantize()  # a packed layer's view
-    return step_probs(queries, keys[:, :, : start + queries.shape[2]], start, sinks)
+    return step_probs(queries, dense(layer.keys)[:, :, : start + queries.shape[2]], start, sinks)
