@@ -34,8 +34,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache
 
-from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
-from evaluation.haystack import essays_text
+from pikvpress_eval.benchmark_cli import benchmark_parser, load_benchmark_model
+from pikvpress_eval.haystack import essays_text
 from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
 
 logger = logging.getLogger(__name__)

@@ -22,9 +22,9 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
-from evaluation.haystack import essay_context_ids
-from evaluation.timing import timed_hooks
+from pikvpress_eval.benchmark_cli import benchmark_parser, load_benchmark_model
+from pikvpress_eval.haystack import essay_context_ids
+from pikvpress_eval.timing import timed_hooks
 from pikvpress import ExpertRoutingPress
 
 logger = logging.getLogger(__name__)

@@ -23,8 +23,8 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from evaluation.benchmarks.ruler import generate_ruler
-from evaluation.prefill import capture_prefill
+from pikvpress_eval.benchmarks.ruler import generate_ruler
+from pikvpress_eval.prefill import capture_prefill
 from pikvpress import ExpertRoutingPress, load_model
 from pikvpress.scheduling.attention import window_probs
 from pikvpress.models import get_adapter, language_model

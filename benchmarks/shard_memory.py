@@ -33,7 +33,7 @@ def worker(args: argparse.Namespace) -> None:
     import torch.distributed as dist
     from transformers import DynamicCache
 
-    from evaluation.benchmark_cli import load_benchmark_model
+    from pikvpress_eval.benchmark_cli import load_benchmark_model
     from pikvpress import AdaptiveSchedulingPress, PiKVPress
     from pikvpress.cache import ShardedKVLayer, cache_nbytes
 

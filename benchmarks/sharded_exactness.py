@@ -16,7 +16,7 @@ import torch
 from tqdm import tqdm
 from transformers import DynamicCache
 
-from evaluation.benchmark_cli import benchmark_parser, load_benchmark_model
+from pikvpress_eval.benchmark_cli import benchmark_parser, load_benchmark_model
 from pikvpress import ExpertShardedCache, enable_packed_attention, tiny_model
 
 TINY = ("llama", "qwen3_moe", "mixtral", "olmoe", "gpt_oss", "deepseek_v3")

@@ -39,11 +39,11 @@ def _print_report(path: Path) -> None:
 
 
 def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
-    from evaluation.config import load_config
+    from .config import load_config
 
     config = load_config(config_path, overrides)  # fails here, before any model loads
-    from evaluation.report import write_report
-    from evaluation.runner import Evaluator
+    from .report import write_report
+    from .runner import Evaluator
 
     start = time.perf_counter()
     evaluator = Evaluator(config)
@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     command = args.command or "quick"
     if command == "report":
-        from evaluation.report import write_report
+        from .report import write_report
 
         _print_report(write_report(args.results_dir))
         return

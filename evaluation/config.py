@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from evaluation.presses import EAGER_PRESSES, build_press, chain_presses, press_names, takes_ratio
+from .presses import EAGER_PRESSES, build_press, chain_presses, press_names, takes_ratio
 
 DATASETS = ("ruler", "longbench", "longbench-e", "longbench-v2", "needle")
 
@@ -200,15 +200,15 @@ class EvalConfig:
 def _dataset_tasks(dataset: str) -> tuple[str, ...] | None:
     """The task names a dataset accepts (None: the dataset has no task subsets)."""
     if dataset == "ruler":
-        from evaluation.benchmarks.ruler import RULER_TASKS
+        from .benchmarks.ruler import RULER_TASKS
 
         return RULER_TASKS
     if dataset == "longbench":
-        from evaluation.benchmarks.longbench import LONGBENCH_TASKS
+        from .benchmarks.longbench import LONGBENCH_TASKS
 
         return tuple(LONGBENCH_TASKS)
     if dataset == "longbench-e":
-        from evaluation.benchmarks.longbench import LONGBENCH_E_TASKS
+        from .benchmarks.longbench import LONGBENCH_E_TASKS
 
         return tuple(LONGBENCH_E_TASKS)
     return None

@@ -7,7 +7,7 @@ from typing import Any
 
 import pandas as pd
 
-from evaluation.config import EvalConfig
+from .config import EvalConfig
 
 logger = logging.getLogger(__name__)
 
@@ -15,13 +15,13 @@ logger = logging.getLogger(__name__)
 def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
     """The rows ``context, question, answer_prefix, answer, max_new_tokens, task`` (+ extras) of a config."""
     if config.dataset == "needle":
-        from evaluation.benchmarks.needle import DEFAULT_DEPTHS, needle_rows
+        from .benchmarks.needle import DEFAULT_DEPTHS, needle_rows
 
         depths = config.needle_depth
         depths = DEFAULT_DEPTHS if depths is None else depths if isinstance(depths, (list, tuple)) else [depths]
         rows = needle_rows(tokenizer, config.context_lengths, [float(d) for d in depths], config.seed)
     elif config.dataset == "ruler":
-        from evaluation.benchmarks.ruler import generate_ruler
+        from .benchmarks.ruler import generate_ruler
 
         frames = [
             generate_ruler(
@@ -34,11 +34,11 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
         # RULER's prompt is context + "\n" + question; the kvpress pipeline joins them with nothing
         rows["context"] = rows["context"] + "\n"
     elif config.dataset in ("longbench", "longbench-e"):
-        from evaluation.benchmarks.longbench import load_longbench
+        from .benchmarks.longbench import load_longbench
 
         rows = load_longbench(_require_data_dir(config), config.tasks, e=config.dataset == "longbench-e")
     else:  # longbench-v2
-        from evaluation.benchmarks.longbench import load_longbench_v2
+        from .benchmarks.longbench import load_longbench_v2
 
         rows = load_longbench_v2(_require_data_dir(config))
     if config.fraction < 1:
@@ -50,7 +50,7 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
 
 def _truncate_longbench(rows: pd.DataFrame, tokenizer, config: EvalConfig) -> pd.DataFrame:
     """LongBench's rule: prompts longer than the limit lose their middle (not their end)."""
-    from evaluation.benchmarks.longbench import truncate_prompt
+    from .benchmarks.longbench import truncate_prompt
 
     rule = "v2" if config.dataset == "longbench-v2" else "v1"
     pairs = [
@@ -63,19 +63,19 @@ def _truncate_longbench(rows: pd.DataFrame, tokenizer, config: EvalConfig) -> pd
 def score_predictions(dataset: str, df: pd.DataFrame) -> dict[str, Any]:
     """Metrics of a run: ``score`` (the headline, 0-100) plus per-task (and per-bucket) scores."""
     if dataset == "needle":
-        from evaluation.benchmarks.needle import score_needle
+        from .benchmarks.needle import score_needle
 
         return score_needle(df)
     if dataset == "ruler":
-        from evaluation.benchmarks.ruler import score_ruler
+        from .benchmarks.ruler import score_ruler
 
         per_task = _as_dict(score_ruler(df))
     elif dataset in ("longbench", "longbench-e"):
-        from evaluation.benchmarks.longbench import score_longbench
+        from .benchmarks.longbench import score_longbench
 
         per_task = _as_dict(score_longbench(df))
     else:
-        from evaluation.benchmarks.longbench import score_longbench_v2
+        from .benchmarks.longbench import score_longbench_v2
 
         per_task = _as_dict(score_longbench_v2(df))
     numbers = [v for v in per_task.values() if isinstance(v, (int, float))]

@@ -24,9 +24,9 @@ import yaml
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from evaluation.config import EvalConfig
-from evaluation.datasets import load_rows, score_predictions
-from evaluation.prefill import can_reuse_prefill, capture_prefill, replay_press
+from .config import EvalConfig
+from .datasets import load_rows, score_predictions
+from .prefill import can_reuse_prefill, capture_prefill, replay_press
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
 logger = logging.getLogger(__name__)

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from evaluation.benchmarks.ruler import generate_ruler
-from evaluation.haystack import essays_text
+from pikvpress_eval.benchmarks.ruler import generate_ruler
+from pikvpress_eval.haystack import essays_text
 from pikvpress.models import DEFAULT_MODEL, load_model
 from pikvpress.routing.learned import SHIPPED_DIR, model_geometry, model_name_of
 from pikvpress.routing.training import (

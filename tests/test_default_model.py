@@ -9,7 +9,7 @@ from default_presses import PRESS_CASES, PressCase
 from test_conformance import QUANTIZING, decode_logits, fixed_decode_budget, greedy_continue, prefill
 from transformers import DynamicCache, pipeline
 
-from evaluation.benchmarks.needle import make_sample
+from pikvpress_eval.benchmarks.needle import make_sample
 from pikvpress.models import get_adapter, load_model
 
 pytestmark = pytest.mark.slow

@@ -12,8 +12,8 @@ from kvpress import ComposedPress, DecodingPress, KeyDiffPress, KnormPress
 from kvpress.utils import compute_n_kept
 from transformers import DynamicCache
 
-from evaluation.prefill import can_reuse_prefill
-from evaluation.presses import build_press, takes_ratio
+from pikvpress_eval.prefill import can_reuse_prefill
+from pikvpress_eval.presses import build_press, takes_ratio
 from pikvpress import ExpertRoutingPress
 from pikvpress.cache.ops import gather_kept
 from pikvpress.models import TINY_FAMILIES, get_adapter

@@ -14,8 +14,8 @@ import pandas as pd
 import pytest
 import torch
 
-from evaluation.benchmarks import longbench as lb
-from evaluation.benchmarks.longbench import (
+from pikvpress_eval.benchmarks import longbench as lb
+from pikvpress_eval.benchmarks.longbench import (
     DATASET2MAXLEN,
     DATASET2METRIC,
     DATASET2PROMPT,

@@ -200,8 +200,8 @@ def test_unsupported_cache_types_are_rejected_without_conversion(make_cache):
 
 
 def test_harness_registry_runs_quantization_once_per_sweep():
-    from evaluation.config import EvalConfig
-    from evaluation.presses import build_press, takes_ratio
+    from pikvpress_eval.config import EvalConfig
+    from pikvpress_eval.presses import build_press, takes_ratio
 
     assert not takes_ratio("quantization") and takes_ratio("snapkv")
     press = build_press("quantization", 0.0, bits=8)

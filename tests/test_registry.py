@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 from kvpress import BasePress
 
-from evaluation.__main__ import main
-from evaluation.presses import BASELINES, build_press, press_names
+from pikvpress_eval.__main__ import main
+from pikvpress_eval.presses import BASELINES, build_press, press_names
 
 
 @pytest.mark.parametrize("name", sorted(BASELINES))

@@ -18,8 +18,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from evaluation.benchmarks import ruler as R
-from evaluation.benchmarks.ruler import (
+from pikvpress_eval.benchmarks import ruler as R
+from pikvpress_eval.benchmarks.ruler import (
     QA_DATASETS,
     RULER_TASKS,
     SYNTHETIC_TASKS,

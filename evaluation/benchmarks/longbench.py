@@ -32,7 +32,7 @@ from typing import Any, Literal
 import numpy as np
 import pandas as pd
 
-from evaluation.benchmarks.longbench_metrics import (
+from .longbench_metrics import (
     DATASET2METRIC,
     classification_score,
     code_sim_score,

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass
 import pandas as pd
 from transformers import PreTrainedTokenizerBase
 
-from evaluation.haystack import essays_text
+from ..haystack import essays_text
 
 DEFAULT_DEPTHS = (0.0, 0.25, 0.5, 0.75, 1.0)
 MAX_NEW_TOKENS = 12

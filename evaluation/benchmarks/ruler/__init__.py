@@ -118,11 +118,11 @@ Modules
 ================  ====================================================================================
 """
 
-from evaluation.benchmarks.ruler.generate import generate_ruler
-from evaluation.benchmarks.ruler.qa_data import QaData, available_tasks, load_hotpotqa, load_squad
-from evaluation.benchmarks.ruler.scoring import score_ruler, string_match_all, string_match_part
-from evaluation.benchmarks.ruler.tasks import _DEPTHS  # noqa: F401  (the tests check the needle depths)
-from evaluation.benchmarks.ruler.templates import (
+from .generate import generate_ruler
+from .qa_data import QaData, available_tasks, load_hotpotqa, load_squad
+from .scoring import score_ruler, string_match_all, string_match_part
+from .tasks import _DEPTHS  # noqa: F401  (the tests check the needle depths)
+from .templates import (
     CONTEXT_QUESTION_SEPARATOR,
     CWE_ANSWER_PREFIX,
     CWE_TEMPLATE,

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from evaluation.benchmarks.ruler.tasks import _Sample
-from evaluation.benchmarks.ruler.templates import TOKENS_TO_GENERATE
-from evaluation.benchmarks.ruler.tokens import _Tokens
+from .tasks import _Sample
+from .templates import TOKENS_TO_GENERATE
+from .tokens import _Tokens
 
 #: Try to close gaps larger than this share of the target (needle-line haystacks only).
 _STRETCH_SHARE = 0.01

@@ -13,9 +13,9 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from evaluation.benchmarks.ruler.fitting import _fit, _fit_and_fill, _Fitted, _PromptTooLong
-from evaluation.benchmarks.ruler.qa_data import _load_qa, _qa_path, available_tasks
-from evaluation.benchmarks.ruler.tasks import (
+from .fitting import _fit, _fit_and_fill, _Fitted, _PromptTooLong
+from .qa_data import _load_qa, _qa_path, available_tasks
+from .tasks import (
     _NIAH,
     _CweSample,
     _FweSample,
@@ -25,8 +25,8 @@ from evaluation.benchmarks.ruler.tasks import (
     _VtExample,
     _VtSample,
 )
-from evaluation.benchmarks.ruler.templates import QA_DATASETS, RULER_TASKS, TOKENS_TO_GENERATE, _split
-from evaluation.benchmarks.ruler.tokens import _cache_for, _TokenizerCache, _Tokens
+from .templates import QA_DATASETS, RULER_TASKS, TOKENS_TO_GENERATE, _split
+from .tokens import _cache_for, _TokenizerCache, _Tokens
 
 logger = logging.getLogger(__package__)  # the package's name, as when RULER was one module
 

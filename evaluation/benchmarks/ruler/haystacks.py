@@ -13,8 +13,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from evaluation.benchmarks.ruler.templates import _NOISE_SENTENCES, NOISE
-from evaluation.haystack import essays_text
+from .templates import _NOISE_SENTENCES, NOISE
+from ...haystack import essays_text
 
 _CWE_WORD_POOL_SEED = 42
 

@@ -10,7 +10,7 @@ from os import PathLike
 from pathlib import Path
 from typing import Any
 
-from evaluation.benchmarks.ruler.templates import QA_DATASETS, SYNTHETIC_TASKS
+from .templates import QA_DATASETS, SYNTHETIC_TASKS
 
 
 @dataclass(frozen=True)

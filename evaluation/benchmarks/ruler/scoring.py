@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from evaluation.benchmarks.ruler.templates import RULER_TASKS
+from .templates import RULER_TASKS
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 

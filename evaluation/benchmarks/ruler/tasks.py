@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks.ruler.haystacks import (
+from .haystacks import (
     _cwe_pool,
     _distinct,
     _essay,
@@ -20,8 +20,8 @@ from evaluation.benchmarks.ruler.haystacks import (
     _random_value,
     _variable_names,
 )
-from evaluation.benchmarks.ruler.qa_data import QaData
-from evaluation.benchmarks.ruler.templates import (
+from .qa_data import QaData
+from .templates import (
     _NOISE_SENTENCES,
     CWE_ANSWER_PREFIX,
     CWE_TEMPLATE,
@@ -37,7 +37,7 @@ from evaluation.benchmarks.ruler.templates import (
     VT_ANSWER_PREFIX,
     VT_TEMPLATE,
 )
-from evaluation.benchmarks.ruler.tokens import _TokenizerCache
+from .tokens import _TokenizerCache
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from typing import Any
 
 import numpy as np
 
-from evaluation.benchmarks.ruler.haystacks import _cwe_pool, _essay
-from evaluation.benchmarks.ruler.templates import _NOISE_SENTENCES, NOISE
+from .haystacks import _cwe_pool, _essay
+from .templates import _NOISE_SENTENCES, NOISE
 
 logger = logging.getLogger(__package__)  # the package's name, as when RULER was one module
 
