@@ -25,6 +25,7 @@ import yaml
 from .presses import EAGER_PRESSES, build_press, chain_presses, press_names, takes_ratio
 
 DATASETS = ("ruler", "longbench", "longbench-e", "longbench-v2", "needle")
+SPLITS = (None, "dev", "test")
 
 
 class ConfigError(ValueError):
@@ -76,6 +77,12 @@ class EvalConfig:
         Share one prefill per sample among every press that compresses inside kvpress's forward hook.
     composed_presses : dict
         Named chains of presses (see the module docstring).
+    split : str, optional
+        RULER: ``"dev"`` or ``"test"`` (see ``docs/leaderboard.md``, "Dev and test splits"): the
+        splits share no seed stream, no essay and no needle value. ``None``: the unsplit generator (every
+        essay, RULER's order).
+    batch_size : int
+        Samples answered at once over their compressed caches (left padding and attention masks).
     """
 
     dataset: str = "ruler"
@@ -97,6 +104,8 @@ class EvalConfig:
     seed: int = 0
     prefill_reuse: bool = True
     composed_presses: dict = field(default_factory=dict)
+    split: str | None = None
+    batch_size: int = 1
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -166,6 +175,10 @@ class EvalConfig:
                 raise ConfigError(f"{name}: must be a positive integer, got {value}")
         if any(n <= 0 for n in self.context_lengths):
             raise ConfigError(f"context_length: must be positive, got {self.context_length}")
+        if self.split not in SPLITS:
+            raise ConfigError(f"split: unknown {self.split!r}; allowed: dev, test (or null: unsplit)")
+        if int(self.batch_size) <= 0:
+            raise ConfigError(f"batch_size: must be a positive integer, got {self.batch_size}")
         if self.num_samples <= 0:
             raise ConfigError(f"num_samples: must be positive, got {self.num_samples}")
         depths = self.needle_depth if isinstance(self.needle_depth, (list, tuple)) else [self.needle_depth]

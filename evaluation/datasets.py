@@ -26,7 +26,7 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
         frames = [
             generate_ruler(
                 tokenizer, length, tasks=config.tasks, num_samples=config.num_samples, seed=config.seed,
-                qa_paths=_ruler_qa_paths(config.data_dir),
+                qa_paths=_ruler_qa_paths(config.data_dir), split=config.split,
             ).assign(context_length=length)
             for length in config.context_lengths
         ]

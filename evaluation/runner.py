@@ -1,123 +1,27 @@
-"""Runs a sweep: one directory per (dataset, model, press, ratio), resumable, with shared prefills.
-
-Each run directory holds ``config.yaml`` (the resolved run), ``predictions.jsonl`` (one line per
-sample, appended as it finishes) and, once every sample is done, ``metrics.json``. A run with
-``metrics.json`` is finished and never touched again; an interrupted run resumes after its last
-written prediction.
-"""
+"""Runs a sweep (its run directories: :mod:`.runs`), sharing prefills."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import logging
-import os
-import re
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 import pandas as pd
 import torch
-import yaml
 from tqdm.auto import tqdm
 from transformers import DynamicCache, pipeline
 
-from .config import EvalConfig
-from .datasets import load_rows, score_predictions
-from .prefill import can_reuse_prefill, capture_prefill, replay_press
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
+from .config import EvalConfig
+from .datasets import load_rows
+from .prefill import can_reuse_prefill, capture_prefill, replay_press
+from .runs import METRICS, PREDICTIONS, Run, plan_runs  # noqa: F401  (PREDICTIONS: the tests' import)
+
 logger = logging.getLogger(__name__)
-
-PREDICTIONS = "predictions.jsonl"
-METRICS = "metrics.json"
-
-
-def _slug(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", text.strip("/")).strip("_") or "model"
-
-
-@dataclass
-class Run:
-    """One sweep point and where its results live."""
-
-    config: EvalConfig
-    press_name: str
-    compression_ratio: float
-    directory: Path
-    done: dict[int, dict] = field(default_factory=dict)
-
-    @property
-    def finished(self) -> bool:
-        return (self.directory / METRICS).exists()
-
-    def start(self) -> None:
-        self.directory.mkdir(parents=True, exist_ok=True)
-        resolved = dict(self.config.to_dict(), press_name=self.press_name, compression_ratio=self.compression_ratio)
-        _atomic_write(self.directory / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))
-        path = self.directory / PREDICTIONS
-        if path.exists():
-            text = path.read_text()
-            lines = text.splitlines()
-            kept = []
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError:  # a line cut by an interruption: that sample reruns
-                    continue
-                self.done[int(record["index"])] = record
-                kept.append(line)
-            if len(kept) < len(lines) or (text and not text.endswith("\n")):
-                # drop what the interruption cut, and end the last record's line, before appending to the file
-                _atomic_write(path, "".join(line + "\n" for line in kept))
-
-    def record(
-        self, index: int, predicted_answer: str, kv_bytes: int, seconds: float, kv_bytes_read: float | None = None
-    ) -> None:
-        record = dict(index=index, predicted_answer=predicted_answer, kv_bytes=kv_bytes, seconds=seconds)
-        if kv_bytes_read is not None:
-            record["kv_bytes_read"] = kv_bytes_read
-        with open(self.directory / PREDICTIONS, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self.done[index] = record
-
-    def finish(self, rows: pd.DataFrame) -> dict[str, Any]:
-        predictions = pd.DataFrame([self.done[i] for i in rows.index]).set_index(rows.index)
-        scored = rows.assign(predicted_answer=predictions["predicted_answer"])
-        metrics = score_predictions(self.config.dataset, scored)
-        metrics.update(
-            dataset=self.config.dataset,
-            model=self.config.model,
-            press=self.press_name,
-            compression_ratio=self.compression_ratio,
-            num_samples=len(rows),
-            kv_bytes=float(predictions["kv_bytes"].mean()),
-            seconds=float(predictions["seconds"].sum()),
-        )
-        if "kv_bytes_read" in predictions and predictions["kv_bytes_read"].notna().all():
-            metrics["kv_bytes_read"] = float(predictions["kv_bytes_read"].mean())
-        _atomic_write(self.directory / METRICS, json.dumps(metrics, indent=2))
-        return metrics
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def plan_runs(config: EvalConfig) -> list[Run]:
-    """The sweep's runs, each in ``output_dir/<dataset>/<model>/<press>__<ratio>``."""
-    base = Path(config.output_dir) / _slug(config.dataset) / _slug(config.model)
-    runs = []
-    for name, ratio in config.sweep():
-        runs.append(Run(config, name, ratio, base / f"{_slug(name)}__{ratio:.2f}"))
-    return runs
-
 
 @contextlib.contextmanager
 def _chat_template(tokenizer, enabled: bool) -> Iterator[None]:
@@ -219,7 +123,9 @@ class Evaluator:
                 cache=cache,
             )["answer"]
         self.prefills += 1
-        run.record(index, answer, cache_nbytes(cache), time.perf_counter() - start, reads["bytes"])
+        run.record(
+            index, answer, kv_bytes=cache_nbytes(cache), seconds=time.perf_counter() - start, kv_bytes_read=reads["bytes"]
+        )
 
     # ---------------------------------------------------------------------------------------------
     def run(self, rows: pd.DataFrame | None = None) -> list[dict[str, Any]]:
@@ -268,5 +174,7 @@ class Evaluator:
             cache = replay_press(self.model, prefill, press)
             kv_bytes = cache_nbytes(cache)
             answer, read = self._answer(cache, context_ids, question_ids, row)
-            run.record(index, answer, kv_bytes, shared_seconds + time.perf_counter() - start, read)
+            run.record(
+                index, answer, kv_bytes=kv_bytes, seconds=shared_seconds + time.perf_counter() - start, kv_bytes_read=read
+            )
             progress.update()
