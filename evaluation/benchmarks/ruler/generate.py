@@ -105,6 +105,7 @@ def generate_ruler(
     num_samples: int = 500,
     seed: int = 0,
     qa_paths: Mapping[str, str | PathLike[str]] | None = None,
+    split: str | None = None,
 ) -> pd.DataFrame:
     """Generate RULER samples of ``max_seq_length`` tokens as a kvpress DataFrame.
 
@@ -153,6 +154,8 @@ def generate_ruler(
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
+    if split is not None:
+        raise ValueError(f"split {split!r}: not available yet")
     names = _resolve_tasks(tasks, qa_paths)
     cache = _cache_for(tokenizer)
     tokens = cache.tokens
