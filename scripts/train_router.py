@@ -3,8 +3,9 @@
     python scripts/train_router.py                                   # the default model -> shipped weights
     python scripts/train_router.py --model Qwen/Qwen3-0.6B --output qwen3-router.safetensors
 
-Training contexts: RULER-style haystacks (essays with needles, variable chains, word lists; seeds far
-from the evaluation's seed 0) and plain essay passages, each wrapped in the model's chat template the
+Training contexts: RULER-style haystacks of the *dev* split (essays with needles, variable chains, word
+lists; see evaluation/benchmarks/ruler/splits.py: the leaderboard's test split shares no essay, random stream
+or needle value with them) and plain passages of the dev essays, each wrapped in the model's chat template the
 way kvpress's pipeline wraps a context. Each context is scored by kvpress's KVzipPress (a prefill plus
 the "repeat the context" passes); a ridge regression per layer maps each token's attention-input
 hidden state to log(KVzip score). KVzip's global budget (one top-k over every layer and
@@ -23,10 +24,10 @@ import time
 from pathlib import Path
 
 import torch
-from tqdm import tqdm
-
 from pikvpress_eval.benchmarks.ruler import generate_ruler
 from pikvpress_eval.haystack import essays_text
+from tqdm import tqdm
+
 from pikvpress.models import DEFAULT_MODEL, load_model
 from pikvpress.routing.learned import SHIPPED_DIR, model_geometry, model_name_of
 from pikvpress.routing.training import (
@@ -40,18 +41,23 @@ from pikvpress.routing.training import (
     router_agreement,
 )
 
+TRAINING_SPLIT = "dev"  # never the leaderboard's test split
 TASKS = ["niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2", "vt", "fwe"]
 
 
 def training_contexts(tokenizer, lengths: list[int], per_length: int, seed: int) -> list[str]:
-    """RULER-style haystack contexts and plain essay passages (half and half), deterministic for ``seed``."""
+    """RULER-style haystack contexts and plain essay passages (half and half) of the dev split, deterministic
+    for ``seed``."""
     rng = random.Random(seed)
     contexts = []
-    essays = essays_text()
+    essays = essays_text(TRAINING_SPLIT)
     words = essays.split(" ")
     for length in lengths:
         n_ruler = per_length - per_length // 2
-        frame = generate_ruler(tokenizer, length, tasks=TASKS, num_samples=max(1, n_ruler // len(TASKS) + 1), seed=seed)
+        frame = generate_ruler(
+            tokenizer, length, tasks=TASKS, num_samples=max(1, n_ruler // len(TASKS) + 1), seed=seed,
+            split=TRAINING_SPLIT,
+        )
         rows = frame.sample(n=min(n_ruler, len(frame)), random_state=seed)
         contexts += [row.context for row in rows.itertuples()]
         for _ in range(per_length // 2):  # ~0.75 tokens per word in English prose

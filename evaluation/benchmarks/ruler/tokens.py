@@ -71,16 +71,16 @@ class _TokenizerCache:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokens = _Tokens(tokenizer)
-        self._essay_cum: np.ndarray | None = None
-        self._cwe_costs: np.ndarray | None = None
+        self._essay_cum: dict[str | None, np.ndarray] = {}
+        self._cwe_costs: dict[str | None, np.ndarray] = {}
         self._index_cum = np.zeros(1, dtype=np.int64)
         self._noise: dict[str, tuple[int, list[int]]] = {}
         self.vt_example_sentences: int | None = None
 
-    def essay_cum(self) -> np.ndarray:
-        """``cum[n]``: tokens of the essay's first ``n`` words."""
-        if self._essay_cum is None:
-            essay = _essay()
+    def essay_cum(self, split: str | None = None) -> np.ndarray:
+        """``cum[n]``: tokens of the (split's) essay's first ``n`` words."""
+        if split not in self._essay_cum:
+            essay = _essay(split)
             start = time.perf_counter()
             starts = self.tokens.starts(essay.text)
             if starts is not None:
@@ -88,15 +88,16 @@ class _TokenizerCache:
             else:  # no offsets: count the words one by one (with their leading space)
                 words = [essay.words[0]] + [" " + w for w in essay.words[1:]]
                 ends = np.cumsum(self.tokens.counts(words))
-            self._essay_cum = np.concatenate([[0], ends]).astype(np.int64)
+            self._essay_cum[split] = np.concatenate([[0], ends]).astype(np.int64)
             logger.debug("Essay token counts in %.2f s", time.perf_counter() - start)
-        return self._essay_cum
+        return self._essay_cum[split]
 
-    def cwe_costs(self) -> np.ndarray:
-        """Tokens of ``" " + word`` for every word of the cwe pool."""
-        if self._cwe_costs is None:
-            self._cwe_costs = np.asarray(self.tokens.counts([" " + w for w in _cwe_pool()]), dtype=np.int64)
-        return self._cwe_costs
+    def cwe_costs(self, split: str | None = None) -> np.ndarray:
+        """Tokens of ``" " + word`` for every word of the (split's) cwe pool."""
+        if split not in self._cwe_costs:
+            words = _cwe_pool(split)
+            self._cwe_costs[split] = np.asarray(self.tokens.counts([" " + w for w in words]), dtype=np.int64)
+        return self._cwe_costs[split]
 
     def index_cum(self, n: int) -> int:
         """Tokens of ``" 1. 2. ... n."``: the numbering of a cwe list of ``n`` entries."""
