@@ -18,8 +18,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import random
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -64,6 +67,34 @@ def training_contexts(tokenizer, lengths: list[int], per_length: int, seed: int)
             start = rng.randrange(0, len(words) - length)
             contexts.append(" ".join(words[start : start + int(length * 0.72)]))
     return contexts
+
+
+def training_record(argv: list[str] | None, contexts: list[str], tokenizer, fitted: int, held: int) -> dict:
+    """What the weights file records about its training: the command, the commit, the split and a SHA-256 of
+    the training contexts' token ids (fitted and held out, in order)."""
+    digest = hashlib.sha256()
+    for text in contexts:
+        digest.update(json.dumps(tokenizer(text, add_special_tokens=False)["input_ids"]).encode())
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        try:
+            return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True).stdout.strip()
+        except (OSError, subprocess.CalledProcessError):
+            return "unknown"
+
+    args = sys.argv[1:] if argv is None else argv
+    return {
+        "command": " ".join(["python scripts/train_router.py", *args]),
+        "commit": git("rev-parse", "HEAD"),
+        "dirty": bool(git("status", "--porcelain", "--untracked-files=no")),
+        "split": TRAINING_SPLIT,
+        "contexts": len(contexts),
+        "fitted": fitted,
+        "held_out": held,
+        "data_sha256": digest.hexdigest(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def context_ids(pipe, context: str) -> torch.Tensor:
@@ -121,6 +152,7 @@ def main(argv: list[str] | None = None) -> None:
     router = linear_router(model, *fit.solve(args.ridge)) if not args.hidden_dim else fit.fit(model, seed=args.seed)
     router.set_layer_budget(budgets.ratios, budgets.weights())
     train_s = time.perf_counter() - start
+    router.training = training_record(argv, contexts, tokenizer, len(train), len(held))
     path = router.save(output)
 
     agreement = torch.stack(

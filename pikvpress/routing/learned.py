@@ -25,6 +25,8 @@ from pikvpress.models.adapter import get_adapter
 
 #: directory of the weights shipped with the package, one ``<model name>.safetensors`` per model
 SHIPPED_DIR = Path(__file__).with_name("weights")
+#: the weights file's metadata key of the training record (command, commit, split, data hash)
+TRAINING_METADATA = "pikvpress_training"
 
 
 @dataclass(frozen=True)
@@ -71,11 +73,15 @@ class LearnedRouter(nn.Module):
     ----------
     spec : RouterSpec
         The geometry; ``spec.hidden_dim == 0`` builds linear predictors.
+    training : dict, optional
+        How the weights were trained (``scripts/train_router.py`` records the command, the commit, the data
+        split and a SHA-256 of the training contexts); saved in the file's metadata and read back by :meth:`load`.
     """
 
-    def __init__(self, spec: RouterSpec):
+    def __init__(self, spec: RouterSpec, training: dict | None = None):
         super().__init__()
         self.spec = spec
+        self.training = dict(training or {})
         if spec.hidden_dim:
             self.layers = nn.ModuleList(
                 nn.Sequential(
@@ -147,7 +153,10 @@ class LearnedRouter(nn.Module):
         for name in ("budget_ratios", "layer_budget"):  # small, kept exact
             if name in tensors:
                 tensors[name] = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
-        save_file(tensors, str(path), metadata={"pikvpress_router": json.dumps(asdict(self.spec))})
+        metadata = {"pikvpress_router": json.dumps(asdict(self.spec))}
+        if self.training:
+            metadata[TRAINING_METADATA] = json.dumps(self.training, sort_keys=True)
+        save_file(tensors, str(path), metadata=metadata)
         return path
 
     @classmethod
@@ -160,12 +169,14 @@ class LearnedRouter(nn.Module):
 
         try:
             with safe_open(str(path), framework="pt") as handle:
-                meta = (handle.metadata() or {}).get("pikvpress_router")
+                metadata = handle.metadata() or {}
+                meta = metadata.get("pikvpress_router")
         except Exception as err:  # safetensors raises its own error type for a file it cannot parse
             raise ValueError(f"{str(path)!r} is not a safetensors file: {err}") from err
         if meta is None:
             raise ValueError(f"{str(path)!r} is not a pikvpress router file (no 'pikvpress_router' metadata)")
-        router = cls(RouterSpec(**json.loads(meta)))
+        training = json.loads(metadata[TRAINING_METADATA]) if TRAINING_METADATA in metadata else None
+        router = cls(RouterSpec(**json.loads(meta)), training)
         tensors = {k: v.float() for k, v in load_file(str(path)).items()}
         ratios, weights = tensors.pop("budget_ratios", None), tensors.pop("layer_budget", None)
         router.load_state_dict(tensors)
