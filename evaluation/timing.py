@@ -348,3 +348,71 @@ def write_timing(config: EvalConfig, records: list[dict[str, Any]]) -> Path:
     temporary.write_text(json.dumps(list(merged.values()), indent=2) + "\n")
     temporary.replace(path)
     return path
+
+
+# --- command line ----------------------------------------------------------------------------------------
+
+#: ``key=value`` options of ``python -m evaluation timing`` that are not config fields, with their defaults
+TIMING_OPTIONS: dict[str, int] = {"prompts": 4, "decode_tokens": 16, "repeats": 1}
+
+
+def split_timing_options(overrides: list[str]) -> tuple[dict[str, int], list[str]]:
+    """Separate the timing options (``prompts=``, ``decode_tokens=``, ``repeats=``) from config overrides.
+
+    Returns
+    -------
+    (dict, list)
+        Every option of :data:`TIMING_OPTIONS` (defaults filled in), and the remaining ``field=value`` items.
+
+    Raises
+    ------
+    ConfigError
+        An option whose value is not a positive integer.
+    """
+    from .config import ConfigError
+
+    options, fields = dict(TIMING_OPTIONS), []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        key = key.lstrip("-").replace("-", "_")
+        if not sep or key not in options:
+            fields.append(item)
+            continue
+        try:
+            options[key] = int(value)
+        except ValueError:
+            raise ConfigError(f"{key}: must be a positive integer, got {value!r}") from None
+        if options[key] < 1:
+            raise ConfigError(f"{key}: must be a positive integer, got {value!r}")
+    return options, fields
+
+
+def run_timing(config_path: str | Path | None, overrides: list[str]) -> Path:
+    """``python -m evaluation timing``: load the config (failing before any model loads), its model and rows,
+    time every press against no press and merge the records into ``<output_dir>/timing.json``."""
+    from pikvpress.models import load_model
+
+    from .config import load_config
+    from .datasets import load_rows
+
+    options, fields = split_timing_options(overrides)
+    config = load_config(config_path, fields)
+    model, tokenizer = load_model(config.model, device=config.device, **config.model_kwargs)
+    rows = load_rows(config, tokenizer)
+    return write_timing(config, measure_press_timing(config, model, tokenizer, rows, **options))
+
+
+def format_timing(records: list[dict[str, Any]]) -> str:
+    """A plain-text table of timing records (``timing.json``), one line per press, ratio and context length."""
+    from tabulate import tabulate
+
+    rows = [
+        [
+            r["context_length"], r["press"], r["compression_ratio"], f"{1000 * r['prefill_seconds']:.0f}",
+            f"{r['prefill_vs_no_press']:.2f}x", f"{1000 * r['decode_seconds_per_token']:.1f}",
+            f"{r['decode_vs_no_press']:.2f}x",
+        ]
+        for r in records
+    ]
+    headers = ["context", "press", "ratio", "prefill ms", "vs no press", "decode ms/token", "vs no press"]
+    return tabulate(rows, headers=headers)

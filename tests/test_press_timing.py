@@ -14,7 +14,7 @@ from kvpress import DecodingPress, KnormPress, PrefillDecodingPress
 from kvpress.presses.base_press import is_prefilling
 from pikvpress_eval import presses as registry
 from pikvpress_eval import timing
-from pikvpress_eval.config import load_config
+from pikvpress_eval.config import ConfigError, load_config
 from pikvpress_eval.timing import (
     TIMING,
     interleaved_order,
@@ -24,6 +24,7 @@ from pikvpress_eval.timing import (
     write_timing,
 )
 
+import pikvpress.models
 from pikvpress.models import tiny_tokenizer
 
 SLEEP = 0.005  # seconds per attention layer of the tiny model (4 layers): far above a tiny prefill's noise
@@ -229,3 +230,37 @@ def test_write_timing_merges_by_press_ratio_and_length(tmp_path):
         ("knorm", 0.25, 1024): 5.0,
     }
     assert len(json.loads(path.read_text())) == 4
+
+
+# --- command line -----------------------------------------------------------------------------------------
+
+
+def test_timing_options_are_split_from_config_overrides():
+    options, fields = timing.split_timing_options(["prompts=2", "press_name=[knorm]", "--decode-tokens=8"])
+    assert options == {"prompts": 2, "decode_tokens": 8, "repeats": 1} and fields == ["press_name=[knorm]"]
+    for bad in ("prompts=0", "repeats=two"):
+        with pytest.raises(ConfigError, match=bad.split("=")[0]):
+            timing.split_timing_options([bad])
+
+
+def test_run_timing_writes_timing_json(tmp_path, monkeypatch):
+    loads = []
+
+    def load_model(name, **kwargs):
+        loads.append(name)
+        return get_tiny_model("llama"), tiny_tokenizer()
+
+    monkeypatch.setattr(pikvpress.models, "load_model", load_model)
+    base = ["dataset=needle", "context_length=160", "needle_depth=[0.5]", f"output_dir={tmp_path}"]
+    with pytest.raises(ConfigError, match="snapkw"):
+        timing.run_timing(None, [*base, "press_name=[snapkw]"])
+    assert loads == []  # a bad config fails before any model loads
+    path = timing.run_timing(None, [*base, "press_name=[knorm]", "compression_ratio=[0.5]", "prompts=1",
+                                    "decode_tokens=2"])
+    records = json.loads(path.read_text())
+    assert path == tmp_path / TIMING and loads == ["smollm2-135m-instruct"]
+    assert sorted((r["press"], r["context_length"], r["prompts"], r["decode_tokens"]) for r in records) == [
+        ("knorm", 160, 1, 2), ("no_press", 160, 1, 2)
+    ]
+    table = timing.format_timing(records)
+    assert "knorm" in table and "no_press" in table and "1.00x" in table
