@@ -117,7 +117,7 @@ def scored(model, ids: torch.Tensor, samples_dir: Path | None) -> KVzipSample:
     return sample
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--model", default=DEFAULT_MODEL)
     parser.add_argument("--output", type=Path, default=None, help="default: the package's shipped weights path")
@@ -129,7 +129,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--samples-dir", type=Path, default=None, help="keep KVzip's scores here for later refits")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def shuffled_training_contexts(tokenizer, args: argparse.Namespace) -> list[str]:
+    """The training contexts in the order the script splits them (the first ``--holdout`` are held out)."""
+    contexts = training_contexts(tokenizer, args.lengths, args.contexts_per_length, args.seed)
+    random.Random(args.seed).shuffle(contexts)
+    return contexts
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
 
     from transformers import pipeline
@@ -137,8 +148,7 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model, device=args.device)
     pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
     output = args.output or SHIPPED_DIR / f"{model_name_of(model)}.safetensors"
-    contexts = training_contexts(tokenizer, args.lengths, args.contexts_per_length, args.seed)
-    random.Random(args.seed).shuffle(contexts)
+    contexts = shuffled_training_contexts(tokenizer, args)
     held, train = contexts[: args.holdout], contexts[args.holdout :]
 
     start = time.perf_counter()
@@ -152,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     router = linear_router(model, *fit.solve(args.ridge)) if not args.hidden_dim else fit.fit(model, seed=args.seed)
     router.set_layer_budget(budgets.ratios, budgets.weights())
     train_s = time.perf_counter() - start
-    router.training = training_record(argv, contexts, tokenizer, len(train), len(held))
+    router.training_record = training_record(argv, contexts, tokenizer, len(train), len(held))
     path = router.save(output)
 
     agreement = torch.stack(

@@ -74,14 +74,14 @@ class LearnedRouter(nn.Module):
     spec : RouterSpec
         The geometry; ``spec.hidden_dim == 0`` builds linear predictors.
     training : dict, optional
-        How the weights were trained (``scripts/train_router.py`` records the command, the commit, the data
+        Kept as ``training_record`` (``nn.Module.training`` is the train/eval flag): how the weights were trained (``scripts/train_router.py`` records the command, the commit, the data
         split and a SHA-256 of the training contexts); saved in the file's metadata and read back by :meth:`load`.
     """
 
     def __init__(self, spec: RouterSpec, training: dict | None = None):
         super().__init__()
         self.spec = spec
-        self.training = dict(training or {})
+        self.training_record = dict(training or {})
         if spec.hidden_dim:
             self.layers = nn.ModuleList(
                 nn.Sequential(
@@ -154,8 +154,8 @@ class LearnedRouter(nn.Module):
             if name in tensors:
                 tensors[name] = getattr(self, name).detach().to("cpu", torch.float32).contiguous()
         metadata = {"pikvpress_router": json.dumps(asdict(self.spec))}
-        if self.training:
-            metadata[TRAINING_METADATA] = json.dumps(self.training, sort_keys=True)
+        if self.training_record:
+            metadata[TRAINING_METADATA] = json.dumps(self.training_record, sort_keys=True)
         save_file(tensors, str(path), metadata=metadata)
         return path
 
