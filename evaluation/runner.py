@@ -1,4 +1,14 @@
-"""Runs a sweep (its run directories: :mod:`.runs`), sharing prefills."""
+"""Runs a sweep (its run directories: :mod:`.runs`), sharing prefills, answering ``batch_size`` samples at once.
+
+Rows go in blocks of ``config.batch_size``. Each row of a block is prefilled once (:func:`~.prefill.capture_prefill`)
+for every run that can share a prefill; for each such run, every row's cache is compressed on its own
+(:func:`~.prefill.replay_press`) and the block's questions are answered together over those caches
+(:func:`~.batching.answer_batch`: left padding, each row's own positions, stop tokens and budget), each answer what
+the row alone would give. ``batch_size=1`` answers one row at a time with kvpress's ``generate_answer``, as before.
+Runs whose presses need their own prefill (their own pipeline logic, eviction while decoding) run one row at a time
+through kvpress's pipeline (:meth:`Evaluator._run_alone`); so do shared runs whose caches cannot be batched
+(:func:`~.batching.batching_blocker`, logged once per run).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +17,7 @@ import json
 import logging
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -16,12 +27,15 @@ from transformers import DynamicCache, pipeline
 
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
+from .batching import RowCache, answer_batch, batching_blocker, masked_key_indices, prefill_bf16_bytes
+from .batching import attention_modules as _attention_modules
 from .config import EvalConfig
 from .datasets import load_rows
-from .prefill import can_reuse_prefill, capture_prefill, replay_press
+from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
 from .runs import METRICS, PREDICTIONS, Run, plan_runs  # noqa: F401  (PREDICTIONS: the tests' import)
 
 logger = logging.getLogger(__name__)
+
 
 @contextlib.contextmanager
 def _chat_template(tokenizer, enabled: bool) -> Iterator[None]:
@@ -54,6 +68,48 @@ def _last_step_reads(model) -> Iterator[dict]:
         handle.remove()
 
 
+@contextlib.contextmanager
+def _prefill_elements(cache: DynamicCache) -> Iterator[dict]:
+    """While active, ``seen`` holds what the first update of each layer of ``cache`` stored (the uncompressed
+    prefill, before any press's hook runs): ``seen["tokens"]``, the prefill's tokens, and ``seen["bf16_bytes"]``, 2
+    bytes per element of the keys and values each layer held right after it (what :func:`capture_prefill` reads)."""
+    seen: dict = {"tokens": None, "bf16_bytes": 0}
+    layers: set[int] = set()
+    update = cache.update
+
+    def first_update(key_states, value_states, layer_idx, *args, **kwargs):
+        out = update(key_states, value_states, layer_idx, *args, **kwargs)
+        if layer_idx not in layers:
+            layers.add(layer_idx)
+            stored = cache.layers[layer_idx]
+            seen["tokens"] = key_states.shape[2] if seen["tokens"] is None else seen["tokens"]
+            seen["bf16_bytes"] += prefill_bf16_bytes([(stored.keys, stored.values)])
+        return out
+
+    cache.update = first_update
+    try:
+        yield seen
+    finally:
+        del cache.update
+
+
+@dataclass
+class _Prefilled:
+    """One row's shared prefill, and what its runs record from it."""
+
+    index: Any
+    row: pd.Series
+    context_ids: torch.Tensor
+    question_ids: torch.Tensor
+    prefill: CapturedPrefill
+    seconds: float  # the prefill's time divided among the runs sharing it
+
+    @property
+    def bf16_kv_bytes(self) -> int:
+        """Bytes a bf16 cache of the uncompressed prefill holds (2 per key and value element)."""
+        return prefill_bf16_bytes([(layer.keys, layer.values) for layer in self.prefill.layers.values()])
+
+
 class Evaluator:
     """Runs every (press, ratio) of a config on every sample, sharing prefills where it can.
 
@@ -74,6 +130,7 @@ class Evaluator:
         self.model, self.tokenizer = model, tokenizer
         self.pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
         self.prefills = 0  # model prefills run (shared or not), for the speed-up report
+        self._logged_fallbacks: set = set()  # runs whose caches could not be batched, reason logged
 
     # ---------------------------------------------------------------------------------------------
     def _texts(self, row: pd.Series) -> tuple[str, str, str]:
@@ -99,7 +156,9 @@ class Evaluator:
         lengths = [cache.get_seq_length(i) for i in range(len(cache))]
         with _last_step_reads(self.model) as reads:
             answer = self.pipe.generate_answer(
-                question_ids=question_ids, cache=cache, context_length=context_ids.shape[1],
+                question_ids=question_ids,
+                cache=cache,
+                context_length=context_ids.shape[1],
                 max_new_tokens=self._max_new_tokens(row),
             )
         self.pipe._remove_answer_from_cache(cache, lengths)
@@ -112,7 +171,11 @@ class Evaluator:
         context, question, answer_prefix = self._texts(row)
         cache = DynamicCache()
         chat = bool(row.get("use_chat_template", True))
-        with _chat_template(self.tokenizer, chat), _last_step_reads(self.model) as reads:
+        with (
+            _chat_template(self.tokenizer, chat),
+            _last_step_reads(self.model) as reads,
+            _prefill_elements(cache) as prefill,
+        ):
             answer = self.pipe(
                 context,
                 question=question,
@@ -124,7 +187,13 @@ class Evaluator:
             )["answer"]
         self.prefills += 1
         run.record(
-            index, answer, kv_bytes=cache_nbytes(cache), seconds=time.perf_counter() - start, kv_bytes_read=reads["bytes"]
+            index,
+            answer,
+            kv_bytes=cache_nbytes(cache),
+            seconds=time.perf_counter() - start,
+            kv_bytes_read=reads["bytes"],
+            context_tokens=prefill["tokens"],
+            bf16_kv_bytes=prefill["bf16_bytes"],
         )
 
     # ---------------------------------------------------------------------------------------------
@@ -139,19 +208,22 @@ class Evaluator:
         todo = sum(len(rows) - len(run.done) for run in pending)
         progress = tqdm(total=todo, desc=f"{self.config.dataset} sweep", unit="run")
         shared = [
-            run for run in pending
+            run
+            for run in pending
             if self.config.prefill_reuse
             and can_reuse_prefill(self.config.build_press(run.press_name, run.compression_ratio), self.model)
         ]
         alone = [run for run in pending if run not in shared]
-        for index, row in rows.iterrows():
-            waiting = [run for run in shared if index not in run.done]
-            if waiting:
-                self._run_shared(waiting, row, index, progress)
-            for run in alone:
-                if index not in run.done:
-                    self._run_alone(run, row, index)
-                    progress.update()
+        size = max(1, int(self.config.batch_size))
+        for start in range(0, len(rows), size):
+            block = rows.iloc[start : start + size]
+            if shared:
+                self._run_shared(shared, block, progress)
+            for index, row in block.iterrows():
+                for run in alone:
+                    if index not in run.done:
+                        self._run_alone(run, row, index)
+                        progress.update()
         progress.close()
         results = []
         for run in runs:
@@ -161,20 +233,83 @@ class Evaluator:
                 results.append(run.finish(rows))
         return results
 
+    # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
-    def _run_shared(self, runs: list[Run], row: pd.Series, index: int, progress) -> None:
-        start = time.perf_counter()
-        context_ids, question_ids = self._tokenize(row)
-        prefill = capture_prefill(self.model, context_ids)
-        self.prefills += 1
-        shared_seconds = (time.perf_counter() - start) / len(runs)
-        for run in runs:
+    def _run_shared(self, runs: list[Run], block: pd.DataFrame, progress) -> None:
+        """A block of rows: one prefill per row (its time split among the runs lacking the row), then each run answers
+        the block's rows it lacks: at once, or with kvpress's generate_answer when it lacks one row (``batch_size=1``:
+        always)."""
+        prefilled: dict[Any, _Prefilled] = {}
+        for index, row in block.iterrows():
+            sharing = sum(index not in run.done for run in runs)
+            if not sharing:
+                continue
             start = time.perf_counter()
-            press = self.config.build_press(run.press_name, run.compression_ratio)
-            cache = replay_press(self.model, prefill, press)
-            kv_bytes = cache_nbytes(cache)
-            answer, read = self._answer(cache, context_ids, question_ids, row)
-            run.record(
-                index, answer, kv_bytes=kv_bytes, seconds=shared_seconds + time.perf_counter() - start, kv_bytes_read=read
+            context_ids, question_ids = self._tokenize(row)
+            prefill = capture_prefill(self.model, context_ids)
+            self.prefills += 1
+            seconds = (time.perf_counter() - start) / sharing
+            prefilled[index] = _Prefilled(index, row, context_ids, question_ids, prefill, seconds)
+        for run in runs:
+            todo = [p for index, p in prefilled.items() if index not in run.done]
+            if len(todo) == 1:  # a block of one: exactly the one-at-a-time path
+                self._answer_one(run, todo[0], progress)
+            elif todo:
+                self._answer_block(run, todo, progress)
+
+    def _record(self, run: Run, p: _Prefilled, answer: str, kv_bytes: int, seconds: float, read: float | None) -> None:
+        run.record(
+            p.index,
+            answer,
+            kv_bytes=kv_bytes,
+            seconds=seconds,
+            kv_bytes_read=read,
+            context_tokens=p.context_ids.shape[1],
+            bf16_kv_bytes=p.bf16_kv_bytes,
+        )
+
+    def _answer_one(self, run: Run, p: _Prefilled, progress) -> None:
+        """One row of a shared prefill: its cache compressed by a fresh press, answered alone with kvpress's
+        generate_answer; ``seconds``: its prefill share plus the compression and the answer."""
+        start = time.perf_counter()
+        cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
+        kv_bytes = cache_nbytes(cache)
+        answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
+        self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
+        progress.update()
+
+    def _answer_block(self, run: Run, todo: list[_Prefilled], progress) -> None:
+        """Compress every row's cache with a fresh press, then answer the rows at once (or one at a time when their
+        caches cannot be batched: the reason is logged once per run). Each row's ``seconds`` is its prefill share
+        plus an equal share of the block's compression and answering time."""
+        start = time.perf_counter()
+        caches, kv_bytes = [], []
+        for p in todo:
+            cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
+            caches.append(RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model)))
+            kv_bytes.append(cache_nbytes(cache))
+        reason = batching_blocker(self.model, caches)
+        if reason is None:
+            answers = answer_batch(
+                self.model,
+                self.tokenizer,
+                caches,
+                [p.question_ids for p in todo],
+                [self._max_new_tokens(p.row) for p in todo],
             )
+            results = [(a.text, a.kv_bytes_read) for a in answers]
+        else:
+            if run.directory not in self._logged_fallbacks:
+                self._logged_fallbacks.add(run.directory)
+                logger.info(
+                    "%s at %.2f: answering one sample at a time: %s", run.press_name, run.compression_ratio, reason
+                )
+            results = []
+            for p, row_cache in zip(todo, caches):
+                for module, masked in zip(_attention_modules(self.model), row_cache.masked_key_indices):
+                    module.masked_key_indices = masked  # the row's head-wise masked keys, as its replay left them
+                results.append(self._answer(row_cache.cache, p.context_ids, p.question_ids, p.row))
+        share = (time.perf_counter() - start) / len(todo)
+        for p, (answer, read), nbytes in zip(todo, results, kv_bytes):
+            self._record(run, p, answer, nbytes, p.seconds + share, read)
             progress.update()

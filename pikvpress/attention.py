@@ -12,7 +12,10 @@ tag and computes, for every query (decode or a multi-token question):
 - partial attention over the full-precision tokens (which include the new ones, causally masked);
 - attention sinks (GPT-OSS) as one more partial with output 0;
 
-and merges the partials exactly by log-sum-exp. Every call with untagged keys (a dense cache, a sliding-window
+and merges the partials exactly by log-sum-exp. A :class:`~pikvpress.cache.RowBatchedLayer` (several sequences' own
+layers answered as one batch) is read row by row: each row's real queries over that row's own layer, through the
+model's attention function, with the row's own causal mask and head-wise masked keys
+(:func:`row_batched_attention`). Every call with untagged keys (a dense cache, a sliding-window
 layer) goes to the original function unchanged. The model's ``config._attn_implementation`` is never rewritten, so
 two threads or nested forwards cannot flip it. Layers tag their parts once :func:`enable_packed_attention` has named
 the model's attention implementation (the presses call it); until then, and after :func:`disable_packed_attention`,
@@ -32,6 +35,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
 from pikvpress.cache.layer_base import DISPATCHED, LAYER_TAG, dispatch_key
 from pikvpress.cache.packed_layer import PackedKVLayer
+from pikvpress.cache.row_batch import RowBatchedLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.kernels.attention import (
     attention_partial,
@@ -49,6 +53,8 @@ __all__ = [
     "enable_packed_attention",
     "install_attention_dispatch",
     "packed_layer_attention",
+    "reads_row_batches",
+    "row_batched_attention",
     "sharded_layer_attention",
 ]
 
@@ -274,8 +280,85 @@ def sharded_layer_attention(
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
+def _model_attention_function(module: nn.Module) -> Callable:
+    """The attention function ``module`` calls (as its forward looks it up, wrappers included)."""
+    impl = getattr(module.config, "_attn_implementation", None)
+    if impl in (None, "eager"):
+        return importlib.import_module(type(module).__module__).eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS[impl]
+
+
+def reads_row_batches(module: nn.Module) -> bool:
+    """Whether the attention function ``module`` calls reads pikvpress's tagged layers (a
+    :class:`~pikvpress.cache.RowBatchedLayer` included): every registered function and the eager function of every
+    family pikvpress supports do once :mod:`pikvpress` is imported."""
+    try:
+        return _dispatched(_model_attention_function(module))
+    except (AttributeError, KeyError, ImportError):
+        return False
+
+
+def _row_kwargs(kwargs: dict[str, Any], row: int, real: torch.Tensor, b: int, lq: int) -> dict[str, Any]:
+    """Row ``row``'s share of an attention call's keyword arguments: per-token tensors ``(B, Lq, ...)`` (such as
+    ``position_ids``) cut to the row's real tokens, per-row tensors ``(B, ...)`` to the row."""
+    out = {}
+    for name, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.ndim >= 1 and value.shape[0] == b and b > 1:
+            value = value[row : row + 1]
+            if value.ndim >= 2 and value.shape[1] == lq:
+                value = value[:, real.to(value.device)]
+        out[name] = value
+    return out
+
+
+def row_batched_attention(
+    module: nn.Module, query: torch.Tensor, value: torch.Tensor, layer: RowBatchedLayer, **kwargs: Any
+) -> torch.Tensor:
+    """Attention of a batch's ``query`` (B, Hq, Lq, D) over a :class:`~pikvpress.cache.RowBatchedLayer`, row by row
+    (``value`` (B, Hkv, Lq, Dv): the batch's new values, for the output's shape); returns (B, Lq, Hq, Dv) in
+    ``query``'s dtype.
+
+    Row ``i``'s real queries (``layer.incoming[i]``; the others, padding, get a zero output) attend over what row
+    ``i``'s own layer returned from this step's update (``layer.step[i]``), through the model's own attention function
+    (``module``'s, every wrapper included), exactly as that row alone would: a causal mask over the row's own length
+    when it has several new tokens (none for one, as transformers builds it), and the row's head-wise masked keys
+    (``layer.masked_key_indices[i]``) on ``module`` for the call.
+    """
+    b, hq, lq, _ = query.shape
+    function = _model_attention_function(module)
+    real_all = layer.incoming if layer.incoming is not None else torch.ones(b, lq, dtype=torch.bool)
+    eager = getattr(module.config, "_attn_implementation", None) in (None, "eager")
+    out = None
+    saved = getattr(module, "masked_key_indices", None)
+    try:
+        for i, part in enumerate(layer.step):
+            if part is None:
+                continue
+            real = real_all[i].to(query.device)
+            row_query = query[i : i + 1, :, real]
+            li = row_query.shape[2]
+            n = layer.rows[i].get_seq_length()
+            mask = None
+            if li > 1 or eager:
+                q_pos = torch.arange(n - li, n, device=query.device)[:, None]
+                mask = (torch.arange(n, device=query.device)[None, :] <= q_pos)[None, None]
+            module.masked_key_indices = layer.masked_key_indices[i]
+            row_out, _ = function(module, row_query, part[0], part[1], mask, **_row_kwargs(kwargs, i, real, b, lq))
+            if out is None:
+                out = row_out.new_zeros((b, lq, *row_out.shape[2:]))
+            out[i, real] = row_out[0].to(out.dtype)
+    finally:
+        module.masked_key_indices = saved
+    if out is None:  # no row had a real token: nothing is read
+        return query.new_zeros((b, lq, hq, value.shape[-1]))
+    return out.to(query.dtype)
+
+
 def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer, **kwargs: Any):
-    """Attention over a packed or sharded layer (``key`` is the part ``update`` returned, tagged with the layer)."""
+    """Attention over a packed or sharded layer (``key`` is the part ``update`` returned, tagged with the layer), or
+    over a batch of rows' own layers."""
+    if isinstance(layer, RowBatchedLayer):
+        return row_batched_attention(module, query, value, layer, **kwargs), None
     if module.training and kwargs.get("dropout", 0.0):
         raise ValueError("packed KV attention does not support dropout; call model.eval()")
     read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention

@@ -3,13 +3,15 @@
 :class:`PackedKVLayer` stores one layer's keys and values bit-packed with a full-precision residual;
 :class:`ShardedKVLayer` spreads them over shards (:class:`KVShard`) on several devices or ranks, and
 :class:`ExpertShardedCache` is a cache made of such layers; :func:`cache_nbytes` reports the bytes any
-transformers cache holds, read from its tensors.
+transformers cache holds, read from its tensors. :class:`RowBatchedLayer` (:func:`batch_rows`) reads several sequences'
+own layers as the rows of one batch.
 """
 
 from __future__ import annotations
 
 from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes
 from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
+from pikvpress.cache.row_batch import RowBatchedLayer, batch_rows, row_batch_blocker
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
 from pikvpress.cache.sharded_layer import ShardedKVLayer, ShardedKVView
@@ -49,13 +51,16 @@ __all__ = [
     "KVView",
     "PackedKVLayer",
     "PackedKVView",
+    "RowBatchedLayer",
     "ShardedKVLayer",
     "ShardedKVView",
     "ShardingOptions",
+    "batch_rows",
     "cache_bytes_read",
     "cache_nbytes",
     "cache_nbytes_per_device",
     "evict",
     "layer_nbytes",
     "layer_read_nbytes",
+    "row_batch_blocker",
 ]

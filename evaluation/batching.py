@@ -1,0 +1,447 @@
+"""Batched answering: ``B`` samples answered at once over their compressed caches, each exactly as it would be alone.
+
+After a shared prefill, each sample's cache is compressed on its own (:func:`~.prefill.replay_press`); this module
+combines the ``B`` caches into one batched cache (:func:`combine_caches`) and answers the ``B`` questions with one
+greedy loop (:func:`answer_batch`), the equivalent of kvpress's ``pipeline.generate_answer`` run on each sample:
+
+- question tokens of different lengths are left-padded; each row's position ids continue from that row's own context
+  length (the original token positions, as kvpress does, not the compressed cache's length);
+- each row stops at the model's end-of-sequence tokens exactly as ``generate_answer`` does (the first token is never
+  checked; a later stop token ends the answer and is part of it) or after its own ``max_new_tokens``; a row that has
+  stopped keeps being fed a pad token while the others go on, and its answer is final.
+
+Two ways to combine the caches (:class:`BatchedCache`):
+
+``"padded"``
+    Every layer of every row is a plain ``DynamicLayer`` and each row's layers have one length (no press, token-removing
+    presses such as SnapKV or Knorm, head-wise presses such as AdaKV that keep the full cache): each layer is
+    left-padded to the longest row with zero keys and values, and an attention mask ``(B, N)`` marks the padding
+    (context and question padding) with 0; transformers turns it into each layer's mask, so padded positions get no
+    attention. kvpress's head-wise masked keys (``module.masked_key_indices``) of every row are shifted by the row's
+    left padding, given the row's batch index and put on the attention modules while answering.
+``"rows"``
+    Otherwise (pikvpress's packed and sharded layers, dense layers of different lengths within a row such as
+    PyramidKV's): each layer becomes a :class:`~pikvpress.cache.RowBatchedLayer` holding the rows' own layers, which
+    receive only their row's real tokens and are read row by row (see :mod:`pikvpress.cache.row_batch` for why a
+    rectangular padded combine cannot keep those answers exact). The model runs batched; no mask is needed.
+
+:func:`batching_blocker` names what no combine can batch (sliding-window layers, transformers' quantized layers, an
+attention function that does not read pikvpress's layers); the harness answers those runs one sample at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
+
+from pikvpress.attention import reads_row_batches
+from pikvpress.cache import batch_rows, layer_nbytes, row_batch_blocker
+from pikvpress.models import language_model, layer_adapter
+
+
+def attention_modules(model: nn.Module) -> list[nn.Module]:
+    """The model's attention modules, in layer order."""
+    return [layer.self_attn for layer in language_model(model).layers]
+
+
+def masked_key_indices(model: nn.Module) -> list[Any]:
+    """What kvpress's head-wise presses (AdaKV, CriticalAdaKV) left on each attention module after a prefill:
+    ``module.masked_key_indices`` (``(batch, head, seq)`` index tensors, or None)."""
+    return [getattr(module, "masked_key_indices", None) for module in attention_modules(model)]
+
+
+def prefill_bf16_bytes(keys_and_values: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Bytes a bfloat16 cache holding these uncompressed keys and values would take: 2 bytes per element."""
+    return int(sum(2 * (k.numel() + v.numel()) for k, v in keys_and_values))
+
+
+@dataclass
+class RowCache:
+    """One sample's compressed cache, ready to join a batch.
+
+    Attributes
+    ----------
+    cache : transformers.DynamicCache
+        The sample's cache after its press (batch size 1). A ``"rows"`` combine uses its layers in place.
+    context_length : int
+        The sample's context tokens before compression: its question's positions start there.
+    masked_key_indices : list, optional
+        Per attention layer, the head-wise masked keys its press left (:func:`masked_key_indices`), or None.
+    """
+
+    cache: Any
+    context_length: int
+    masked_key_indices: list[Any] | None = None
+
+    def masked(self, layer: int) -> Any:
+        return None if self.masked_key_indices is None else self.masked_key_indices[layer]
+
+
+@dataclass
+class BatchedCache:
+    """``B`` samples' caches combined into one (:func:`combine_caches`).
+
+    Attributes
+    ----------
+    cache : transformers.DynamicCache
+        The batched cache the model reads.
+    mode : {"padded", "rows"}
+        How the rows were combined (see the module docstring).
+    attention_mask : torch.Tensor or None
+        ``"padded"``: the ``(B, N)`` mask of every position the cache holds (0: padding), extended by :meth:`feed`.
+    masked_key_indices : list
+        ``"padded"``: per attention module, every row's head-wise masked keys in batch coordinates (or None).
+    row_bytes : list of int
+        ``"padded"``: the bytes each row's own cache held before answering.
+    token_bytes : int
+        ``"padded"``: the key and value bytes one more token adds to a row's own cache (every layer).
+    """
+
+    cache: Any
+    mode: str
+    attention_mask: torch.Tensor | None = None
+    masked_key_indices: list[Any] = field(default_factory=list)
+    row_bytes: list[int] = field(default_factory=list)
+    token_bytes: int = 0
+
+    @property
+    def batch_size(self) -> int:
+        if self.attention_mask is not None:
+            return self.attention_mask.shape[0]
+        return self.cache.layers[0].batch_size
+
+    def feed(self, real: torch.Tensor) -> torch.Tensor | None:
+        """Before a forward of ``q`` new tokens per row, ``real`` ``(B, q)`` bool (False: padding); return the
+        attention mask the forward takes (``"padded"``: the mask extended; ``"rows"``: None, each row's layer is told
+        which of its tokens are real)."""
+        if self.mode == "padded":
+            real = real.to(self.attention_mask.device, self.attention_mask.dtype)
+            self.attention_mask = torch.cat([self.attention_mask, real], dim=1)
+            return self.attention_mask
+        for layer in self.cache.layers:
+            layer.incoming = real
+        return None
+
+    @contextlib.contextmanager
+    def answering(self, model: nn.Module) -> Iterator[None]:
+        """Put every row's head-wise masked keys on the attention modules (``"padded"``; ``"rows"`` layers put each
+        row's on for that row's attention call) and clear them afterwards."""
+        modules = attention_modules(model)
+        for idx, module in enumerate(modules):
+            module.masked_key_indices = self.masked_key_indices[idx] if self.mode == "padded" else None
+        try:
+            yield
+        finally:
+            for module in modules:
+                module.masked_key_indices = None
+
+    def read_bytes(self, row: int, fed: int) -> float:
+        """The key/value bytes row ``row``'s own cache reports read (:func:`pikvpress.cache.cache_bytes_read`) after a
+        forward, when ``fed`` of its real tokens (question and answer) have gone through the model so far.
+
+        ``"rows"``: what each row's own layer recorded (they are the row's layers, updated with its tokens only).
+        ``"padded"``: a dense layer's attention reads every byte it holds, so the row's own cache would report its
+        bytes before answering plus ``fed`` tokens' keys and values in every layer; computed from those, exactly
+        the number the row alone reports, without padding.
+        """
+        if self.mode == "rows":
+            return float(sum(layer.row_read_nbytes(row) for layer in self.cache.layers))
+        return float(self.row_bytes[row] + fed * self.token_bytes)
+
+
+def sliding_layers(model: nn.Module) -> list[int]:
+    """The attention layers that attend over a sliding window (pikvpress's adapter says, else the module's or the
+    config's ``sliding_window``)."""
+    out = []
+    for idx, module in enumerate(attention_modules(model)):
+        adapter = layer_adapter(module)
+        if adapter is not None:
+            slides = adapter.is_sliding
+        elif hasattr(module, "sliding_window"):
+            slides = module.sliding_window is not None
+        else:
+            slides = getattr(module.config, "sliding_window", None) is not None
+        if slides:
+            out.append(idx)
+    return out
+
+
+def batching_blocker(model: nn.Module, rows: Sequence[RowCache]) -> str | None:
+    """Why these rows' caches cannot be answered as one batch, or None if they can.
+
+    A model with sliding-window layers is refused: transformers builds their window over the cache's positions, which
+    padding shifts (and the rows' own layers are read with a plain causal mask).
+    """
+    if not rows:
+        return "no rows"
+    sliding = sliding_layers(model)
+    if sliding:
+        return f"the model has sliding-window layers {sliding}"
+    counts = {len(row.cache.layers) for row in rows}
+    if len(counts) != 1:
+        return f"the rows' caches have different numbers of layers ({sorted(counts)})"
+    for row in rows:
+        for layer in row.cache.layers:
+            reason = row_batch_blocker(layer)
+            if reason is not None:
+                return f"the cache holds {reason}"
+    if _padded_mode(rows):
+        return None
+    for module in attention_modules(model):
+        if not reads_row_batches(module):
+            return (
+                f"the attention function {getattr(module.config, '_attn_implementation', None)!r} of "
+                f"{type(module).__name__} does not read pikvpress's layers"
+            )
+    return None
+
+
+def _padded_mode(rows: Sequence[RowCache]) -> bool:
+    """Whether every layer is a plain DynamicLayer holding one sequence, with one length per row."""
+    for row in rows:
+        lengths = set()
+        for layer in row.cache.layers:
+            if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.shape[0] != 1:
+                return False
+            lengths.add(layer.keys.shape[2])
+        if len(lengths) != 1:
+            return False
+    first = rows[0].cache.layers
+    for row in rows[1:]:
+        for a, b in zip(first, row.cache.layers):
+            if a.keys.shape[1::2] != b.keys.shape[1::2] or a.values.shape[1::2] != b.values.shape[1::2]:
+                return False
+            if a.keys.dtype != b.keys.dtype or a.keys.device != b.keys.device:
+                return False
+    return True
+
+
+def combine_caches(model: nn.Module, rows: Sequence[RowCache]) -> BatchedCache:
+    """One batched cache of ``rows`` (see the module docstring for the two ways).
+
+    Raises
+    ------
+    ValueError
+        When :func:`batching_blocker` names a reason.
+    """
+    reason = batching_blocker(model, rows)
+    if reason is not None:
+        raise ValueError(f"cannot batch these caches: {reason}")
+    if _padded_mode(rows):
+        return _padded(model, rows)
+    cache = DynamicCache()
+    cache.layers = [
+        batch_rows([row.cache.layers[idx] for row in rows], [row.masked(idx) for row in rows])
+        for idx in range(len(rows[0].cache.layers))
+    ]
+    return BatchedCache(cache, "rows")
+
+
+def _padded(model: nn.Module, rows: Sequence[RowCache]) -> BatchedCache:
+    b = len(rows)
+    lengths = [row.cache.layers[0].keys.shape[2] for row in rows]
+    longest = max(lengths)
+    layers = []
+    token_bytes = 0
+    for idx in range(len(rows[0].cache.layers)):
+        first = rows[0].cache.layers[idx]
+        _, h, _, dk = first.keys.shape
+        dv = first.values.shape[-1]
+        keys = first.keys.new_zeros((b, h, longest, dk))
+        values = first.values.new_zeros((b, h, longest, dv))
+        for i, row in enumerate(rows):
+            layer = row.cache.layers[idx]
+            keys[i, :, longest - lengths[i] :] = layer.keys[0]
+            values[i, :, longest - lengths[i] :] = layer.values[0]
+        batched = DynamicLayer()
+        batched.lazy_initialization(keys, values)
+        batched.keys, batched.values = keys, values
+        layers.append(batched)
+        token_bytes += h * (dk * keys.element_size() + dv * values.element_size())
+    cache = DynamicCache()
+    cache.layers = layers
+    mask = torch.zeros((b, longest), dtype=torch.long, device=layers[0].keys.device)
+    for i, n in enumerate(lengths):
+        mask[i, longest - n :] = 1
+    masked = []
+    for idx in range(len(attention_modules(model))):
+        parts = [(i, row.masked(idx)) for i, row in enumerate(rows) if row.masked(idx) is not None]
+        if not parts:
+            masked.append(None)
+            continue
+        batch_idx = torch.cat([torch.full_like(m[0], i) for i, m in parts])
+        head_idx = torch.cat([m[1] for _, m in parts])
+        seq_idx = torch.cat([m[2] + (longest - lengths[i]) for i, m in parts])
+        masked.append((batch_idx, head_idx, seq_idx))
+    row_bytes = [int(sum(layer_nbytes(layer) for layer in row.cache.layers)) for row in rows]
+    return BatchedCache(cache, "padded", mask, masked, row_bytes, token_bytes)
+
+
+@dataclass
+class BatchedAnswer:
+    """One row's answer.
+
+    Attributes
+    ----------
+    text : str
+        The answer, decoded as kvpress decodes it (special tokens skipped).
+    token_ids : list of int
+        Every generated token, the stop token included when the row stopped on one.
+    kv_bytes_read : float
+        The key/value bytes the row's last forward read from its own cache (:meth:`BatchedCache.read_bytes`).
+    logits : list of torch.Tensor
+        With ``keep_logits``: the row's next-token logits at each of its steps.
+    """
+
+    text: str
+    token_ids: list[int]
+    kv_bytes_read: float
+    logits: list[torch.Tensor] = field(default_factory=list)
+
+
+def eos_token_ids(model: nn.Module) -> list[int]:
+    """The tokens that end an answer (``model.generation_config.eos_token_id``, as kvpress reads it)."""
+    eos = model.generation_config.eos_token_id
+    return list(eos) if isinstance(eos, (list, tuple)) else [eos]
+
+
+@torch.no_grad()
+def answer_batch(
+    model: nn.Module,
+    tokenizer: Any,
+    rows: Sequence[RowCache],
+    question_ids: Sequence[torch.Tensor],
+    max_new_tokens: Sequence[int],
+    *,
+    keep_logits: bool = False,
+) -> list[BatchedAnswer]:
+    """Answer every row's question over its compressed cache, greedily, all rows at once.
+
+    Equivalent, row by row, to kvpress's ``pipeline.generate_answer(question_ids[i], rows[i].cache,
+    rows[i].context_length, max_new_tokens[i])`` (see the module docstring).
+
+    Parameters
+    ----------
+    model, tokenizer
+        The model and its tokenizer (whose ``pad_token_id``, else the first stop token, pads).
+    rows : sequence of RowCache
+        Each sample's compressed cache (``"rows"`` batches use their layers in place) and context length.
+    question_ids : sequence of torch.Tensor
+        Each sample's ``(1, q_i)`` question tokens.
+    max_new_tokens : sequence of int
+        Each sample's answer budget.
+    keep_logits : bool
+        Keep each row's logits at every step (:attr:`BatchedAnswer.logits`).
+
+    Returns
+    -------
+    list of BatchedAnswer
+        In the rows' order.
+    """
+    if not len(rows) == len(question_ids) == len(max_new_tokens):
+        raise ValueError(f"{len(rows)} rows, {len(question_ids)} questions and {len(max_new_tokens)} budgets")
+    batch = combine_caches(model, rows)
+    context_lengths = [row.context_length for row in rows]
+    return answer_combined(
+        model, tokenizer, batch, context_lengths, question_ids, max_new_tokens, keep_logits=keep_logits
+    )
+
+
+@torch.no_grad()
+def answer_combined(
+    model: nn.Module,
+    tokenizer: Any,
+    batch: BatchedCache,
+    context_lengths: Sequence[int],
+    question_ids: Sequence[torch.Tensor],
+    max_new_tokens: Sequence[int],
+    *,
+    keep_logits: bool = False,
+) -> list[BatchedAnswer]:
+    """:func:`answer_batch` over caches already combined (:func:`combine_caches`); ``context_lengths``: each row's
+    context tokens before compression. The batched cache grows as the answers go through it."""
+    b = len(context_lengths)
+    device = model.device
+    stop = eos_token_ids(model)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop[0] is not None else 0)
+    lengths = [int(q.shape[1]) for q in question_ids]
+    width = max(lengths)
+    input_ids = torch.full((b, width), pad, dtype=torch.long, device=device)
+    real = torch.zeros((b, width), dtype=torch.bool, device=device)
+    positions = torch.zeros((b, width), dtype=torch.long, device=device)
+    if min(lengths) < 1:
+        raise ValueError("every question needs at least one token (kvpress's preprocess always adds its suffix)")
+    for i, (q, n) in enumerate(zip(question_ids, lengths)):
+        input_ids[i, width - n :] = q[0].to(device)
+        real[i, width - n :] = True
+        start = context_lengths[i] - (width - n)
+        positions[i] = (start + torch.arange(width, device=device)).clamp_min(0)
+    generated: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
+    reads: list[float] = [0.0] * b
+    fed = list(lengths)  # each row's real tokens through the model (question, then its answer but the last token)
+    remaining = [max(int(m) - 1, 0) for m in max_new_tokens]  # generate_answer's loop: range(max_new_tokens - 1)
+    with batch.answering(model):
+        mask = batch.feed(real)
+        out = model(
+            input_ids=input_ids,
+            past_key_values=batch.cache,
+            position_ids=positions,
+            attention_mask=mask,
+            logits_to_keep=1,
+        )
+        active = list(range(b))
+        _take(out.logits[:, -1], active, generated, logits, keep_logits)
+        for i in active:
+            reads[i] = batch.read_bytes(i, fed[i])
+        next_positions = torch.tensor([c + n for c, n in zip(context_lengths, lengths)], device=device)
+        active = [i for i in range(b) if remaining[i] > 0]
+        while active:
+            flags = torch.zeros(b, dtype=torch.bool, device=device)
+            flags[active] = True
+            last = torch.stack([ids[-1] for ids in generated]).to(device)
+            tokens = torch.where(flags, last, torch.full_like(last, pad))
+            mask = batch.feed(flags[:, None])
+            out = model(
+                input_ids=tokens[:, None],
+                past_key_values=batch.cache,
+                position_ids=next_positions[:, None],
+                attention_mask=mask,
+            )
+            next_positions = next_positions + 1
+            _take(out.logits[:, -1], active, generated, logits, keep_logits)
+            still = []
+            for i in active:
+                fed[i] += 1
+                reads[i] = batch.read_bytes(i, fed[i])
+                remaining[i] -= 1
+                if generated[i][-1].item() not in stop and remaining[i] > 0:
+                    still.append(i)
+            active = still
+    answers = []
+    for i in range(b):
+        ids = torch.stack(generated[i])
+        text = str(tokenizer.decode(ids, skip_special_tokens=True))
+        answers.append(BatchedAnswer(text, ids.tolist(), reads[i], logits[i]))
+    return answers
+
+
+def _take(
+    step_logits: torch.Tensor,
+    active: list[int],
+    generated: list[list[torch.Tensor]],
+    logits: list[list[torch.Tensor]],
+    keep: bool,
+) -> None:
+    """Each active row's greedy token (and logits) from one forward's last-position logits ``(B, V)``."""
+    for i in active:
+        generated[i].append(step_logits[i].argmax())
+        if keep:
+            logits[i].append(step_logits[i].detach().clone())

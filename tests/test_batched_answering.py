@@ -1,0 +1,322 @@
+"""Batched answering (pikvpress_eval.batching): every row of a batch answers exactly as it would alone.
+
+Each row's reference is kvpress's own ``pipeline.generate_answer`` over the row's own compressed cache (built from a
+shared prefill by ``replay_press``), with the logits of every forward recorded; the batch combines the rows' caches
+(left padding and a mask for dense layers, the rows' own layers for packed and sharded ones) and answers all rows in
+one greedy loop. Rows differ in context length, question length and answer budget.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+from kvpress import (
+    AdaKVPress,
+    CriticalAdaKVPress,
+    ExpectedAttentionPress,
+    KnormPress,
+    PyramidKVPress,
+    SnapKVPress,
+)
+from pikvpress_eval.batching import (
+    RowCache,
+    answer_batch,
+    answer_combined,
+    batching_blocker,
+    combine_caches,
+    masked_key_indices,
+)
+from pikvpress_eval.config import load_config
+from pikvpress_eval.prefill import capture_prefill, replay_press
+from pikvpress_eval.runner import Evaluator, plan_runs
+from pikvpress_eval.runs import PREDICTIONS
+from transformers import pipeline
+
+from pikvpress import PiKVPress, QuantizationPress
+from pikvpress.cache import RowBatchedLayer, cache_bytes_read
+from pikvpress.models import tiny_model, tiny_tokenizer
+
+CONTEXTS = (70, 95, 83, 101)
+QUESTIONS = (6, 11, 3, 1)
+BUDGETS = (7, 4, 12, 9)
+
+PACKING = {"bits": 4, "key_group_size": 8, "residual_length": 8}  # small groups: the answers pack tokens as they go
+PRESSES = {
+    "no_press": lambda: None,
+    "snapkv": lambda: SnapKVPress(compression_ratio=0.5, window_size=8),
+    "knorm": lambda: KnormPress(compression_ratio=0.4),
+    "adakv": lambda: AdaKVPress(ExpectedAttentionPress(compression_ratio=0.5)),
+    "critical_adakv": lambda: CriticalAdaKVPress(KnormPress(compression_ratio=0.5)),
+    "pyramidkv": lambda: PyramidKVPress(compression_ratio=0.5, window_size=8),  # layers of different lengths
+    "quantization": lambda: QuantizationPress(**PACKING),
+    "pikv_dense": lambda: PiKVPress(compression_ratio=0.5, sharding={"num_shards": 4, "tail_length": 8}),
+    "pikv_packed": lambda: PiKVPress(compression_ratio=0.5, compression=PACKING, sharding={"num_shards": 4}),
+    "pikv_packed_top2": lambda: PiKVPress(
+        compression_ratio=0.5, compression=PACKING, sharding={"num_shards": 4, "top_k_shards": 2, "flush_tokens": 2}
+    ),
+}
+DENSE = {"no_press", "snapkv", "knorm", "adakv", "critical_adakv"}
+#: float64 logits agree to rounding; float32 close (the batch's matmuls sum in another order)
+TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
+
+_MODELS: dict = {}
+
+
+def model_of(dtype: torch.dtype):
+    if dtype not in _MODELS:
+        _MODELS[dtype] = tiny_model("llama", dtype=dtype)
+    return _MODELS[dtype]
+
+
+def inputs(n: int = len(CONTEXTS)):
+    g = torch.Generator().manual_seed(0)
+    contexts = [torch.randint(3, 250, (1, length), generator=g) for length in CONTEXTS[:n]]
+    questions = [torch.randint(3, 250, (1, length), generator=g) for length in QUESTIONS[:n]]
+    return contexts, questions, list(BUDGETS[:n])
+
+
+@torch.no_grad()
+def solo(model, tokenizer, prefill, press, question, budget):
+    """kvpress's generate_answer over the row's own cache: (answer, token ids, logits per forward, bytes read)."""
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
+    cache = replay_press(model, prefill, press)
+    logits, reads = [], []
+
+    def hook(module, args, kwargs, output):
+        logits.append(output.logits[0, -1].clone())
+        reads.append(cache_bytes_read(kwargs["past_key_values"]))
+
+    handle = model.register_forward_hook(hook, with_kwargs=True)
+    try:
+        answer = pipe.generate_answer(question, cache, prefill.context_length, budget)
+    finally:
+        handle.remove()
+    return answer, [int(x.argmax()) for x in logits], logits, reads[-1]
+
+
+@torch.no_grad()
+def row_caches(model, prefills, make):
+    rows = []
+    for prefill in prefills:
+        cache = replay_press(model, prefill, make())
+        rows.append(RowCache(cache, prefill.context_length, masked_key_indices(model)))
+    return rows
+
+
+def check_batch_against_solo(model, name, n_rows=None):
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs(n_rows or len(CONTEXTS))
+    prefills = [capture_prefill(model, c) for c in contexts]
+    make = PRESSES[name]
+    expected = [solo(model, tokenizer, p, make(), q, m) for p, q, m in zip(prefills, questions, budgets)]
+    rows = row_caches(model, prefills, make)
+    answers = answer_batch(model, tokenizer, rows, questions, budgets, keep_logits=True)
+    tol = TOLERANCE[model.dtype]
+    for i, (got, (text, ids, logits, read)) in enumerate(zip(answers, expected)):
+        assert got.token_ids == ids, (name, i)
+        assert got.text == text, (name, i)
+        assert len(got.logits) == len(logits), (name, i)
+        for step, (a, b) in enumerate(zip(got.logits, logits)):
+            assert torch.allclose(a, b, atol=tol, rtol=tol), (name, i, step, float((a - b).abs().max()))
+        assert got.kv_bytes_read == read, (name, i)  # the row's own last step, exactly
+    return answers, expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", list(PRESSES))
+def test_each_row_answers_as_it_would_alone(name, dtype):
+    if dtype == torch.float64 and name.startswith("pikv_packed"):
+        pytest.skip("packed shards attend with the packed kernel, which takes float16/bfloat16/float32 (alone too)")
+    model = model_of(dtype)
+    _, expected = check_batch_against_solo(model, name)
+    assert {len(ids) for _, ids, _, _ in expected} == set(BUDGETS)  # every row ran to its own budget
+
+
+@pytest.mark.parametrize("name", ["no_press", "adakv", "pyramidkv", "quantization", "pikv_packed_top2"])
+def test_combine_pads_dense_layers_and_keeps_the_rows_own_packed_and_sharded_layers(name):
+    model = model_of(torch.float32)
+    contexts, _, _ = inputs()
+    rows = row_caches(model, [capture_prefill(model, c) for c in contexts], PRESSES[name])
+    batch = combine_caches(model, rows)
+    if name in DENSE:
+        assert batch.mode == "padded"
+        lengths = [row.cache.get_seq_length() for row in rows]
+        assert batch.cache.layers[0].keys.shape[2] == max(lengths)
+        assert batch.attention_mask.sum(1).tolist() == lengths  # left padding, masked
+        assert all(bool(batch.attention_mask[i, -n:].all()) for i, n in enumerate(lengths))
+        if name == "adakv":  # each row's head-wise masked keys, moved by its left padding into its batch row
+            shifted = batch.masked_key_indices[1]
+            assert set(shifted[0].tolist()) == set(range(len(rows)))
+            for i, row in enumerate(rows):
+                seq = shifted[2][shifted[0] == i]
+                assert sorted(seq.tolist()) == sorted((row.masked(1)[2] + max(lengths) - lengths[i]).tolist())
+    else:
+        assert batch.mode == "rows"
+        layer = batch.cache.layers[0]
+        assert isinstance(layer, RowBatchedLayer) and layer.rows == [row.cache.layers[0] for row in rows]
+        if name == "pyramidkv":  # one row's layers have different lengths: no single padding mask fits them
+            assert len({layer.keys.shape[2] for layer in rows[0].cache.layers}) > 1
+
+
+@pytest.mark.parametrize("name", ["no_press", "adakv"])
+def test_padded_keys_and_values_receive_no_attention(name):
+    """Huge keys and values in every padded position of the batch change no answer: the mask hides them."""
+    model = model_of(torch.float64)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs()
+    prefills = [capture_prefill(model, c) for c in contexts]
+    lengths = [p.context_length for p in prefills]
+    answers = []
+    for corrupt in (False, True):
+        batch = combine_caches(model, row_caches(model, prefills, PRESSES[name]))
+        assert batch.mode == "padded" and int((batch.attention_mask == 0).sum()) > 0
+        if corrupt:
+            pad = (batch.attention_mask == 0)[:, None, :, None]
+            g = torch.Generator().manual_seed(1)
+            for layer in batch.cache.layers:
+                noise = 1e4 * torch.randn(layer.keys.shape, generator=g, dtype=layer.keys.dtype)
+                layer.keys = torch.where(pad, noise, layer.keys)
+                layer.values = torch.where(pad, -noise, layer.values)
+        answers.append(answer_combined(model, tokenizer, batch, lengths, questions, budgets, keep_logits=True))
+    for clean, dirty in zip(*answers):
+        assert clean.token_ids == dirty.token_ids
+        assert all(torch.allclose(a, b, atol=1e-9) for a, b in zip(clean.logits, dirty.logits))
+
+
+@pytest.mark.parametrize("name", ["no_press", "quantization"])
+def test_the_pad_token_is_never_read(name):
+    """The question's left padding and the tokens fed to finished rows change nothing, whatever the pad token."""
+    model = model_of(torch.float32)
+    contexts, questions, budgets = inputs()
+    prefills = [capture_prefill(model, c) for c in contexts]
+    runs = []
+    for pad in (0, 77):
+        tokenizer = tiny_tokenizer()
+        tokenizer.pad_token_id = pad
+        answers = answer_batch(
+            model, tokenizer, row_caches(model, prefills, PRESSES[name]), questions, budgets, keep_logits=True
+        )
+        runs.append(answers)
+    for a, b in zip(*runs):
+        assert a.token_ids == b.token_ids
+        assert all(torch.allclose(x, y, atol=1e-5) for x, y in zip(a.logits, b.logits))
+
+
+@pytest.mark.parametrize(
+    ("name", "dtype"),
+    [("no_press", torch.float64), ("adakv", torch.float64), ("quantization", torch.float64)],
+)
+def test_a_row_that_stops_early_keeps_its_answer_while_the_others_go_on(name, dtype):
+    model = model_of(dtype)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs()
+    prefill = capture_prefill(model, contexts[2])  # the row with the largest budget
+    _, ids, _, _ = solo(model, tokenizer, prefill, PRESSES[name](), questions[2], budgets[2])
+    stop = ids[2]  # generate_answer never checks the first token; stopping on the third one ends the answer there
+    assert stop not in ids[1:2]
+    saved = model.generation_config.eos_token_id
+    model.generation_config.eos_token_id = [saved, stop]
+    try:
+        answers, _ = check_batch_against_solo(model, name)
+    finally:
+        model.generation_config.eos_token_id = saved
+    assert answers[2].token_ids == ids[:3] and len(ids) == budgets[2] > 3  # stopped on the stop token, kept it
+    assert any(len(a.token_ids) > 3 for a in answers)  # the others went on after it
+
+
+def test_a_single_row_batch_is_the_row_alone():
+    model = model_of(torch.float64)
+    check_batch_against_solo(model, "snapkv", n_rows=1)
+
+
+def sliding_model():
+    """A tiny Qwen2 whose last two layers attend over a 16-token window."""
+    layer_types = ["full_attention"] * 2 + ["sliding_attention"] * 2
+    return tiny_model("qwen2", use_sliding_window=True, sliding_window=16, layer_types=layer_types)
+
+
+def test_caches_that_cannot_be_batched_are_named():
+    from transformers.cache_utils import DynamicSlidingWindowLayer
+
+    model = sliding_model()
+    contexts, _, _ = inputs(2)
+    rows = row_caches(model, [capture_prefill(model, c) for c in contexts], PRESSES["no_press"])
+    assert batching_blocker(model, rows) == "the model has sliding-window layers [2, 3]"
+    with pytest.raises(ValueError, match="cannot batch these caches: the model has sliding-window layers"):
+        combine_caches(model, rows)
+    window = DynamicSlidingWindowLayer(sliding_window=16)
+    with pytest.raises(ValueError, match="row 1 cannot be batched: a sliding-window layer"):
+        RowBatchedLayer([rows[0].cache.layers[0], window])
+
+
+# --- the harness --------------------------------------------------------------------------------------------------
+
+SWEEP = [
+    "dataset=needle",
+    "context_length=[160, 240]",
+    "needle_depth=[0.25, 1.0]",
+    "compression_ratio=[0.5]",
+    "max_new_tokens=6",
+    (
+        "composed_presses={pikv_int4_top2: [{press: pikv, compression: {bits: 4, key_group_size: 8, residual_length: 8}, "
+        "sharding: {num_shards: 4, top_k_shards: 2, flush_tokens: 2}}]}"
+    ),
+]
+FIELDS = ("predicted_answer", "kv_bytes", "kv_bytes_read", "context_tokens", "bf16_kv_bytes")
+
+
+def sweep(model, output_dir, presses, *extra):
+    config = load_config(None, [*SWEEP, f"press_name=[{', '.join(presses)}]", f"output_dir={output_dir}", *extra])
+    evaluator = Evaluator(config, model, tiny_tokenizer())
+    evaluator.run()
+    records = {}
+    for run in plan_runs(config):
+        lines = [json.loads(line) for line in (run.directory / PREDICTIONS).read_text().splitlines()]
+        records[run.directory.name] = {r["index"]: r for r in lines}
+    return records, evaluator.prefills
+
+
+def test_harness_batches_record_what_one_at_a_time_records(tmp_path):
+    model = tiny_model("llama")
+    presses = ["no_press", "knorm", "adakv_expected_attention", "pyramidkv", "pikv_int4_top2"]
+    one, prefills_one = sweep(model, tmp_path / "one", presses)
+    batched, prefills_batched = sweep(model, tmp_path / "three", presses, "batch_size=3")
+    assert prefills_one == prefills_batched == 4  # one prefill per sample, shared by every press
+    assert one.keys() == batched.keys() and len(one) == len(presses)
+    for run, records in one.items():
+        assert records.keys() == batched[run].keys() == {0, 1, 2, 3}
+        for index, record in records.items():
+            for name in FIELDS:
+                assert batched[run][index][name] == record[name], (run, index, name)
+            assert batched[run][index]["seconds"] > 0
+    record = next(records for run, records in one.items() if run.startswith("no_press__"))[0]
+    assert record["kv_bytes"] == 2 * record["bf16_kv_bytes"]  # a float32 cache of the uncompressed prompt
+    assert (
+        record["context_tokens"] * 4 * 2 * 2 * 16 * 2 == record["bf16_kv_bytes"]
+    )  # tokens x layers x k,v x heads x dim
+
+
+def test_runs_with_their_own_prefill_record_the_same_context_measurements(tmp_path):
+    model = tiny_model("llama")
+    shared, _ = sweep(model, tmp_path / "shared", ["no_press", "knorm"])
+    alone, prefills = sweep(model, tmp_path / "alone", ["no_press", "knorm"], "prefill_reuse=false", "batch_size=2")
+    assert prefills == 8
+    for run, records in shared.items():
+        for index, record in records.items():
+            for name in FIELDS:
+                assert alone[run][index][name] == record[name], (run, index, name)
+
+
+def test_harness_answers_unbatchable_caches_one_at_a_time_and_says_why(tmp_path, caplog):
+    model = sliding_model()
+    one, _ = sweep(model, tmp_path / "one", ["no_press", "knorm"])
+    with caplog.at_level(logging.INFO, logger="pikvpress_eval.runner"):
+        batched, _ = sweep(model, tmp_path / "two", ["no_press", "knorm"], "batch_size=2")
+    assert "answering one sample at a time: the model has sliding-window layers [2, 3]" in caplog.text
+    for run, records in one.items():
+        for index, record in records.items():
+            for name in FIELDS:
+                assert batched[run][index][name] == record[name], (run, index, name)
