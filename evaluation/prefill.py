@@ -14,8 +14,6 @@ from typing import Any
 
 import torch
 from kvpress import BasePress, ComposedPress, DecodingPress, PrefillDecodingPress
-from kvpress.presses.adakv_press import AdaKVPress
-from kvpress.presses.per_layer_compression_press import PerLayerCompressionPress
 from torch import nn
 from transformers import DynamicCache
 
@@ -47,8 +45,9 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
 def can_reuse_prefill(press: BasePress | None, model: nn.Module) -> bool:
     """Whether ``press`` compresses inside the standard kvpress forward hook on a shared prefill.
 
-    Presses with their own context manager (KVzip, Finch, decoding presses...) and presses that read
-    eager attention weights need their own prefill.
+    Presses with their own context manager (KVzip, KVgrad, KVCompose, Finch, decoding presses...) and presses
+    that read eager attention weights need their own prefill; a wrapper (AdaKV, CriticalKV, ChunkKV...) shares
+    the prefill when the press it wraps does.
     """
     if press is None:
         return True
@@ -62,8 +61,9 @@ def can_reuse_prefill(press: BasePress | None, model: nn.Module) -> bool:
         return False
     if isinstance(press, ComposedPress):
         return all(can_reuse_prefill(p, model) for p in press.presses)
-    if isinstance(press, (AdaKVPress, PerLayerCompressionPress)):
-        return can_reuse_prefill(press.press, model)
+    inner = getattr(press, "press", None)
+    if isinstance(inner, BasePress):  # a wrapper (AdaKV, CriticalKV, ChunkKV, BlockPress, MergingPress...)
+        return can_reuse_prefill(inner, model)
     return True
 
 
@@ -116,8 +116,10 @@ def replay_press(model: nn.Module, prefill: CapturedPrefill, press: BasePress | 
             output = layer.output
             for key in new_hooks:
                 hook = module._forward_hooks[key]
-                result = hook(module, (), kwargs, output) if key in module._forward_hooks_with_kwargs else hook(
-                    module, (), output
+                result = (
+                    hook(module, (), kwargs, output)
+                    if key in module._forward_hooks_with_kwargs
+                    else hook(module, (), output)
                 )
                 output = result if result is not None else output
     return cache
