@@ -4,23 +4,80 @@
     python -m evaluation quick [key=value ...]
     python -m evaluation run --config CONFIG.yaml [key=value ...]
     python -m evaluation report RESULTS_DIR
+    python -m evaluation timing --config CONFIG.yaml [key=value ...] [prompts=4 decode_tokens=16 repeats=1]
+    python -m evaluation --dataset ruler --data_dir 4096 --press_name snapkv --compression_ratio 0.5 ...
 
 Overrides are ``field=value`` with YAML values (``compression_ratio=[0.25,0.5]``). Unknown fields,
-presses and datasets are rejected before any model is loaded.
+presses and datasets are rejected before any model is loaded. The last form is kvpress's ``evaluate.py``
+command line (see ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
+import random
+import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from .config import EvalConfig
 
 CONFIGS = Path(__file__).parent / "configs"
 
+KVPRESS_HELP = """\
+kvpress's command line (its evaluation/evaluate.py flags, python-fire style: --name value or --name=value):
+
+  python -m evaluation --dataset ruler --data_dir 4096 --model smollm2-135m-instruct \\
+      --press_name snapkv --compression_ratio 0.5 --fraction 0.1 --output_dir results
+  python -m evaluation --config my.yaml [--flag value ...]      (also kvpress's --config_file)
+
+Defaults are kvpress's (its evaluate_config.yaml): --dataset ruler --data_dir 4096 --press_name knorm
+--compression_ratio 0.5 --seed 42 --output_dir ./results, the device auto-detected (cuda, else cpu), EXCEPT
+the model: --model defaults to smollm2-135m-instruct, this harness's offline default model, not kvpress's
+meta-llama/Meta-Llama-3.1-8B-Instruct (any hub id or local path works with --model). No YAML file is read
+unless --config / --config_file names one.
+
+kvpress's flags, and what they become here:
+  --dataset             ruler, longbench, longbench-e, longbench-v2; needle_in_haystack = this harness's
+                        needle (a magic number hidden in essays, scored by exact match; kvpress hides its
+                        data set's needle sentence and scores it with ROUGE)
+  --data_dir            ruler: the context length of kvpress's simonjegou/ruler subset ("4096") ->
+                        context_length; RULER is generated offline here with the model's tokenizer, 500
+                        samples per task (--num_samples), the 11 synthetic tasks (qa_1/qa_2 need local
+                        SQuAD / HotpotQA files: --data_dir DIR --context_length N)
+                        longbench / longbench-e: the task subset of Xnhyacinth/LongBench (hotpotqa,
+                        hotpotqa_e) -> --tasks [hotpotqa], read from that hub dataset; a local directory of
+                        {task}.jsonl files also works; unset: every task
+                        longbench-v2: unset -> simonjegou/LongBench-v2 (or a local data.json)
+  --fraction            the share of the rows evaluated, sampled with --seed as kvpress samples them
+                        (after every row is generated, as kvpress samples after loading)
+  --needle_depth        needle_in_haystack: percent (0-100), one or a list, as in kvpress
+  --max_context_length  needle_in_haystack: the haystack's length; otherwise contexts are truncated to it
+  --model --press_name --compression_ratio --max_new_tokens --query_aware --seed --output_dir --device
+  --model_kwargs --trust_remote_code --log_level     as in kvpress (observed_attention gets eager attention,
+                        as kvpress sets it)
+  --key_channel_compression_ratio   presses with ThinK's key-channel pruning (think, snap_think) only
+  --fp8 --threshold --head_compression_ratio --compression_interval --target_size
+  --hidden_states_buffer_size       refused (no press here takes them)
+This harness's fields are flags too: --context_length --num_samples --tasks --split --batch_size
+--prefill_reuse --composed_presses; --press_name and --compression_ratio also take lists (a sweep).
+
+Each run is written to OUTPUT_DIR/<dataset>/<model>/<press>__<ratio>__<key hash>/ with kvpress's files
+(config.yaml, predictions.csv, metrics.json) and predictions.jsonl; a finished run is not run again.
+"""
+
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m evaluation", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(
+        prog="python -m evaluation",
+        description=__doc__.split("\n\n")[0],
+        epilog=KVPRESS_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     sub = parser.add_subparsers(dest="command")
     quick = sub.add_parser("quick", help="the quick RULER sweep of the README (configs/quick.yaml)")
     quick.add_argument("overrides", nargs="*", help="field=value")
@@ -29,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="field=value")
     report = sub.add_parser("report", help="aggregate finished runs into tables and plots")
     report.add_argument("results_dir")
+    timing = sub.add_parser(
+        "timing", help="time each press's own prefill and decode against no press (OUTPUT_DIR/timing.json)"
+    )
+    timing.add_argument("--config", help="YAML config (see evaluation/configs/)")
+    timing.add_argument("overrides", nargs="*", help="field=value, and prompts=N decode_tokens=N repeats=N")
     return parser
 
 
@@ -38,13 +100,27 @@ def _print_report(path: Path) -> None:
     print(f"\nreport: {path}  (tables: {path.with_suffix('.csv')}, plots: {path.parent}/*.png)")
 
 
-def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
-    from .config import load_config
+def _seed(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators, as kvpress's evaluate.py does."""
+    import numpy as np
+    import torch
 
-    config = load_config(config_path, overrides)  # fails here, before any model loads
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def evaluate(config: EvalConfig) -> Path:
+    """Run (or resume) a validated config's sweep; write and return its report.
+
+    Every run directory's key is checked (:func:`~.runs.plan_runs`) before the model loads.
+    """
     from .report import write_report
     from .runner import Evaluator
+    from .runs import plan_runs
 
+    plan_runs(config)  # a directory holding another run fails here, before any model loads
+    _seed(config.seed)
     start = time.perf_counter()
     evaluator = Evaluator(config)
     evaluator.run()
@@ -54,19 +130,56 @@ def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
     return write_report(config.output_dir)
 
 
-def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
-    command = args.command or "quick"
-    if command == "report":
-        from .report import write_report
+def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
+    """``run`` / ``quick``: a YAML config with ``key=value`` overrides, evaluated (see :func:`evaluate`)."""
+    from .config import load_config
 
-        _print_report(write_report(args.results_dir))
-        return
-    if command == "quick":
-        _print_report(run_sweep(CONFIGS / "quick.yaml", getattr(args, "overrides", [])))
-        return
-    _print_report(run_sweep(args.config, args.overrides))
+    return evaluate(load_config(config_path, overrides))  # the config fails before any model loads
+
+
+def run_kvpress_flags(argv: list[str]) -> Path:
+    """kvpress's ``evaluate.py`` command line (:func:`~.config.load_kvpress_flags`), evaluated."""
+    from .config import load_kvpress_flags
+
+    config, log_level = load_kvpress_flags(argv)  # fails here, before any model loads
+    for name in (__package__ or "evaluation", "pikvpress"):
+        logging.getLogger(name).setLevel(log_level)
+    return evaluate(config)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from .config import ConfigError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    try:
+        if argv and argv[0].startswith("--") and argv[0] != "--help":
+            if "--help" in argv or "-h" in argv:
+                print(KVPRESS_HELP)
+                return
+            _print_report(run_kvpress_flags(argv))
+            return
+        args = parser.parse_args(argv)
+        command = args.command or "quick"
+        if command == "report":
+            from .report import write_report
+
+            _print_report(write_report(args.results_dir))
+            return
+        if command == "timing":
+            from .timing import format_timing, run_timing
+
+            path = run_timing(args.config, args.overrides)
+            print(format_timing(json.loads(path.read_text())))
+            print(f"\ntiming: {path}")
+            return
+        if command == "quick":
+            _print_report(run_sweep(CONFIGS / "quick.yaml", getattr(args, "overrides", [])))
+            return
+        _print_report(run_sweep(args.config, args.overrides))
+    except ConfigError as err:
+        parser.exit(2, f"error: {err}\n")
 
 
 if __name__ == "__main__":
