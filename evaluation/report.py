@@ -284,9 +284,14 @@ def load_runs(results_dir: str | Path) -> list[RunResult]:
 def _frame(runs: Sequence[RunResult]) -> pd.DataFrame:
     rows = []
     for run in runs:
+        # kvpress's scorer format holds a task's score as {"string_match": x}: flatten it to the number
+        metrics = {
+            k: v["string_match"] if isinstance(v, dict) and set(v) == {"string_match"} else v
+            for k, v in run.metrics.items()
+        }
         rows.append(
             dict(
-                run.metrics,
+                metrics,
                 dataset=run.dataset,
                 model=run.model,
                 press=run.press,
