@@ -52,3 +52,30 @@ def layer_read_nbytes(layer: Any) -> float:
     """Key/value bytes the last decode step read from ``layer``: what a sharded layer's attention recorded, else every
     byte the layer holds (attention reads the whole layer)."""
     return layer.read_nbytes() if hasattr(layer, "read_nbytes") else float(layer_nbytes(layer))
+
+
+def layer_tensor_nbytes(layer: Any, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes of every tensor ``layer`` holds (walked through its attributes, lists, dicts and sub-objects such as
+    shards and packed tensors, each tensor once), with floating-point tensors counted at ``float_dtype``'s size:
+    ``torch.bfloat16`` gives the bytes the same cache holds in a bf16 run (codes, indices and offsets keep their
+    integer sizes). With ``float_dtype=None`` it equals :func:`layer_nbytes` (the tests check it per layer kind)."""
+    seen: set[int] = set()
+    total = 0
+    stack = [layer]
+    while stack:
+        obj = stack.pop()
+        if id(obj) in seen or obj is None or isinstance(obj, (str, bytes, int, float, bool, torch.dtype, torch.device)):
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, torch.Tensor):
+            size = obj.element_size()
+            if float_dtype is not None and obj.is_floating_point():
+                size = torch.empty((), dtype=float_dtype).element_size()
+            total += obj.numel() * size
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, (list, tuple, set)):
+            stack.extend(obj)
+        elif hasattr(obj, "__dict__") and not isinstance(obj, (torch.nn.Module, type)):
+            stack.extend(vars(obj).values())
+    return total
