@@ -7,12 +7,12 @@ import contextlib
 
 import pytest
 import torch
+from pikvpress_eval.presses import build_press
 from transformers import DynamicCache
 
 from pikvpress.cache.ops import layer_nbytes, layer_tensor_nbytes
 from pikvpress.models import tiny_model
 from pikvpress.presses import PiKVPress, QuantizationPress
-from pikvpress_eval.presses import build_press
 
 PRESSES = {
     "none": lambda: None,
