@@ -10,23 +10,24 @@ greedy loop (:func:`answer_batch`), the equivalent of kvpress's ``pipeline.gener
   checked; a later stop token ends the answer and is part of it) or after its own ``max_new_tokens``; a row that has
   stopped keeps being fed a pad token while the others go on, and its answer is final.
 
-Two ways to combine the caches (:class:`BatchedCache`):
+Two ways to combine the caches (:class:`BatchedCache`), both without any attention mask from the model:
 
 ``"padded"``
-    Every layer of every row is a plain ``DynamicLayer`` and each row's layers have one length (no press, token-removing
-    presses such as SnapKV or Knorm, head-wise presses such as AdaKV that keep the full cache): each layer is
-    left-padded to the longest row with zero keys and values, and an attention mask ``(B, N)`` marks the padding
-    (context and question padding) with 0; transformers turns it into each layer's mask, so padded positions get no
-    attention. kvpress's head-wise masked keys (``module.masked_key_indices``) of every row are shifted by the row's
-    left padding, given the row's batch index and put on the attention modules while answering.
+    Every layer of every row is a plain ``DynamicLayer`` (no press, token-removing presses such as SnapKV, Knorm or
+    PyramidKV, head-wise presses such as AdaKV that keep the whole cache): each layer becomes a
+    :class:`~pikvpress.cache.PaddedKVLayer`, its rows left-padded with zeros to that layer's longest row, holding which
+    positions are real (the question's left padding is marked too, as it goes in); pikvpress's attention masks every
+    padded position of the layer (:func:`pikvpress.attention.padded_layer_attention`). kvpress's head-wise masked keys
+    (``module.masked_key_indices``) of every row are shifted by the row's left padding in that layer, given the row's
+    batch index and put on the attention modules while answering.
 ``"rows"``
-    Otherwise (pikvpress's packed and sharded layers, dense layers of different lengths within a row such as
-    PyramidKV's): each layer becomes a :class:`~pikvpress.cache.RowBatchedLayer` holding the rows' own layers, which
-    receive only their row's real tokens and are read row by row (see :mod:`pikvpress.cache.row_batch` for why a
-    rectangular padded combine cannot keep those answers exact). The model runs batched; no mask is needed.
+    Otherwise (pikvpress's packed and sharded layers): each layer becomes a :class:`~pikvpress.cache.RowBatchedLayer`
+    holding the rows' own layers, which receive only their row's real tokens and are read row by row (see
+    :mod:`pikvpress.cache.batched` for why a rectangular padded combine cannot keep those answers exact).
 
-:func:`batching_blocker` names what no combine can batch (sliding-window layers, transformers' quantized layers, an
-attention function that does not read pikvpress's layers); the harness answers those runs one sample at a time.
+:func:`batching_blocker` names what neither can batch (a model with sliding-window layers, transformers' quantized
+layers, an attention function that does not read pikvpress's layers); the harness answers those runs one sample at a
+time.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from pikvpress.attention import reads_row_batches
-from pikvpress.cache import batch_rows, layer_nbytes, row_batch_blocker
+from pikvpress.cache import PaddedKVLayer, batch_rows, layer_nbytes, row_batch_blocker
 from pikvpress.models import language_model, layer_adapter
 
 
@@ -91,11 +92,10 @@ class BatchedCache:
     Attributes
     ----------
     cache : transformers.DynamicCache
-        The batched cache the model reads.
+        The batched cache the model reads: :class:`~pikvpress.cache.PaddedKVLayer` s (``"padded"``) or
+        :class:`~pikvpress.cache.RowBatchedLayer` s (``"rows"``).
     mode : {"padded", "rows"}
         How the rows were combined (see the module docstring).
-    attention_mask : torch.Tensor or None
-        ``"padded"``: the ``(B, N)`` mask of every position the cache holds (0: padding), extended by :meth:`feed`.
     masked_key_indices : list
         ``"padded"``: per attention module, every row's head-wise masked keys in batch coordinates (or None).
     row_bytes : list of int
@@ -106,28 +106,20 @@ class BatchedCache:
 
     cache: Any
     mode: str
-    attention_mask: torch.Tensor | None = None
     masked_key_indices: list[Any] = field(default_factory=list)
     row_bytes: list[int] = field(default_factory=list)
     token_bytes: int = 0
 
     @property
     def batch_size(self) -> int:
-        if self.attention_mask is not None:
-            return self.attention_mask.shape[0]
-        return self.cache.layers[0].batch_size
+        layer = self.cache.layers[0]
+        return layer.valid.shape[0] if self.mode == "padded" else layer.batch_size
 
-    def feed(self, real: torch.Tensor) -> torch.Tensor | None:
-        """Before a forward of ``q`` new tokens per row, ``real`` ``(B, q)`` bool (False: padding); return the
-        attention mask the forward takes (``"padded"``: the mask extended; ``"rows"``: None, each row's layer is told
-        which of its tokens are real)."""
-        if self.mode == "padded":
-            real = real.to(self.attention_mask.device, self.attention_mask.dtype)
-            self.attention_mask = torch.cat([self.attention_mask, real], dim=1)
-            return self.attention_mask
+    def feed(self, real: torch.Tensor) -> None:
+        """Before a forward of ``q`` new tokens per row: ``real`` ``(B, q)`` bool says which are real (False: the
+        question's left padding, the tokens fed to rows that have stopped); every layer is told."""
         for layer in self.cache.layers:
             layer.incoming = real
-        return None
 
     @contextlib.contextmanager
     def answering(self, model: nn.Module) -> Iterator[None]:
@@ -192,8 +184,6 @@ def batching_blocker(model: nn.Module, rows: Sequence[RowCache]) -> str | None:
             reason = row_batch_blocker(layer)
             if reason is not None:
                 return f"the cache holds {reason}"
-    if _padded_mode(rows):
-        return None
     for module in attention_modules(model):
         if not reads_row_batches(module):
             return (
@@ -204,27 +194,22 @@ def batching_blocker(model: nn.Module, rows: Sequence[RowCache]) -> str | None:
 
 
 def _padded_mode(rows: Sequence[RowCache]) -> bool:
-    """Whether every layer is a plain DynamicLayer holding one sequence, with one length per row."""
+    """Whether every layer is a plain DynamicLayer holding one sequence, alike in every row."""
+    first = rows[0].cache.layers
     for row in rows:
-        lengths = set()
-        for layer in row.cache.layers:
+        for layer, ref in zip(row.cache.layers, first):
             if type(layer) is not DynamicLayer or not layer.is_initialized or layer.keys.shape[0] != 1:
                 return False
-            lengths.add(layer.keys.shape[2])
-        if len(lengths) != 1:
-            return False
-    first = rows[0].cache.layers
-    for row in rows[1:]:
-        for a, b in zip(first, row.cache.layers):
-            if a.keys.shape[1::2] != b.keys.shape[1::2] or a.values.shape[1::2] != b.values.shape[1::2]:
+            if layer.keys.shape[1::2] != ref.keys.shape[1::2] or layer.values.shape[1::2] != ref.values.shape[1::2]:
                 return False
-            if a.keys.dtype != b.keys.dtype or a.keys.device != b.keys.device:
+            if layer.keys.dtype != ref.keys.dtype or layer.keys.device != ref.keys.device:
                 return False
     return True
 
 
-def combine_caches(model: nn.Module, rows: Sequence[RowCache]) -> BatchedCache:
-    """One batched cache of ``rows`` (see the module docstring for the two ways).
+def combine_caches(model: nn.Module, rows: Sequence[RowCache], reserve: int = 0) -> BatchedCache:
+    """One batched cache of ``rows`` (see the module docstring for the two ways); ``reserve``: tokens to come, for
+    which padded layers preallocate room (:meth:`~pikvpress.cache.PaddedKVLayer.reserve`).
 
     Raises
     ------
@@ -234,54 +219,35 @@ def combine_caches(model: nn.Module, rows: Sequence[RowCache]) -> BatchedCache:
     reason = batching_blocker(model, rows)
     if reason is not None:
         raise ValueError(f"cannot batch these caches: {reason}")
-    if _padded_mode(rows):
-        return _padded(model, rows)
+    n_layers = len(rows[0].cache.layers)
     cache = DynamicCache()
-    cache.layers = [
-        batch_rows([row.cache.layers[idx] for row in rows], [row.masked(idx) for row in rows])
-        for idx in range(len(rows[0].cache.layers))
-    ]
-    return BatchedCache(cache, "rows")
-
-
-def _padded(model: nn.Module, rows: Sequence[RowCache]) -> BatchedCache:
-    b = len(rows)
-    lengths = [row.cache.layers[0].keys.shape[2] for row in rows]
-    longest = max(lengths)
-    layers = []
-    token_bytes = 0
-    for idx in range(len(rows[0].cache.layers)):
-        first = rows[0].cache.layers[idx]
-        _, h, _, dk = first.keys.shape
-        dv = first.values.shape[-1]
-        keys = first.keys.new_zeros((b, h, longest, dk))
-        values = first.values.new_zeros((b, h, longest, dv))
-        for i, row in enumerate(rows):
-            layer = row.cache.layers[idx]
-            keys[i, :, longest - lengths[i] :] = layer.keys[0]
-            values[i, :, longest - lengths[i] :] = layer.values[0]
-        batched = DynamicLayer()
-        batched.lazy_initialization(keys, values)
-        batched.keys, batched.values = keys, values
-        layers.append(batched)
-        token_bytes += h * (dk * keys.element_size() + dv * values.element_size())
-    cache = DynamicCache()
-    cache.layers = layers
-    mask = torch.zeros((b, longest), dtype=torch.long, device=layers[0].keys.device)
-    for i, n in enumerate(lengths):
-        mask[i, longest - n :] = 1
+    if not _padded_mode(rows):
+        cache.layers = [
+            batch_rows([row.cache.layers[idx] for row in rows], [row.masked(idx) for row in rows])
+            for idx in range(n_layers)
+        ]
+        return BatchedCache(cache, "rows")
+    cache.layers = [PaddedKVLayer.from_rows([row.cache.layers[idx] for row in rows]) for idx in range(n_layers)]
+    for layer in cache.layers:
+        layer.reserve(reserve)
     masked = []
     for idx in range(len(attention_modules(model))):
         parts = [(i, row.masked(idx)) for i, row in enumerate(rows) if row.masked(idx) is not None]
         if not parts:
             masked.append(None)
             continue
+        padding = cache.layers[idx].padding()
         batch_idx = torch.cat([torch.full_like(m[0], i) for i, m in parts])
         head_idx = torch.cat([m[1] for _, m in parts])
-        seq_idx = torch.cat([m[2] + (longest - lengths[i]) for i, m in parts])
+        seq_idx = torch.cat([m[2] + padding[i] for i, m in parts])
         masked.append((batch_idx, head_idx, seq_idx))
+    token_bytes = sum(
+        layer.keys.shape[1] * (layer.keys.shape[3] * layer.keys.element_size())
+        + layer.values.shape[1] * (layer.values.shape[3] * layer.values.element_size())
+        for layer in cache.layers
+    )
     row_bytes = [int(sum(layer_nbytes(layer) for layer in row.cache.layers)) for row in rows]
-    return BatchedCache(cache, "padded", mask, masked, row_bytes, token_bytes)
+    return BatchedCache(cache, "padded", masked, row_bytes, token_bytes)
 
 
 @dataclass
@@ -347,7 +313,8 @@ def answer_batch(
     """
     if not len(rows) == len(question_ids) == len(max_new_tokens):
         raise ValueError(f"{len(rows)} rows, {len(question_ids)} questions and {len(max_new_tokens)} budgets")
-    batch = combine_caches(model, rows)
+    width = max(int(q.shape[1]) for q in question_ids)
+    batch = combine_caches(model, rows, reserve=width + max(max(int(m) for m in max_new_tokens) - 1, 0))
     context_lengths = [row.context_length for row in rows]
     return answer_combined(
         model, tokenizer, batch, context_lengths, question_ids, max_new_tokens, keep_logits=keep_logits
@@ -389,14 +356,8 @@ def answer_combined(
     fed = list(lengths)  # each row's real tokens through the model (question, then its answer but the last token)
     remaining = [max(int(m) - 1, 0) for m in max_new_tokens]  # generate_answer's loop: range(max_new_tokens - 1)
     with batch.answering(model):
-        mask = batch.feed(real)
-        out = model(
-            input_ids=input_ids,
-            past_key_values=batch.cache,
-            position_ids=positions,
-            attention_mask=mask,
-            logits_to_keep=1,
-        )
+        batch.feed(real)
+        out = model(input_ids=input_ids, past_key_values=batch.cache, position_ids=positions, logits_to_keep=1)
         active = list(range(b))
         _take(out.logits[:, -1], active, generated, logits, keep_logits)
         for i in active:
@@ -408,13 +369,8 @@ def answer_combined(
             flags[active] = True
             last = torch.stack([ids[-1] for ids in generated]).to(device)
             tokens = torch.where(flags, last, torch.full_like(last, pad))
-            mask = batch.feed(flags[:, None])
-            out = model(
-                input_ids=tokens[:, None],
-                past_key_values=batch.cache,
-                position_ids=next_positions[:, None],
-                attention_mask=mask,
-            )
+            batch.feed(flags[:, None])
+            out = model(input_ids=tokens[:, None], past_key_values=batch.cache, position_ids=next_positions[:, None])
             next_positions = next_positions + 1
             _take(out.logits[:, -1], active, generated, logits, keep_logits)
             still = []

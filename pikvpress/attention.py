@@ -15,8 +15,9 @@ tag and computes, for every query (decode or a multi-token question):
 and merges the partials exactly by log-sum-exp. A :class:`~pikvpress.cache.RowBatchedLayer` (several sequences' own
 layers answered as one batch) is read row by row: each row's real queries over that row's own layer, through the
 model's attention function, with the row's own causal mask and head-wise masked keys
-(:func:`row_batched_attention`). Every call with untagged keys (a dense cache, a sliding-window
-layer) goes to the original function unchanged. The model's ``config._attn_implementation`` is never rewritten, so
+(:func:`row_batched_attention`); a :class:`~pikvpress.cache.PaddedKVLayer` (several sequences' dense layers,
+left-padded) with its padding masked (:func:`padded_layer_attention`). Every call with untagged keys (a dense cache, a
+sliding-window layer) goes to the original function unchanged. The model's ``config._attn_implementation`` is never rewritten, so
 two threads or nested forwards cannot flip it. Layers tag their parts once :func:`enable_packed_attention` has named
 the model's attention implementation (the presses call it); until then, and after :func:`disable_packed_attention`,
 they hand attention their dequantized tokens.
@@ -33,9 +34,9 @@ from torch import nn
 from torch.nn import functional as F
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from pikvpress.cache.batched import PaddedKVLayer, RowBatchedLayer
 from pikvpress.cache.layer_base import DISPATCHED, LAYER_TAG, dispatch_key
 from pikvpress.cache.packed_layer import PackedKVLayer
-from pikvpress.cache.row_batch import RowBatchedLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.kernels.attention import (
     attention_partial,
@@ -53,6 +54,7 @@ __all__ = [
     "enable_packed_attention",
     "install_attention_dispatch",
     "packed_layer_attention",
+    "padded_layer_attention",
     "reads_row_batches",
     "row_batched_attention",
     "sharded_layer_attention",
@@ -354,6 +356,40 @@ def row_batched_attention(
     return out.to(query.dtype)
 
 
+def padded_layer_attention(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    layer: PaddedKVLayer,
+    scaling: float | None = None,
+    s_aux: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention of ``query`` (B, Hq, Lq, D) over a :class:`~pikvpress.cache.PaddedKVLayer`'s ``key`` / ``value``
+    (B, Hkv, N, D|Dv, every position); returns (B, Lq, Hq, Dv) in ``query``'s dtype.
+
+    The model's mask (right-aligned to the layer, causality added for several queries when it lacks it) and
+    kvpress's head-wise masked keys (:func:`_keep`) are combined with the layer's own ``valid``, so no padded
+    position is attended, whatever mask the model built. The keys stay grouped: one SDPA call with ``enable_gqa``
+    (transformers' SDPA path repeats every key per query head as soon as a mask is given, which costs more than the
+    attention itself on CPU). Attention sinks (GPT-OSS) merge as one more partial.
+    """
+    b, hq, lq, d = query.shape
+    hkv, n = key.shape[1], key.shape[2]
+    scale = float(scaling) if scaling is not None else d**-0.5
+    keep = _keep(attention_mask, module, b, hq, hkv, lq, 0, n, query.device)
+    valid = layer.valid.to(query.device)[:, None, None, :]
+    keep = valid if keep is None else keep & valid
+    if s_aux is None:
+        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=hq != hkv)
+        return out.transpose(1, 2).contiguous()
+    out_r, lse_r = attention_partial(query, key, value, scale, keep)
+    out_a, lse_a = _sinks_partial(s_aux, b, hq, lq, value.shape[-1], query.device)
+    out, _ = merge_partials(torch.stack([out_r, out_a], dim=3), torch.stack([lse_r, lse_a], dim=3), dim=3)
+    return out.transpose(1, 2).to(query.dtype).contiguous()
+
+
 def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer, **kwargs: Any):
     """Attention over a packed or sharded layer (``key`` is the part ``update`` returned, tagged with the layer), or
     over a batch of rows' own layers."""
@@ -361,6 +397,11 @@ def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer
         return row_batched_attention(module, query, value, layer, **kwargs), None
     if module.training and kwargs.get("dropout", 0.0):
         raise ValueError("packed KV attention does not support dropout; call model.eval()")
+    if isinstance(layer, PaddedKVLayer):
+        out = padded_layer_attention(
+            module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
+        )
+        return out, None
     read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
     out = read(
         module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")

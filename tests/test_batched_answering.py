@@ -36,7 +36,7 @@ from pikvpress_eval.runs import PREDICTIONS
 from transformers import pipeline
 
 from pikvpress import PiKVPress, QuantizationPress
-from pikvpress.cache import RowBatchedLayer, cache_bytes_read
+from pikvpress.cache import PaddedKVLayer, RowBatchedLayer, cache_bytes_read
 from pikvpress.models import tiny_model, tiny_tokenizer
 
 CONTEXTS = (70, 95, 83, 101)
@@ -58,7 +58,7 @@ PRESSES = {
         compression_ratio=0.5, compression=PACKING, sharding={"num_shards": 4, "top_k_shards": 2, "flush_tokens": 2}
     ),
 }
-DENSE = {"no_press", "snapkv", "knorm", "adakv", "critical_adakv"}
+DENSE = {"no_press", "snapkv", "knorm", "adakv", "critical_adakv", "pyramidkv"}
 #: float64 logits agree to rounding; float32 close (the batch's matmuls sum in another order)
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}
 
@@ -143,25 +143,28 @@ def test_combine_pads_dense_layers_and_keeps_the_rows_own_packed_and_sharded_lay
     batch = combine_caches(model, rows)
     if name in DENSE:
         assert batch.mode == "padded"
-        lengths = [row.cache.get_seq_length() for row in rows]
-        assert batch.cache.layers[0].keys.shape[2] == max(lengths)
-        assert batch.attention_mask.sum(1).tolist() == lengths  # left padding, masked
-        assert all(bool(batch.attention_mask[i, -n:].all()) for i, n in enumerate(lengths))
+        for idx, layer in enumerate(batch.cache.layers):  # each layer padded to its own longest row
+            lengths = [row.cache.layers[idx].keys.shape[2] for row in rows]
+            assert isinstance(layer, PaddedKVLayer) and layer.keys.shape[2] == max(lengths)
+            assert layer.valid.sum(1).tolist() == lengths  # left padding, marked
+            assert layer.padding() == [max(lengths) - n for n in lengths]
+            for i, row in enumerate(rows):
+                assert torch.equal(layer.keys[i, :, max(lengths) - lengths[i] :], row.cache.layers[idx].keys[0])
         if name == "adakv":  # each row's head-wise masked keys, moved by its left padding into its batch row
-            shifted = batch.masked_key_indices[1]
+            shifted, padding = batch.masked_key_indices[1], batch.cache.layers[1].padding()
             assert set(shifted[0].tolist()) == set(range(len(rows)))
             for i, row in enumerate(rows):
                 seq = shifted[2][shifted[0] == i]
-                assert sorted(seq.tolist()) == sorted((row.masked(1)[2] + max(lengths) - lengths[i]).tolist())
+                assert sorted(seq.tolist()) == sorted((row.masked(1)[2] + padding[i]).tolist())
+        if name == "pyramidkv":  # one row's layers have different lengths: each layer carries its own padding
+            assert len({layer.keys.shape[2] for layer in rows[0].cache.layers}) > 1
     else:
         assert batch.mode == "rows"
         layer = batch.cache.layers[0]
         assert isinstance(layer, RowBatchedLayer) and layer.rows == [row.cache.layers[0] for row in rows]
-        if name == "pyramidkv":  # one row's layers have different lengths: no single padding mask fits them
-            assert len({layer.keys.shape[2] for layer in rows[0].cache.layers}) > 1
 
 
-@pytest.mark.parametrize("name", ["no_press", "adakv"])
+@pytest.mark.parametrize("name", ["no_press", "adakv", "pyramidkv"])
 def test_padded_keys_and_values_receive_no_attention(name):
     """Huge keys and values in every padded position of the batch change no answer: the mask hides them."""
     model = model_of(torch.float64)
@@ -172,11 +175,11 @@ def test_padded_keys_and_values_receive_no_attention(name):
     answers = []
     for corrupt in (False, True):
         batch = combine_caches(model, row_caches(model, prefills, PRESSES[name]))
-        assert batch.mode == "padded" and int((batch.attention_mask == 0).sum()) > 0
+        assert batch.mode == "padded" and any(int((~layer.valid).sum()) > 0 for layer in batch.cache.layers)
         if corrupt:
-            pad = (batch.attention_mask == 0)[:, None, :, None]
             g = torch.Generator().manual_seed(1)
             for layer in batch.cache.layers:
+                pad = (~layer.valid)[:, None, :, None]
                 noise = 1e4 * torch.randn(layer.keys.shape, generator=g, dtype=layer.keys.dtype)
                 layer.keys = torch.where(pad, noise, layer.keys)
                 layer.values = torch.where(pad, -noise, layer.values)

@@ -3,15 +3,16 @@
 :class:`PackedKVLayer` stores one layer's keys and values bit-packed with a full-precision residual;
 :class:`ShardedKVLayer` spreads them over shards (:class:`KVShard`) on several devices or ranks, and
 :class:`ExpertShardedCache` is a cache made of such layers; :func:`cache_nbytes` reports the bytes any
-transformers cache holds, read from its tensors. :class:`RowBatchedLayer` (:func:`batch_rows`) reads several sequences'
-own layers as the rows of one batch.
+transformers cache holds, read from its tensors. :class:`PaddedKVLayer` (dense layers, left-padded) and
+:class:`RowBatchedLayer` (:func:`batch_rows`: packed and sharded layers, the rows' own) answer several sequences as one
+batch.
 """
 
 from __future__ import annotations
 
+from pikvpress.cache.batched import PaddedKVLayer, RowBatchedLayer, batch_rows, row_batch_blocker
 from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes
 from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
-from pikvpress.cache.row_batch import RowBatchedLayer, batch_rows, row_batch_blocker
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
 from pikvpress.cache.sharded_layer import ShardedKVLayer, ShardedKVView
@@ -51,6 +52,7 @@ __all__ = [
     "KVView",
     "PackedKVLayer",
     "PackedKVView",
+    "PaddedKVLayer",
     "RowBatchedLayer",
     "ShardedKVLayer",
     "ShardedKVView",

@@ -15,6 +15,14 @@ LAYER_TAG = "_pikv_packed_layer"
 DISPATCHED: set[str] = set()
 
 
+def tag_layer(layer: Any, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Views of ``keys`` and ``values`` that tell pikvpress's attention function which layer they belong to."""
+    keys, values = keys.view_as(keys), values.view_as(values)
+    setattr(keys, LAYER_TAG, layer)
+    setattr(values, LAYER_TAG, layer)
+    return keys, values
+
+
 def dispatch_key(impl: str | None, model_type: str | None) -> str:
     """How :data:`DISPATCHED` names an attention implementation: ``eager`` is each family's own function."""
     return f"eager:{model_type}" if impl in (None, "eager") else impl
@@ -48,10 +56,7 @@ class PiKVCacheLayer(CacheLayerMixin):
 
     def tagged(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Views of ``keys`` and ``values`` that tell pikvpress's attention function which layer they belong to."""
-        keys, values = keys.view_as(keys), values.view_as(values)
-        setattr(keys, LAYER_TAG, self)
-        setattr(values, LAYER_TAG, self)
-        return keys, values
+        return tag_layer(self, keys, values)
 
     # ----------------------------------------------------------------------------------------------
     # keys / values: what kvpress reads and assigns (subclasses give _view, _dense and _assign)

@@ -1,4 +1,12 @@
-"""Several sequences' own cache layers answered as one batch: :class:`RowBatchedLayer`.
+"""Several sequences' caches answered as one batch: :class:`PaddedKVLayer` (dense layers, left-padded) and
+:class:`RowBatchedLayer` (any layer, the rows' own layers kept apart).
+
+Dense layers (``DynamicLayer`` of one sequence each) stack into one :class:`PaddedKVLayer`: the rows are left-padded to
+the longest, and the layer holds which of its positions are real (``valid``, ``(B, N)``; tokens fed while answering
+are marked by :attr:`PaddedKVLayer.incoming`, so a left-padded question's padding stays masked). Its attention
+(:func:`pikvpress.attention.padded_layer_attention`) masks every padded position, whatever mask the model built, and
+keeps grouped-query attention grouped (transformers' SDPA path copies the keys per query head as soon as a mask is
+given). Each layer carries its own padding, so the layers of one row may have different lengths (PyramidKV).
 
 A packed layer (:class:`~pikvpress.cache.PackedKVLayer`) or a sharded one (:class:`~pikvpress.cache.ShardedKVLayer`)
 cannot be stacked into one rectangular, left-padded batch that keeps every row's answer exactly what the row alone
@@ -30,26 +38,28 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from transformers.cache_utils import DynamicLayer, QuantizedLayer
 
-from pikvpress.cache.layer_base import PiKVCacheLayer
+from pikvpress.cache.layer_base import PiKVCacheLayer, tag_layer
 from pikvpress.cache.ops import layer_nbytes, layer_read_nbytes
 
 
 def row_batch_blocker(layer: Any) -> str | None:
-    """Why ``layer`` (one row's cache layer) cannot join a :class:`RowBatchedLayer`, or None if it can.
+    """Why ``layer`` (one row's cache layer) cannot join a batch (:class:`RowBatchedLayer`, or :class:`PaddedKVLayer`
+    when it is dense), or None if it can.
 
     Sliding-window layers are refused: their masks are built by the model from the cache's positions, which a batch
     shifts. Sharded layers spread over the ranks of a process group are refused too (every rank would have to run the
     per-row calls in the same order; untested).
     """
-    from transformers.cache_utils import DynamicLayer, QuantizedLayer
-
     if getattr(layer, "is_sliding", False):
         return f"a sliding-window layer ({type(layer).__name__})"
     group = getattr(layer, "group", None)
     if group is not None and getattr(group, "world_size", 1) > 1:
         return "a sharded layer spread over the ranks of a process group"
-    if isinstance(layer, PiKVCacheLayer) and not isinstance(layer, RowBatchedLayer):
+    if isinstance(layer, (RowBatchedLayer, PaddedKVLayer)):
+        return "a layer that already holds a batch"
+    if isinstance(layer, PiKVCacheLayer):
         return None
     if isinstance(layer, DynamicLayer) and not isinstance(layer, QuantizedLayer):
         return None
@@ -206,3 +216,133 @@ def batch_rows(layers: list[Any], masked_key_indices: list[Any] | None = None) -
         Naming the row whose layer cannot be batched (:func:`row_batch_blocker`) and why.
     """
     return RowBatchedLayer(layers, masked_key_indices)
+
+
+class PaddedKVLayer(DynamicLayer):
+    """The dense keys and values of ``B`` sequences, left-padded to one length, and which positions are real.
+
+    Parameters
+    ----------
+    keys, values : torch.Tensor
+        ``(B, H, N, D)`` and ``(B, H, N, Dv)``, every row's tokens at the right end.
+    valid : torch.Tensor
+        ``(B, N)`` bool: False at padded positions.
+
+    Notes
+    -----
+    Before each forward, :attr:`incoming` (``(B, q)`` bool, None: all real) says which new tokens are real (a
+    left-padded question's padding is not); :meth:`update` appends them, padding included, and extends
+    :attr:`valid`. ``update`` returns the keys tagged with the layer, so that pikvpress's attention reads them with
+    the padding masked (:func:`pikvpress.attention.padded_layer_attention`).
+    """
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor):
+        super().__init__()
+        if keys.shape[:3] != values.shape[:3] or tuple(valid.shape) != (keys.shape[0], keys.shape[2]):
+            raise ValueError(
+                f"keys {tuple(keys.shape)}, values {tuple(values.shape)} and valid {tuple(valid.shape)} disagree"
+            )
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+        self.valid = valid.to(keys.device, torch.bool)
+        self.incoming: torch.Tensor | None = None
+        self._room: tuple[torch.Tensor, torch.Tensor] | None = None  # preallocated keys / values (reserve)
+
+    def reserve(self, tokens: int) -> None:
+        """Preallocate room for ``tokens`` more tokens, so that appending them writes in place instead of copying
+        the whole layer at every step (``keys`` / ``values`` become views of the room)."""
+        b, h, n, dk = self.keys.shape
+        if tokens <= 0:
+            return
+        keys = self.keys.new_empty((b, h, n + tokens, dk))
+        values = self.values.new_empty((b, h, n + tokens, self.values.shape[-1]))
+        keys[:, :, :n], values[:, :, :n] = self.keys, self.values
+        self._room = keys, values
+        self.keys, self.values = keys[:, :, :n], values[:, :, :n]
+
+    @classmethod
+    def from_rows(cls, layers: list[Any]) -> PaddedKVLayer:
+        """One layer holding ``layers`` (dense, one sequence each) as its rows, left-padded with zeros.
+
+        Raises
+        ------
+        ValueError
+            Naming the row whose layer is not a dense one-sequence layer, or whose shape, dtype or device differs.
+        """
+        for i, layer in enumerate(layers):
+            reason = row_batch_blocker(layer)
+            if reason is None and (isinstance(layer, PiKVCacheLayer) or not layer.is_initialized):
+                reason = f"a {type(layer).__name__} (a PaddedKVLayer holds dense layers that hold tokens)"
+            if reason is None and layer.keys.shape[0] != 1:
+                reason = f"it holds {layer.keys.shape[0]} sequences"
+            if reason is None and (
+                layer.keys.shape[1::2] != layers[0].keys.shape[1::2]
+                or layer.values.shape[1::2] != layers[0].values.shape[1::2]
+                or layer.keys.dtype != layers[0].keys.dtype
+                or layer.keys.device != layers[0].keys.device
+            ):
+                reason = "its heads, head dims, dtype or device differ from row 0's"
+            if reason is not None:
+                raise ValueError(f"row {i} cannot be padded into a batch: {reason}")
+        lengths = [layer.keys.shape[2] for layer in layers]
+        longest = max(lengths)
+        first = layers[0]
+        b, (_, h, _, dk), dv = len(layers), first.keys.shape, first.values.shape[-1]
+        keys = first.keys.new_zeros((b, h, longest, dk))
+        values = first.values.new_zeros((b, h, longest, dv))
+        valid = torch.zeros((b, longest), dtype=torch.bool, device=first.keys.device)
+        for i, (layer, n) in enumerate(zip(layers, lengths)):
+            keys[i, :, longest - n :] = layer.keys[0]
+            values[i, :, longest - n :] = layer.values[0]
+            valid[i, longest - n :] = True
+        return cls(keys, values, valid)
+
+    def padding(self) -> list[int]:
+        """Each row's left padding (its padded positions before its first real token)."""
+        return [int(n) for n in (~self.valid).cumprod(dim=1).sum(dim=1).tolist()]
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append the new tokens of every row and their validity (:attr:`incoming`); return every position's keys
+        and values, tagged with the layer."""
+        b, _, q, _ = key_states.shape
+        real = self.incoming
+        if real is None:
+            real = torch.ones((b, q), dtype=torch.bool, device=self.valid.device)
+        elif tuple(real.shape) != (b, q):
+            raise ValueError(f"incoming must be ({b}, {q}) for {q} new tokens, got {tuple(real.shape)}")
+        n = self.keys.shape[2]
+        room = self._room
+        if room is not None and n + q <= room[0].shape[2]:
+            room[0][:, :, n : n + q] = key_states
+            room[1][:, :, n : n + q] = value_states
+            self.keys, self.values = room[0][:, :, : n + q], room[1][:, :, : n + q]
+        else:
+            self._room = None
+            self.keys = torch.cat([self.keys, key_states], dim=-2)
+            self.values = torch.cat([self.values, value_states], dim=-2)
+        self.valid = torch.cat([self.valid, real.to(self.valid.device, torch.bool)], dim=1)
+        return tag_layer(self, self.keys, self.values)
+
+    def crop(self, max_length: int) -> None:
+        super().crop(max_length)
+        self.valid = self.valid[:, : self.get_seq_length()]
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._room = None
+        super().batch_repeat_interleave(repeats)
+        self.valid = self.valid.repeat_interleave(repeats, dim=0)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._room = None
+        super().batch_select_indices(indices)
+        self.valid = self.valid[indices.to(self.valid.device)]
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._room = None
+        super().reorder_cache(beam_idx)
+        self.valid = self.valid.index_select(0, beam_idx.to(self.valid.device))
+
+    def __repr__(self) -> str:
+        return f"PaddedKVLayer(rows={self.valid.shape[0]}, length={self.get_seq_length()}, padding={self.padding()})"
