@@ -32,7 +32,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
-from pikvpress_eval.batching import RowCache, _padded_mode, answer_batch, attention_modules, masked_key_indices
+from pikvpress_eval.batching import RowCache, answer_batch, attention_modules, combine_mode, masked_key_indices
 from pikvpress_eval.benchmarks.ruler import generate_ruler
 from pikvpress_eval.config import EvalConfig
 from pikvpress_eval.prefill import capture_prefill, replay_press
@@ -207,7 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[tuple[str, int], tuple[list[Answer], float]] = {}
     modes = {}
     for k, name in enumerate(tqdm(presses, desc="answer", unit="press")):
-        modes[name] = "padded" if _padded_mode([p.caches[name] for p in prompts]) else "rows"
+        modes[name] = combine_mode([p.caches[name] for p in prompts])
         order = sizes[k % len(sizes) :] + sizes[: k % len(sizes)]  # rotate the batch sizes' order
         for size in order:
             results[name, size] = answer_all(model, pipe, tokenizer, prompts, name, size)

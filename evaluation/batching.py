@@ -207,6 +207,11 @@ def _padded_mode(rows: Sequence[RowCache]) -> bool:
     return True
 
 
+def combine_mode(rows: Sequence[RowCache]) -> str:
+    """How :func:`combine_caches` would combine ``rows``: ``"padded"`` or ``"rows"`` (see the module docstring)."""
+    return "padded" if _padded_mode(rows) else "rows"
+
+
 def combine_caches(model: nn.Module, rows: Sequence[RowCache], reserve: int = 0) -> BatchedCache:
     """One batched cache of ``rows`` (see the module docstring for the two ways); ``reserve``: tokens to come, for
     which padded layers preallocate room (:meth:`~pikvpress.cache.PaddedKVLayer.reserve`).
