@@ -59,6 +59,7 @@ _META = {
     "num_samples",
     "kv_bytes",
     "kv_bytes_read",
+    "kv_bytes_bf16",
     "bf16_kv_bytes",
     "context_tokens",
     "context_length",
@@ -205,10 +206,19 @@ def classify(press: str, composed: dict | None = None) -> tuple[str, bool, bool]
 
 
 def _per_sample_fraction(samples: pd.DataFrame, column: str) -> float:
-    """Mean over samples of ``column / bf16_kv_bytes`` (NaN when a column is missing or nothing is valid)."""
+    """Mean over samples of ``column / bf16_kv_bytes`` (NaN when a column is missing or nothing is valid).
+
+    With ``kv_bytes_bf16`` (the bytes the compressed cache holds in a bf16 run), ``column`` is first scaled to
+    bf16 by the sample's ``kv_bytes_bf16 / kv_bytes``: the held bytes become exactly ``kv_bytes_bf16``, the bytes
+    read by the same factor (a decode step reads tensors of the kinds the cache holds).
+    """
     if column not in samples or "bf16_kv_bytes" not in samples:
         return math.nan
     numerator = pd.to_numeric(samples[column], errors="coerce")
+    if "kv_bytes_bf16" in samples and "kv_bytes" in samples:
+        held = pd.to_numeric(samples["kv_bytes"], errors="coerce")
+        scale = pd.to_numeric(samples["kv_bytes_bf16"], errors="coerce") / held.where(held > 0)
+        numerator = numerator * scale.fillna(1.0)
     denominator = pd.to_numeric(samples["bf16_kv_bytes"], errors="coerce")
     fraction = (numerator / denominator.where(denominator > 0)).dropna()
     return float(fraction.mean()) if len(fraction) else math.nan
@@ -762,9 +772,11 @@ NOTES = [
     ),
     (
         "held / bf16: the KV bytes held after the prefill over the bytes a bf16 cache of the same prompt tokens, "
-        "uncompressed, holds, per sample, averaged (a float32 cache without compression reads 2.00). read / bf16: "
-        "the bytes the last decode step read (the question and the answer so far included) over that same bf16 "
-        "cache. Masks only: the press masks keys and frees no memory."
+        "uncompressed, holds, per sample, averaged; the compressed cache is counted as a bf16 run holds it (its "
+        "floating-point tensors at 2 bytes, packed codes and indices as they are; no press reads 1.00; runs "
+        "recorded before kv_bytes_bf16 existed show the float32 bytes, 2.00 for no press). read / bf16: the bytes "
+        "the last decode step read (the question and the answer so far included) over that same bf16 cache, "
+        "scaled to bf16 like the held bytes. Masks only: the press masks keys and frees no memory."
     ),
 ]
 

@@ -190,6 +190,7 @@ class Evaluator:
             index,
             answer,
             kv_bytes=cache_nbytes(cache),
+            kv_bytes_bf16=cache_nbytes(cache, torch.bfloat16),
             seconds=time.perf_counter() - start,
             kv_bytes_read=reads["bytes"],
             context_tokens=prefill["tokens"],
@@ -257,11 +258,15 @@ class Evaluator:
             elif todo:
                 self._answer_block(run, todo, progress)
 
-    def _record(self, run: Run, p: _Prefilled, answer: str, kv_bytes: int, seconds: float, read: float | None) -> None:
+    def _record(
+        self, run: Run, p: _Prefilled, answer: str, held: tuple[int, int], seconds: float, read: float | None
+    ) -> None:
+        """Record one row; ``held``: the bytes its compressed cache holds, and would hold in a bf16 run."""
         run.record(
             p.index,
             answer,
-            kv_bytes=kv_bytes,
+            kv_bytes=held[0],
+            kv_bytes_bf16=held[1],
             seconds=seconds,
             kv_bytes_read=read,
             context_tokens=p.context_ids.shape[1],
@@ -273,7 +278,7 @@ class Evaluator:
         generate_answer; ``seconds``: its prefill share plus the compression and the answer."""
         start = time.perf_counter()
         cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
-        kv_bytes = cache_nbytes(cache)
+        kv_bytes = (cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16))
         answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
         self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
         progress.update()
@@ -287,7 +292,7 @@ class Evaluator:
         for p in todo:
             cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
             caches.append(RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model)))
-            kv_bytes.append(cache_nbytes(cache))
+            kv_bytes.append((cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16)))
         reason = batching_blocker(self.model, caches)
         if reason is None:
             answers = answer_batch(

@@ -116,6 +116,12 @@ def test_adaptive_scheduling_sweep_evicts_while_answering(tmp_path):
     assert kv["adaptive_scheduling"] < kv["no_press"]  # the answer's cache was cut while it was generated
     assert prefills == 4 + 4  # no_press and knorm share one prefill per sample; the scheduler runs its own
     assert all(0 <= r["score"] <= 100 for r in results)
+    # every record (shared and own prefill) says what the cache holds in a bf16 run: half of the float32 bytes
+    for path in tmp_path.rglob(PREDICTIONS):
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            assert record["kv_bytes_bf16"] * 2 == record["kv_bytes"] > 0
+            assert record["bf16_kv_bytes"] > 0
 
 
 PIKV = (

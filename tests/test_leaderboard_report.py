@@ -445,3 +445,22 @@ def test_samples_are_keyed_by_context_length_when_a_run_holds_several(tmp_path, 
     assert knorm["vs_no_press"] == pytest.approx(-30.0) and knorm["n"] == 20
     assert knorm["vs_no_press_low"] < -30.0 < knorm["vs_no_press_high"] < 0
     assert "repeat" not in caplog.text and "left out" not in caplog.text
+
+
+def test_held_and_read_fractions_count_the_cache_as_a_bf16_run_holds_it():
+    """With kv_bytes_bf16, held / bf16 is the bf16-run bytes over the bf16 prefill (no press: 1.00), and the
+    bytes read are scaled by the same per-sample factor; without it the float32 bytes are used (2.00)."""
+    from pikvpress_eval.report import _per_sample_fraction
+
+    samples = pd.DataFrame(
+        {
+            "kv_bytes": [400.0, 800.0],  # float32 caches
+            "kv_bytes_bf16": [200.0, 300.0],  # the second holds int codes: not exactly half
+            "kv_bytes_read": [440.0, 880.0],
+            "bf16_kv_bytes": [200.0, 400.0],
+        }
+    )
+    assert _per_sample_fraction(samples, "kv_bytes") == pytest.approx((200 / 200 + 300 / 400) / 2)
+    assert _per_sample_fraction(samples, "kv_bytes_read") == pytest.approx((220 / 200 + 330 / 400) / 2)
+    legacy = samples.drop(columns="kv_bytes_bf16")
+    assert _per_sample_fraction(legacy, "kv_bytes") == pytest.approx((2.0 + 2.0) / 2)

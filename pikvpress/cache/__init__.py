@@ -10,8 +10,10 @@ batch.
 
 from __future__ import annotations
 
+import torch
+
 from pikvpress.cache.batched import PaddedKVLayer, RowBatchedLayer, batch_rows, row_batch_blocker
-from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes
+from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes, layer_tensor_nbytes
 from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
@@ -20,8 +22,12 @@ from pikvpress.cache.sharding import ShardingOptions
 from pikvpress.cache.view import KVView
 
 
-def cache_nbytes(cache) -> int:
-    """Bytes held by every layer of a transformers ``Cache`` (packed layers included)."""
+def cache_nbytes(cache, float_dtype: torch.dtype | None = None) -> int:
+    """Bytes held by every layer of a transformers ``Cache`` (packed layers included); with ``float_dtype``
+    (``torch.bfloat16``), the bytes the same cache holds when its floating-point tensors are in that dtype
+    (:func:`~pikvpress.cache.ops.layer_tensor_nbytes`: a bf16 run of the same tokens)."""
+    if float_dtype is not None:
+        return int(sum(layer_tensor_nbytes(layer, float_dtype) for layer in cache.layers))
     return int(sum(layer_nbytes(layer) for layer in cache.layers))
 
 
