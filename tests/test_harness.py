@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import get_tiny_model
 from pikvpress_eval.config import ConfigError, load_config
 from pikvpress_eval.report import write_report
 from pikvpress_eval.runner import PREDICTIONS, Evaluator, plan_runs
+
 from pikvpress.models import tiny_tokenizer
 
 SWEEP = [
@@ -85,8 +85,8 @@ def test_shipped_configs_validate(name):
 
 def test_presses_that_evict_while_decoding_run_inside_prefill_decoding_press(tmp_path):
     from kvpress import ComposedPress, KnormPress, PrefillDecodingPress
-
     from pikvpress_eval.prefill import can_reuse_prefill
+
     from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress
 
     path = Path(__file__).parents[1] / "evaluation" / "configs" / "adaptive_scheduling.yaml"
