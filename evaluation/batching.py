@@ -7,8 +7,8 @@ greedy loop (:func:`answer_batch`), the equivalent of kvpress's ``pipeline.gener
 - question tokens of different lengths are left-padded; each row's position ids continue from that row's own context
   length (the original token positions, as kvpress does, not the compressed cache's length);
 - each row stops at the model's end-of-sequence tokens exactly as ``generate_answer`` does (the first token is never
-  checked; a later stop token ends the answer and is part of it) or after its own ``max_new_tokens``; a row that has
-  stopped keeps being fed a pad token while the others go on, and its answer is final.
+  checked; a later stop token ends the answer and is part of it) or after its own ``max_new_tokens``; the rows that
+  have stopped leave the batch (:meth:`BatchedCache.select`), so a long answer costs one row's steps, not ``B``.
 
 Two ways to combine the caches (:class:`BatchedCache`), both without any attention mask from the model:
 
@@ -133,6 +133,33 @@ class BatchedCache:
         finally:
             for module in modules:
                 module.masked_key_indices = None
+
+    def select(self, keep: Sequence[int]) -> None:
+        """Keep only the batch positions ``keep`` (in order), every layer alike: the answer loop drops the rows whose
+        answers have ended, so that later steps compute only the rows still answering. ``"padded"`` layers also drop
+        the leading positions that only the dropped rows needed (the head-wise masked keys move with them); a row's
+        kept real positions are unchanged, so its answer is too."""
+        keep = list(keep)
+        if self.mode == "rows":
+            for layer in self.cache.layers:
+                layer.select_rows(keep)
+            return
+        trims = [layer.select_rows(keep) for layer in self.cache.layers]
+        new_of = {old: new for new, old in enumerate(keep)}
+        masked = []
+        for m, trim in zip(self.masked_key_indices, trims):
+            if m is None:
+                masked.append(None)
+                continue
+            batch_idx, head_idx, seq_idx = m
+            lookup = torch.full((max(int(batch_idx.max().item()) + 1, len(self.row_bytes)),), -1, dtype=torch.long)
+            for old, new in new_of.items():
+                lookup[old] = new
+            mapped = lookup.to(batch_idx.device)[batch_idx]
+            sel = mapped >= 0
+            masked.append((mapped[sel], head_idx[sel], seq_idx[sel] - trim) if bool(sel.any()) else None)
+        self.masked_key_indices = masked
+        self.row_bytes = [self.row_bytes[i] for i in keep]
 
     def read_bytes(self, row: int, fed: int) -> float:
         """The key/value bytes row ``row``'s own cache reports read (:func:`pikvpress.cache.cache_bytes_read`) after a
@@ -292,6 +319,7 @@ def answer_batch(
     max_new_tokens: Sequence[int],
     *,
     keep_logits: bool = False,
+    drop_finished: bool = True,
 ) -> list[BatchedAnswer]:
     """Answer every row's question over its compressed cache, greedily, all rows at once.
 
@@ -310,6 +338,9 @@ def answer_batch(
         Each sample's answer budget.
     keep_logits : bool
         Keep each row's logits at every step (:attr:`BatchedAnswer.logits`).
+    drop_finished : bool
+        Drop the rows whose answers have ended from the batch (:meth:`BatchedCache.select`), so that later steps
+        compute only the rows still answering; False feeds them a pad token until the last row ends.
 
     Returns
     -------
@@ -322,7 +353,14 @@ def answer_batch(
     batch = combine_caches(model, rows, reserve=width + max(max(int(m) for m in max_new_tokens) - 1, 0))
     context_lengths = [row.context_length for row in rows]
     return answer_combined(
-        model, tokenizer, batch, context_lengths, question_ids, max_new_tokens, keep_logits=keep_logits
+        model,
+        tokenizer,
+        batch,
+        context_lengths,
+        question_ids,
+        max_new_tokens,
+        keep_logits=keep_logits,
+        drop_finished=drop_finished,
     )
 
 
@@ -336,6 +374,7 @@ def answer_combined(
     max_new_tokens: Sequence[int],
     *,
     keep_logits: bool = False,
+    drop_finished: bool = True,
 ) -> list[BatchedAnswer]:
     """:func:`answer_batch` over caches already combined (:func:`combine_caches`); ``context_lengths``: each row's
     context tokens before compression. The batched cache grows as the answers go through it."""
@@ -363,25 +402,32 @@ def answer_combined(
     with batch.answering(model):
         batch.feed(real)
         out = model(input_ids=input_ids, past_key_values=batch.cache, position_ids=positions, logits_to_keep=1)
-        active = list(range(b))
-        _take(out.logits[:, -1], active, generated, logits, keep_logits)
-        for i in active:
+        _take(out.logits[:, -1], [(i, i) for i in range(b)], generated, logits, keep_logits)
+        for i in range(b):
             reads[i] = batch.read_bytes(i, fed[i])
-        next_positions = torch.tensor([c + n for c, n in zip(context_lengths, lengths)], device=device)
+        next_positions = [c + n for c, n in zip(context_lengths, lengths)]
+        slots = list(range(b))  # the row each batch position answers
         active = [i for i in range(b) if remaining[i] > 0]
         while active:
-            flags = torch.zeros(b, dtype=torch.bool, device=device)
-            flags[active] = True
-            last = torch.stack([ids[-1] for ids in generated]).to(device)
+            if drop_finished and len(active) < len(slots):
+                batch.select([slots.index(i) for i in active])  # compute only the rows still answering
+                slots = list(active)
+                modules = attention_modules(model)
+                for idx, module in enumerate(modules):
+                    module.masked_key_indices = batch.masked_key_indices[idx] if batch.mode == "padded" else None
+            flags = torch.tensor([i in active for i in slots], dtype=torch.bool, device=device)
+            last = torch.stack([generated[i][-1] for i in slots]).to(device)
             tokens = torch.where(flags, last, torch.full_like(last, pad))
             batch.feed(flags[:, None])
-            out = model(input_ids=tokens[:, None], past_key_values=batch.cache, position_ids=next_positions[:, None])
-            next_positions = next_positions + 1
-            _take(out.logits[:, -1], active, generated, logits, keep_logits)
+            positions = torch.tensor([next_positions[i] for i in slots], device=device)
+            out = model(input_ids=tokens[:, None], past_key_values=batch.cache, position_ids=positions[:, None])
+            next_positions = [p + 1 for p in next_positions]
+            step_logits = out.logits[:, -1]
+            _take(step_logits, [(slots.index(i), i) for i in active], generated, logits, keep_logits)
             still = []
             for i in active:
                 fed[i] += 1
-                reads[i] = batch.read_bytes(i, fed[i])
+                reads[i] = batch.read_bytes(slots.index(i), fed[i])
                 remaining[i] -= 1
                 if generated[i][-1].item() not in stop and remaining[i] > 0:
                     still.append(i)
@@ -396,13 +442,14 @@ def answer_combined(
 
 def _take(
     step_logits: torch.Tensor,
-    active: list[int],
+    active: list[tuple[int, int]],
     generated: list[list[torch.Tensor]],
     logits: list[list[torch.Tensor]],
     keep: bool,
 ) -> None:
-    """Each active row's greedy token (and logits) from one forward's last-position logits ``(B, V)``."""
-    for i in active:
-        generated[i].append(step_logits[i].argmax())
+    """Each active row's greedy token (and logits) from one forward's last-position logits ``(B, V)``; ``active``:
+    (batch position, row) pairs."""
+    for pos, i in active:
+        generated[i].append(step_logits[pos].argmax())
         if keep:
-            logits[i].append(step_logits[i].detach().clone())
+            logits[i].append(step_logits[pos].detach().clone())

@@ -1,12 +1,14 @@
 """Runs a sweep (its run directories: :mod:`.runs`), sharing prefills, answering ``batch_size`` samples at once.
 
 Rows go in blocks of ``config.batch_size``. Each row of a block is prefilled once (:func:`~.prefill.capture_prefill`)
-for every run that can share a prefill; for each such run, every row's cache is compressed on its own
-(:func:`~.prefill.replay_press`) and the block's questions are answered together over those caches
-(:func:`~.batching.answer_batch`: left padding, each row's own positions, stop tokens and budget), each answer what
-the row alone would give. ``batch_size=1`` answers one row at a time with kvpress's ``generate_answer``, as before.
+for every run that can share a prefill. Every (run, row) job of the block is then compressed on its own
+(:func:`~.prefill.replay_press`; the scores that do not depend on the ratio are computed once per row and press,
+:mod:`.score_memo`) and the jobs are answered ``batch_size`` at a time over their caches (:func:`~.batching.answer_batch`:
+left padding, each row's own positions, stop tokens and budget; rows leave the batch when their answers end), each
+answer what the job alone would give. Jobs go row by row, so that the answers of one batch (one prompt, several
+presses) tend to end together. ``batch_size=1`` answers one job at a time with kvpress's ``generate_answer``, as before.
 Runs whose presses need their own prefill (their own pipeline logic, eviction while decoding) run one row at a time
-through kvpress's pipeline (:meth:`Evaluator._run_alone`); so do shared runs whose caches cannot be batched
+through kvpress's pipeline (:meth:`Evaluator._run_alone`); so do shared jobs whose caches cannot be batched
 (:func:`~.batching.batching_blocker`, logged once per run).
 """
 
@@ -27,12 +29,13 @@ from transformers import DynamicCache, pipeline
 
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
-from .batching import RowCache, answer_batch, batching_blocker, masked_key_indices, prefill_bf16_bytes
+from .batching import RowCache, answer_batch, batching_blocker, combine_mode, masked_key_indices, prefill_bf16_bytes
 from .batching import attention_modules as _attention_modules
 from .config import EvalConfig
 from .datasets import load_rows
 from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
 from .runs import METRICS, PREDICTIONS, Run, plan_runs  # noqa: F401  (PREDICTIONS: the tests' import)
+from .score_memo import ScoreMemo
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +106,7 @@ class _Prefilled:
     question_ids: torch.Tensor
     prefill: CapturedPrefill
     seconds: float  # the prefill's time divided among the runs sharing it
+    memo: ScoreMemo  # the scores of this prefill that the ratios of a press share
 
     @property
     def bf16_kv_bytes(self) -> int:
@@ -131,6 +135,7 @@ class Evaluator:
         self.pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device=model.device)
         self.prefills = 0  # model prefills run (shared or not), for the speed-up report
         self._logged_fallbacks: set = set()  # runs whose caches could not be batched, reason logged
+        self._score_verdicts: dict = {}  # which scorers may share their scores across ratios (ScoreMemo)
 
     # ---------------------------------------------------------------------------------------------
     def _texts(self, row: pd.Series) -> tuple[str, str, str]:
@@ -237,9 +242,13 @@ class Evaluator:
     # ---------------------------------------------------------------------------------------------
     @torch.no_grad()
     def _run_shared(self, runs: list[Run], block: pd.DataFrame, progress) -> None:
-        """A block of rows: one prefill per row (its time split among the runs lacking the row), then each run answers
-        the block's rows it lacks: at once, or with kvpress's generate_answer when it lacks one row (``batch_size=1``:
-        always)."""
+        """A block of rows: one prefill per row (its time split among the runs lacking the row), then every (run, row)
+        the runs lack, answered ``batch_size`` at a time (:meth:`_answer_jobs`), or one at a time with kvpress's
+        generate_answer when ``batch_size`` is 1.
+
+        The jobs go row by row (a row's answers tend to have the same length whatever the press: a batch of them ends
+        together), and within a row from the most compressed run to the least (the caches of a batch are left-padded
+        to its longest)."""
         prefilled: dict[Any, _Prefilled] = {}
         for index, row in block.iterrows():
             sharing = sum(index not in run.done for run in runs)
@@ -250,13 +259,17 @@ class Evaluator:
             prefill = capture_prefill(self.model, context_ids)
             self.prefills += 1
             seconds = (time.perf_counter() - start) / sharing
-            prefilled[index] = _Prefilled(index, row, context_ids, question_ids, prefill, seconds)
-        for run in runs:
-            todo = [p for index, p in prefilled.items() if index not in run.done]
-            if len(todo) == 1:  # a block of one: exactly the one-at-a-time path
-                self._answer_one(run, todo[0], progress)
-            elif todo:
-                self._answer_block(run, todo, progress)
+            memo = ScoreMemo(prefill, self._score_verdicts)
+            prefilled[index] = _Prefilled(index, row, context_ids, question_ids, prefill, seconds, memo)
+        order = sorted(runs, key=lambda run: -run.compression_ratio)  # stable: the config's order within a ratio
+        jobs = [(run, p) for p in prefilled.values() for run in order if p.index not in run.done]
+        size = max(1, int(self.config.batch_size))
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            if len(chunk) == 1:  # a batch of one: exactly the one-at-a-time path
+                self._answer_one(*chunk[0], progress)
+            else:
+                self._answer_jobs(chunk, progress)
 
     def _record(
         self, run: Run, p: _Prefilled, answer: str, held: tuple[int, int], seconds: float, read: float | None
@@ -273,48 +286,64 @@ class Evaluator:
             bf16_kv_bytes=p.bf16_kv_bytes,
         )
 
+    def _replay(self, run: Run, p: _Prefilled) -> DynamicCache:
+        """Row ``p``'s cache compressed by a fresh press of ``run``, sharing the scores that do not depend on the
+        ratio with the run's other ratios (:class:`~.score_memo.ScoreMemo`)."""
+        press = self.config.build_press(run.press_name, run.compression_ratio)
+        with p.memo.sharing(press, run.press_name):
+            return replay_press(self.model, p.prefill, press)
+
     def _answer_one(self, run: Run, p: _Prefilled, progress) -> None:
         """One row of a shared prefill: its cache compressed by a fresh press, answered alone with kvpress's
         generate_answer; ``seconds``: its prefill share plus the compression and the answer."""
         start = time.perf_counter()
-        cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
+        cache = self._replay(run, p)
         kv_bytes = (cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16))
         answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
         self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
         progress.update()
 
-    def _answer_block(self, run: Run, todo: list[_Prefilled], progress) -> None:
-        """Compress every row's cache with a fresh press, then answer the rows at once (or one at a time when their
-        caches cannot be batched: the reason is logged once per run). Each row's ``seconds`` is its prefill share
-        plus an equal share of the block's compression and answering time."""
+    def _answer_jobs(self, jobs: list[tuple[Run, _Prefilled]], progress) -> None:
+        """Compress each job's cache with a fresh press of its run, then answer the jobs at once: dense caches in one
+        padded batch, packed and sharded ones in another (:func:`~.batching.combine_mode`), or one at a time when
+        their caches cannot be batched (the reason is logged once per run). Each job's ``seconds`` is its prefill
+        share plus an equal share of the batch's compression and answering time."""
         start = time.perf_counter()
         caches, kv_bytes = [], []
-        for p in todo:
-            cache = replay_press(self.model, p.prefill, self.config.build_press(run.press_name, run.compression_ratio))
+        for run, p in jobs:
+            cache = self._replay(run, p)
             caches.append(RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model)))
             kv_bytes.append((cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16)))
-        reason = batching_blocker(self.model, caches)
-        if reason is None:
-            answers = answer_batch(
-                self.model,
-                self.tokenizer,
-                caches,
-                [p.question_ids for p in todo],
-                [self._max_new_tokens(p.row) for p in todo],
-            )
-            results = [(a.text, a.kv_bytes_read) for a in answers]
-        else:
-            if run.directory not in self._logged_fallbacks:
-                self._logged_fallbacks.add(run.directory)
-                logger.info(
-                    "%s at %.2f: answering one sample at a time: %s", run.press_name, run.compression_ratio, reason
+        groups: dict[str, list[int]] = {}
+        for i, row_cache in enumerate(caches):
+            mode = combine_mode([row_cache]) if batching_blocker(self.model, [row_cache]) is None else "alone"
+            groups.setdefault(mode, []).append(i)
+        results: dict[int, tuple[str, float | None]] = {}
+        for mode, members in groups.items():
+            if mode != "alone" and len(members) > 1:
+                answers = answer_batch(
+                    self.model,
+                    self.tokenizer,
+                    [caches[i] for i in members],
+                    [jobs[i][1].question_ids for i in members],
+                    [self._max_new_tokens(jobs[i][1].row) for i in members],
                 )
-            results = []
-            for p, row_cache in zip(todo, caches):
-                for module, masked in zip(_attention_modules(self.model), row_cache.masked_key_indices):
+                results.update({i: (a.text, a.kv_bytes_read) for i, a in zip(members, answers)})
+                continue
+            for i in members:
+                run, p = jobs[i]
+                if mode == "alone" and run.directory not in self._logged_fallbacks:
+                    self._logged_fallbacks.add(run.directory)
+                    logger.info(
+                        "%s at %.2f: answering one sample at a time: %s",
+                        run.press_name,
+                        run.compression_ratio,
+                        batching_blocker(self.model, [caches[i]]),
+                    )
+                for module, masked in zip(_attention_modules(self.model), caches[i].masked_key_indices):
                     module.masked_key_indices = masked  # the row's head-wise masked keys, as its replay left them
-                results.append(self._answer(row_cache.cache, p.context_ids, p.question_ids, p.row))
-        share = (time.perf_counter() - start) / len(todo)
-        for p, (answer, read), nbytes in zip(todo, results, kv_bytes):
-            self._record(run, p, answer, nbytes, p.seconds + share, read)
+                results[i] = self._answer(caches[i].cache, p.context_ids, p.question_ids, p.row)
+        share = (time.perf_counter() - start) / len(jobs)
+        for i, ((run, p), nbytes) in enumerate(zip(jobs, kv_bytes)):
+            self._record(run, p, results[i][0], nbytes, p.seconds + share, results[i][1])
             progress.update()

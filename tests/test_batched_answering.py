@@ -302,6 +302,28 @@ def test_harness_batches_record_what_one_at_a_time_records(tmp_path):
     )  # tokens x layers x k,v x heads x dim
 
 
+def test_a_batch_answers_several_presses_and_ratios_of_one_prompt(tmp_path):
+    """With more answers per batch than prompts in the sweep, a batch holds several (press, ratio) runs of the same
+    prompt (dense and AdaKV-masked caches padded together, packed ones in their own batch); every record is the
+    one-at-a-time record."""
+    model = tiny_model("llama")
+    presses = ["no_press", "knorm", "adakv_expected_attention", "snapkv", "pikv_int4_top2"]
+    ratios = "compression_ratio=[0.25, 0.75]"
+    one, _ = sweep(model, tmp_path / "one", presses, ratios)
+    sizes = []
+    handle = model.register_forward_hook(lambda m, a, kw, out: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        batched, _ = sweep(model, tmp_path / "eight", presses, ratios, "batch_size=8")
+    finally:
+        handle.remove()
+    assert max(sizes) > 4  # 4 prompts in all: a batch this large mixes runs
+    assert one.keys() == batched.keys() and len(one) == 2 * len(presses) - 1
+    for run, records in one.items():
+        for index, record in records.items():
+            for name in FIELDS:
+                assert batched[run][index][name] == record[name], (run, index, name)
+
+
 def test_runs_with_their_own_prefill_record_the_same_context_measurements(tmp_path):
     model = tiny_model("llama")
     shared, _ = sweep(model, tmp_path / "shared", ["no_press", "knorm"])
@@ -323,3 +345,49 @@ def test_harness_answers_unbatchable_caches_one_at_a_time_and_says_why(tmp_path,
         for index, record in records.items():
             for name in FIELDS:
                 assert batched[run][index][name] == record[name], (run, index, name)
+
+
+@pytest.mark.parametrize("name", ["no_press", "adakv", "pyramidkv", "pikv_packed"])
+def test_rows_that_have_ended_leave_the_batch(name):
+    """After a row's answer ends, later forwards compute only the rows still answering (the batch shrinks to the one
+    row with the largest budget), and every answer is what a batch that keeps feeding the ended rows gives."""
+    model = model_of(torch.float32)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs()
+    prefills = [capture_prefill(model, c) for c in contexts]
+    results = {}
+    for drop in (True, False):
+        sizes = []
+        handle = model.register_forward_hook(
+            lambda m, a, kw, out, sizes=sizes: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True
+        )
+        try:
+            rows = row_caches(model, prefills, PRESSES[name])
+            results[drop] = answer_batch(
+                model, tokenizer, rows, questions, budgets, keep_logits=True, drop_finished=drop
+            )
+        finally:
+            handle.remove()
+        results[drop, "sizes"] = sizes
+    assert results[True, "sizes"][0] == len(budgets) and results[True, "sizes"][-1] == 1
+    assert results[True, "sizes"] == sorted(results[True, "sizes"], reverse=True)
+    assert set(results[False, "sizes"]) == {len(budgets)}
+    for a, b in zip(results[True], results[False]):
+        assert a.token_ids == b.token_ids and a.kv_bytes_read == b.kv_bytes_read
+        assert all(torch.allclose(x, y, atol=1e-4, rtol=1e-4) for x, y in zip(a.logits, b.logits))
+
+
+def test_a_padded_layer_drops_rows_and_the_padding_only_they_needed():
+    keys = torch.arange(3 * 1 * 5 * 2, dtype=torch.float32).view(3, 1, 5, 2)
+    valid = torch.tensor(
+        [[False, False, True, True, True], [True, True, True, True, True], [False, True, True, True, True]]
+    )
+    layer = PaddedKVLayer(keys.clone(), -keys.clone(), valid)
+    layer.reserve(4)
+    trim = layer.select_rows([2, 0])  # row 1 (no padding) leaves: one column is padding in both kept rows
+    assert trim == 1
+    assert torch.equal(layer.keys, keys[[2, 0], :, 1:]) and torch.equal(layer.values, -keys[[2, 0], :, 1:])
+    assert torch.equal(layer.valid, valid[[2, 0], 1:])
+    layer.update(torch.ones(2, 1, 1, 2), torch.ones(2, 1, 1, 2))  # still appends in the room it kept
+    assert layer.keys.shape == (2, 1, 5, 2) and layer._room is not None
+    assert layer.keys.data_ptr() == layer._room[0].data_ptr()

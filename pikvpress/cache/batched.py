@@ -183,7 +183,18 @@ class RowBatchedLayer(PiKVCacheLayer):
         raise TypeError("a RowBatchedLayer cannot be cropped: crop each row's own layer")
 
     def _map_batch(self, fn) -> None:
-        raise TypeError("a RowBatchedLayer cannot reorder or select its rows")
+        raise TypeError("a RowBatchedLayer cannot reorder or select its rows this way: use select_rows")
+
+    def select_rows(self, rows: list[int]) -> None:
+        """Keep only the rows ``rows`` (positions in the current batch, in the new order): the dropped rows' layers
+        leave the batch untouched, the kept ones are read as before (a batch drops the rows whose answers have
+        ended)."""
+        if not rows:
+            raise ValueError("a RowBatchedLayer keeps at least one row")
+        self.rows = [self.rows[i] for i in rows]
+        self.masked_key_indices = [self.masked_key_indices[i] for i in rows]
+        self.step = [self.step[i] for i in rows] if len(self.step) > max(rows) else [None] * len(rows)
+        self.incoming = None
 
     def reset(self) -> None:
         for row in self.rows:
@@ -296,6 +307,32 @@ class PaddedKVLayer(DynamicLayer):
             values[i, :, longest - n :] = layer.values[0]
             valid[i, longest - n :] = True
         return cls(keys, values, valid)
+
+    def select_rows(self, rows: list[int]) -> int:
+        """Keep only the rows ``rows`` (positions in the current batch, in the new order), and drop the leading
+        positions that are padding in every kept row; returns how many were dropped (the kept rows' positions move
+        left by that many). The preallocated room is kept, so later appends still write in place.
+
+        The kept rows' real keys and values, and their order, are unchanged: their attention reads the same positions
+        (a batch drops the rows whose answers have ended, and the padding only the dropped rows needed)."""
+        if not rows:
+            raise ValueError("a PaddedKVLayer keeps at least one row")
+        index = torch.as_tensor(rows, dtype=torch.long, device=self.valid.device)
+        valid = self.valid.index_select(0, index)
+        trim = int((~valid).cumprod(dim=1).sum(dim=1).min().item()) if valid.shape[1] else 0
+        n = self.keys.shape[2]
+        if self._room is not None:
+            keys, values = self._room
+        else:
+            keys, values = self.keys, self.values
+        keys = keys.index_select(0, index.to(keys.device))[:, :, trim:]
+        values = values.index_select(0, index.to(values.device))[:, :, trim:]
+        if self._room is not None:
+            self._room = keys, values
+        self.keys, self.values = keys[:, :, : n - trim], values[:, :, : n - trim]
+        self.valid = valid[:, trim:]
+        self.incoming = None
+        return trim
 
     def padding(self) -> list[int]:
         """Each row's left padding (its padded positions before its first real token)."""
