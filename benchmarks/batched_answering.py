@@ -128,10 +128,11 @@ def top2_gap(logits: torch.Tensor) -> float:
 @torch.no_grad()
 def float64_check(config, model64, pipe64, prompt: Prompt, press: str, step: int, tokens: tuple[int, int]) -> str:
     """The prompt answered alone in float64: its top-2 gap at ``step`` and which of ``tokens`` (alone, batched) it
-    picks there."""
+    picks there. ``press``: a name of PRESS_SWEEP, or ``"name@ratio"``."""
+    name, ratio = PRESS_SWEEP[press] if press in PRESS_SWEEP else (press.split("@")[0], float(press.split("@")[1]))
     try:
         prefill = capture_prefill(model64, prompt.context_ids)
-        cache = replay_press(model64, prefill, config.build_press(*PRESS_SWEEP[press]))
+        cache = replay_press(model64, prefill, config.build_press(name, ratio))
         row = RowCache(cache, prompt.context_ids.shape[1], masked_key_indices(model64))
         answer = answer_alone(model64, pipe64, row, prompt)
     except (ValueError, RuntimeError) as err:  # packed shards' kernel takes float16/bfloat16/float32 only

@@ -6,8 +6,9 @@ the same scores five times over the same replayed prefill (:func:`~.prefill.repl
 each layer's scores of one prefill and hands a copy to the next press of the same kind, instead of computing them
 again. A score is shared only when it is provably the same computation:
 
-- the scorer is the same class at the same place in the press (``press.press`` of an AdaKV wrapper...), with the same
-  fields except ``compression_ratio`` (compared by ``repr``);
+- the scorer is the same class with the same fields except ``compression_ratio`` (compared by ``repr``), wherever it
+  sits: SnapKV's window scores serve ``snapkv``, ``adakv_snapkv``, ``critical_snapkv``, ``chunkkv``... at every
+  ratio;
 - its inputs are the prefill's own: the captured hidden states (the same object), the captured keys and values
   (equal, element for element: a press earlier in a chain that compressed the layer changes them), no attention
   weights;
@@ -120,8 +121,8 @@ class ScoreMemo:
         The prefill every press using this memo replays (its captured hidden states, keys and values are what a
         shared score must have been computed from).
     verdicts : dict, optional
-        Whether each kind of scorer (name, path, signature) may share its scores, decided the first time it runs;
-        pass the same dict to the memos of every prefill of a sweep so that each kind is watched once.
+        Whether each kind of scorer (:func:`signature`) may share its scores, decided the first time it runs; pass
+        the same dict to the memos of every prefill of a sweep so that each kind is watched once.
 
     Attributes
     ----------
@@ -131,21 +132,21 @@ class ScoreMemo:
 
     def __init__(self, prefill: CapturedPrefill, verdicts: dict | None = None):
         self.prefill = prefill
-        self.verdicts: dict[tuple, bool] = {} if verdicts is None else verdicts
+        self.verdicts: dict[str, bool] = {} if verdicts is None else verdicts
         self.scores: dict[tuple, torch.Tensor] = {}
         self.hits = 0
         self.misses = 0
 
     @contextlib.contextmanager
-    def sharing(self, press: BasePress | None, name: str) -> Iterator[None]:
-        """While active, every ``ScorerPress`` in ``press``'s tree (``name``: the run's press name) takes its scores
-        from the memo when it may, and adds them to it otherwise."""
+    def sharing(self, press: BasePress | None, name: str = "") -> Iterator[None]:
+        """While active, every ``ScorerPress`` in ``press``'s tree takes its scores from the memo when it may, and adds
+        them to it otherwise (``name``, the run's press name, is for the reader: scores are shared by kind)."""
         nodes = [] if press is None else list(press_nodes(press))
         patched = []
         try:
-            for path, node in nodes:
+            for _, node in nodes:
                 if isinstance(node, ScorerPress) and "score" not in vars(node):
-                    kind = (name, path, signature(node))
+                    kind = signature(node)
                     node.score = self._scorer(node, kind, [n for _, n in nodes])
                     patched.append(node)
             yield
@@ -166,7 +167,7 @@ class ScoreMemo:
             and torch.equal(values, layer.values)
         )
 
-    def _scorer(self, node: ScorerPress, kind: tuple, tree: list[BasePress]):
+    def _scorer(self, node: ScorerPress, kind: str, tree: list[BasePress]):
         original = type(node).score.__get__(node)
 
         def score(module, hidden_states, keys, values, attentions, kwargs):

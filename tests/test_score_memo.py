@@ -87,16 +87,20 @@ def replay_all(model, prefills, name, memo_for):
 SHARED = [n for n in LEADERBOARD.press_names if n != "no_press"]
 
 
-@pytest.mark.parametrize("name", SHARED)
-def test_shared_scores_leave_the_cache_of_a_replay_without_them(name, llama, prefills):
-    if not can_reuse_prefill(LEADERBOARD.build_press(name, 0.5), llama):
-        pytest.skip(f"{name} runs with its own prefill")
-    verdicts: dict = {}
-    memos = [ScoreMemo(p, verdicts) for p in prefills]
-    plain = replay_all(llama, prefills, name, lambda i: None)
-    shared = replay_all(llama, prefills, name, lambda i: memos[i])
-    for key in plain:
-        assert_same(plain[key], shared[key], (name, key))
+def test_shared_scores_leave_the_cache_of_a_replay_without_them(llama, prefills):
+    """Every press of the leaderboard, every ratio, one memo per prefill for them all (a scorer's scores serve every
+    press that holds the same scorer), against each press replayed alone."""
+    shared_names = [n for n in SHARED if can_reuse_prefill(LEADERBOARD.build_press(n, 0.5), llama)]
+    assert len(shared_names) > 25
+    memos = [ScoreMemo(p, {}) for p in prefills]
+    for memo in memos[1:]:
+        memo.verdicts = memos[0].verdicts
+    for name in shared_names:
+        plain = replay_all(llama, prefills, name, lambda i: None)
+        shared = replay_all(llama, prefills, name, lambda i: memos[i])
+        for key in plain:
+            assert_same(plain[key], shared[key], (name, key))
+    assert sum(m.hits for m in memos) > 0
 
 
 @pytest.mark.parametrize(
@@ -121,6 +125,12 @@ def test_scores_are_shared_only_when_the_ratio_cannot_change_them(name, shares, 
     layers = len(prefills[0].layers)
     if shares:
         assert memo.misses == layers and memo.hits == layers * (len(LEADERBOARD.ratios) - 1)
+        # another press holding the same scorer takes its scores too
+        other = {"snapkv": "critical_snapkv", "adakv_snapkv": "chunkkv", "knorm": "merging_knorm"}[name]
+        hits, press = memo.hits, LEADERBOARD.build_press(other, 0.5)
+        with memo.sharing(press, other):
+            replay_press(llama, prefills[0], press)
+        assert memo.hits >= hits + layers
     else:
         assert memo.hits == 0 and memo.misses >= layers * len(LEADERBOARD.ratios)
 

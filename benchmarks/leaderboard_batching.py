@@ -1,0 +1,198 @@
+"""The harness's batching on the leaderboard's own prompts: do its batched answers equal the one-at-a-time answers, and
+how much faster is it at B = 1, 4, 8, 16?
+
+The harness (``pikvpress_eval.runner``) answers a block's (press, ratio, prompt) jobs ``batch_size`` at a time, prompt
+by prompt, from the most compressed run to the least, with the ratio-independent scores shared between a press's
+ratios. This benchmark builds exactly those jobs for the first ``--samples`` prompts per task of a config (the
+leaderboard's test split by default: the same prompts as the leaderboard's first rows), and answers every chunk of
+``max(B)`` jobs at each batch size side by side, from fresh copies of the same caches, the batch sizes' order rotating
+from one chunk to the next:
+
+- ``B = 1`` is the harness's one-at-a-time path, kvpress's ``pipeline.generate_answer``;
+- ``B > 1`` is :func:`pikvpress_eval.batching.answer_batch` over consecutive jobs (dense and packed caches in separate
+  batches, as the harness does).
+
+It prints (a) the agreement of the answers at ``--agreement-batch`` with the one-at-a-time answers, per press and in
+all, with every difference listed (first differing step, top-2 logit gaps, the job rerun alone in float64), and (b) the
+answering throughput (jobs per second of answering, compression excluded) at each batch size, with its ratio to B=1.
+
+    python benchmarks/leaderboard_batching.py                                   # leaderboard.yaml, 1 prompt per task
+    python benchmarks/leaderboard_batching.py --samples 2 --ratios 0.5 0.875
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import logging
+import sys
+import time
+from pathlib import Path
+
+import torch
+from pikvpress_eval.batching import RowCache, answer_batch, combine_mode, masked_key_indices
+from pikvpress_eval.config import load_config
+from pikvpress_eval.datasets import load_rows
+from pikvpress_eval.prefill import can_reuse_prefill, capture_prefill, replay_press
+from pikvpress_eval.runner import Evaluator
+from pikvpress_eval.score_memo import ScoreMemo
+from tabulate import tabulate
+from tqdm.auto import tqdm
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from batched_answering import Answer, Prompt, answer_alone, float64_check, fresh, top2_gap
+
+logger = logging.getLogger(__name__)
+
+
+@torch.no_grad()
+def answer_at(model, pipe, tokenizer, jobs, size: int) -> tuple[list[Answer], float]:
+    """Every job's answer at batch size ``size`` (dense and packed caches batched apart), and the seconds spent."""
+    rows = [fresh(model, row) for _, _, row in jobs]
+    answers: list[Answer | None] = [None] * len(jobs)
+    start = time.perf_counter()
+    if size == 1:
+        for i, ((_, prompt, _), row) in enumerate(zip(jobs, rows)):
+            answers[i] = answer_alone(model, pipe, row, prompt)
+        return answers, time.perf_counter() - start
+    for at in range(0, len(jobs), size):
+        members = list(range(at, min(at + size, len(jobs))))
+        groups: dict[str, list[int]] = {}
+        for i in members:
+            groups.setdefault(combine_mode([rows[i]]), []).append(i)
+        for group in groups.values():
+            if len(group) == 1:
+                i = group[0]
+                answers[i] = answer_alone(model, pipe, rows[i], jobs[i][1])
+                continue
+            out = answer_batch(
+                model,
+                tokenizer,
+                [rows[i] for i in group],
+                [jobs[i][1].question_ids for i in group],
+                [jobs[i][1].max_new_tokens for i in group],
+                keep_logits=True,
+            )
+            for i, a in zip(group, out):
+                answers[i] = Answer(a.text, a.token_ids, [x.float() for x in a.logits])
+    return answers, time.perf_counter() - start
+
+
+@torch.no_grad()
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default="evaluation/configs/leaderboard.yaml")
+    parser.add_argument("--samples", type=int, default=1, help="prompts per task (the config's first ones)")
+    parser.add_argument("--presses", nargs="+", default=None, help="a subset of the config's presses")
+    parser.add_argument("--ratios", type=float, nargs="+", default=None, help="a subset of the config's ratios")
+    parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8, 16])
+    parser.add_argument("--agreement-batch", type=int, default=None, help="default: the config's batch_size")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    overrides = [f"num_samples={args.samples}"]
+    if args.presses:
+        overrides.append(f"press_name=[{', '.join(args.presses)}]")
+    if args.ratios:
+        overrides.append(f"compression_ratio=[{', '.join(str(r) for r in args.ratios)}]")
+    config = load_config(args.config, overrides)
+    agreement = args.agreement_batch or max(int(config.batch_size), 2)
+    sizes = list(dict.fromkeys([1, *args.batch_sizes, agreement]))
+    evaluator = Evaluator(config)
+    model, tokenizer, pipe = evaluator.model, evaluator.tokenizer, evaluator.pipe
+    model.eval()
+    runs = [(name, ratio) for name, ratio in config.sweep() if can_reuse_prefill(config.build_press(name, ratio), model)]
+    runs.sort(key=lambda run: -run[1])  # the harness's order within a prompt: most compressed first
+    rows = load_rows(config, tokenizer)
+    verdicts: dict = {}
+    results: dict[int, list[tuple[str, Prompt, Answer]]] = {s: [] for s in sizes}
+    seconds = {s: 0.0 for s in sizes}
+    modes: dict[str, int] = {}
+    chunk_size = max(sizes)
+    chunk_no = 0
+    progress = tqdm(total=len(rows) * len(runs), desc="jobs", unit="job")
+    for _, row in rows.iterrows():
+        context_ids, question_ids = evaluator._tokenize(row)
+        prefill = capture_prefill(model, context_ids)
+        memo = ScoreMemo(prefill, verdicts)
+        prompt = Prompt(row["task"], int(row["index"]), row, context_ids, question_ids, evaluator._max_new_tokens(row))
+        for at in range(0, len(runs), chunk_size):
+            jobs = []
+            for name, ratio in runs[at : at + chunk_size]:
+                press = config.build_press(name, ratio)
+                with memo.sharing(press, name):
+                    cache = replay_press(model, prefill, press)
+                row_cache = RowCache(cache, context_ids.shape[1], masked_key_indices(model))
+                modes[combine_mode([row_cache])] = modes.get(combine_mode([row_cache]), 0) + 1
+                jobs.append((f"{name}@{ratio:g}", prompt, row_cache))
+            order = sizes[chunk_no % len(sizes) :] + sizes[: chunk_no % len(sizes)]
+            chunk_no += 1
+            for size in order:
+                answers, spent = answer_at(model, pipe, tokenizer, jobs, size)
+                seconds[size] += spent
+                results[size].extend((label, p, a) for (label, p, _), a in zip(jobs, answers))
+            progress.update(len(jobs))
+        del prefill, memo
+    progress.close()
+    n = len(results[1])
+
+    # (a) agreement
+    per_press: dict[str, list[bool]] = {}
+    diffs = []
+    for (label, p, a), (_, _, b) in zip(results[1], results[agreement]):
+        same = a.text == b.text
+        per_press.setdefault(label.split("@")[0], []).append(same)
+        if not same:
+            step = next(
+                (i for i, (x, y) in enumerate(zip(a.token_ids, b.token_ids)) if x != y),
+                min(len(a.token_ids), len(b.token_ids)),
+            )
+            diffs.append((label, p, a, b, step))
+    total_same = sum(sum(v) for v in per_press.values())
+    print(
+        f"\n### (a) Agreement at B={agreement} with one-at-a-time answering: {total_same}/{n} jobs "
+        f"({total_same / n:.2%}); {len(rows)} prompts of {args.config} ({config.split or 'unsplit'} split, "
+        f"{config.context_length} tokens), {len(runs)} (press, ratio) runs each\n"
+    )
+    others = [s for s in sizes if s not in (1, agreement)]
+    table = []
+    for name, same in per_press.items():
+        labels = [i for i, (lab, _, _) in enumerate(results[1]) if lab.split("@")[0] == name]
+        extra = [f"{sum(results[1][i][2].text == results[s][i][2].text for i in labels)}/{len(labels)}" for s in others]
+        table.append([name, f"{sum(same)}/{len(same)}", *extra])
+    print(
+        tabulate(
+            table, headers=["press", f"same at B={agreement}", *[f"same at B={s}" for s in others]], tablefmt="github"
+        )
+    )
+    if diffs:
+        model64 = copy.deepcopy(model).double()
+        from transformers import pipeline
+
+        pipe64 = pipeline("kv-press-text-generation", model=model64, tokenizer=tokenizer, device=model64.device)
+        listing = []
+        for label, p, a, b, step in tqdm(diffs, desc="float64 reruns", unit="job"):
+            if step < min(len(a.token_ids), len(b.token_ids)):
+                tokens = (a.token_ids[step], b.token_ids[step])
+                gaps = f"{top2_gap(a.logits[step]):.2e} / {top2_gap(b.logits[step]):.2e}"
+                f64 = float64_check(config, model64, pipe64, p, label, step, tokens)
+            else:
+                gaps, f64 = "-", "one answer is a prefix of the other (a stop token)"
+            listing.append([label, f"{p.task}#{p.index}", step, repr(a.text[:40]), repr(b.text[:40]), gaps, f64])
+        print(f"\nDiffering jobs (B=1 vs B={agreement}; gap: top-2 logit gap at the first differing step)\n")
+        headers = ["press@ratio", "prompt", "step", "alone", f"B={agreement}", "gap alone / batched", "float64 alone"]
+        print(tabulate(listing, headers=headers, tablefmt="github"))
+    else:
+        print("\nNo job differs.")
+
+    # (b) throughput
+    print(
+        f"\n### (b) Answering throughput (jobs/s; prefill and compression excluded; {torch.get_num_threads()} threads)\n"
+    )
+    base = n / seconds[1]
+    cells = [f"{n / seconds[s]:.2f} ({n / seconds[s] / base:.2f}x)" for s in sizes]
+    print(tabulate([["all jobs", n, *cells]], headers=["", "jobs", *[f"B={s}" for s in sizes]], tablefmt="github"))
+    print(f"\nCaches: {modes} (padded: dense, batched together; rows: packed/sharded, batched apart).")
+
+
+if __name__ == "__main__":
+    main()
