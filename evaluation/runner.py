@@ -96,6 +96,20 @@ def _prefill_elements(cache: DynamicCache) -> Iterator[dict]:
         del cache.update
 
 
+def processing_order(rows: pd.DataFrame) -> list[Any]:
+    """The order a sweep runs its rows in: round robin over the tasks (the first sample of every task, then the second
+    of every task...), each task's samples in their order, so that a run stopped part way holds the same number of
+    samples of every task (a stratified subset that can be reported with its intervals). Rows without a ``task``
+    column keep their order. The rows' indices, which the records carry, do not change."""
+    if "task" not in rows.columns or rows["task"].nunique() < 2:
+        return list(rows.index)
+    tasks = list(dict.fromkeys(rows["task"]))
+    rank = rows.groupby("task", sort=False).cumcount()
+    position = rows["task"].map({task: i for i, task in enumerate(tasks)})
+    keys = sorted(rows.index, key=lambda index: (int(rank[index]), int(position[index])))
+    return keys
+
+
 @dataclass
 class _Prefilled:
     """One row's shared prefill, and what its runs record from it."""
@@ -221,8 +235,9 @@ class Evaluator:
         ]
         alone = [run for run in pending if run not in shared]
         size = max(1, int(self.config.batch_size))
-        for start in range(0, len(rows), size):
-            block = rows.iloc[start : start + size]
+        order = processing_order(rows)
+        for start in range(0, len(order), size):
+            block = rows.loc[order[start : start + size]]
             if shared:
                 self._run_shared(shared, block, progress)
             for index, row in block.iterrows():

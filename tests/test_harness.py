@@ -67,8 +67,13 @@ def test_yaml_config_with_composed_press(tmp_path):
 
     path = Path(__file__).parents[1] / "evaluation" / "configs" / "composed.yaml"
     config = load_config(path, [f"output_dir={tmp_path}"])
-    assert config.sweep() == [("no_press", 0.0), ("snapkv", 0.25), ("snapkv", 0.5),
-                              ("snapkv_then_knorm", 0.25), ("snapkv_then_knorm", 0.5)]
+    assert config.sweep() == [
+        ("no_press", 0.0),
+        ("snapkv", 0.25),
+        ("snapkv", 0.5),
+        ("snapkv_then_knorm", 0.25),
+        ("snapkv_then_knorm", 0.5),
+    ]
     press = config.build_press("snapkv_then_knorm", 0.5)
     assert isinstance(press, ComposedPress)
     assert isinstance(press.presses[0], SnapKVPress) and press.presses[0].compression_ratio == 0.5
@@ -110,7 +115,10 @@ def test_presses_that_evict_while_decoding_run_inside_prefill_decoding_press(tmp
 def test_adaptive_scheduling_sweep_evicts_while_answering(tmp_path):
     model = get_tiny_model("llama")
     _, results, prefills = run_sweep(
-        model, tmp_path, reuse=True, extra=["press_name=[no_press, knorm, adaptive_scheduling]", "compression_ratio=[0.5]"]
+        model,
+        tmp_path,
+        reuse=True,
+        extra=["press_name=[no_press, knorm, adaptive_scheduling]", "compression_ratio=[0.5]"],
     )
     kv = {r["press"]: r["kv_bytes"] for r in results}
     assert kv["adaptive_scheduling"] < kv["no_press"]  # the answer's cache was cut while it was generated
@@ -289,16 +297,32 @@ def test_longbench_from_a_local_directory_end_to_end(tmp_path):
     """Fixture records in LongBench's raw format (made up here; not LongBench data or scores)."""
     data = tmp_path / "data"
     data.mkdir()
-    record = dict(context="Paris is the capital of France. " * 6, input="What is the capital of France?",
-                  answers=["Paris"], length=40, dataset="hotpotqa", language="en", all_classes=None, _id="a")
+    record = dict(
+        context="Paris is the capital of France. " * 6,
+        input="What is the capital of France?",
+        answers=["Paris"],
+        length=40,
+        dataset="hotpotqa",
+        language="en",
+        all_classes=None,
+        _id="a",
+    )
     (data / "hotpotqa.jsonl").write_text(json.dumps(record) + "\n" + json.dumps(dict(record, _id="b")) + "\n")
     count = dict(record, dataset="passage_count", input="", answers=["3"], _id="c")
     (data / "passage_count.jsonl").write_text(json.dumps(count) + "\n")
-    config = load_config(None, [
-        "dataset=longbench", f"data_dir={data}", "tasks=[hotpotqa, passage_count]",
-        "press_name=[no_press, knorm]", "compression_ratio=0.5",
-        f"output_dir={tmp_path / 'out'}", "max_new_tokens=4", "max_context_length=120",
-    ])
+    config = load_config(
+        None,
+        [
+            "dataset=longbench",
+            f"data_dir={data}",
+            "tasks=[hotpotqa, passage_count]",
+            "press_name=[no_press, knorm]",
+            "compression_ratio=0.5",
+            f"output_dir={tmp_path / 'out'}",
+            "max_new_tokens=4",
+            "max_context_length=120",
+        ],
+    )
     results = Evaluator(config, get_tiny_model("llama"), tiny_tokenizer()).run()
     assert [(r["press"], r["num_samples"]) for r in results] == [("no_press", 3), ("knorm", 3)]
     for result in results:
@@ -323,3 +347,42 @@ def test_query_aware_compresses_the_question_with_the_context(tmp_path):
     with_question = {r["press"]: r["kv_bytes"] for r in shared}
     without = {r["press"]: r["kv_bytes"] for r in plain}
     assert with_question["no_press"] > without["no_press"]  # the question's tokens are in the cache
+
+
+# --- processing order ----------------------------------------------------------------------------
+
+
+def test_a_sweep_runs_its_tasks_round_robin(tmp_path):
+    """A sweep stopped part way holds as many samples of every task: rows go round robin over the tasks (the records
+    keep each row's own index)."""
+    import pandas as pd
+    from pikvpress_eval.runner import processing_order
+
+    tasks = ["niah_single_1"] * 3 + ["niah_single_2"] * 2 + ["fwe"]
+    rows = pd.DataFrame(
+        {
+            "context": [f"The number {i} is special. " * 6 for i in range(len(tasks))],
+            "question": ["Which number is special?"] * len(tasks),
+            "answer_prefix": [""] * len(tasks),
+            "answer": [[str(i)] for i in range(len(tasks))],
+            "max_new_tokens": [2] * len(tasks),
+            "task": tasks,
+        }
+    )
+    assert processing_order(rows) == [0, 3, 5, 1, 4, 2]
+    assert processing_order(rows[rows["task"] == "fwe"]) == [5]
+    for batch in (1, 2):
+        config = load_config(
+            None,
+            [
+                "dataset=ruler",
+                "press_name=[no_press, knorm]",
+                "compression_ratio=[0.5]",
+                f"batch_size={batch}",
+                f"output_dir={tmp_path / str(batch)}",
+            ],
+        )
+        Evaluator(config, get_tiny_model("llama"), tiny_tokenizer()).run(rows)
+        for run in plan_runs(config):
+            lines = [json.loads(line)["index"] for line in (run.directory / PREDICTIONS).read_text().splitlines()]
+            assert lines == [0, 3, 5, 1, 4, 2], (batch, run.directory.name)
