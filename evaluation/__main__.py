@@ -86,6 +86,12 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="field=value")
     report = sub.add_parser("report", help="aggregate finished runs into tables and plots")
     report.add_argument("results_dir")
+    interim = sub.add_parser(
+        "interim", help="report an unfinished sweep on the samples every run has done (OUTPUT_DIR_interim)"
+    )
+    interim.add_argument("--config", help="YAML config (see evaluation/configs/)")
+    interim.add_argument("--output", help="where to write it (default: the config's output_dir + _interim)")
+    interim.add_argument("overrides", nargs="*", help="field=value")
     timing = sub.add_parser(
         "timing", help="time each press's own prefill and decode against no press (OUTPUT_DIR/timing.json)"
     )
@@ -125,8 +131,10 @@ def evaluate(config: EvalConfig) -> Path:
     evaluator = Evaluator(config)
     evaluator.run()
     logging.getLogger("evaluation").info("sweep done in %.0f s", time.perf_counter() - start)
-    print(f"\nsweep: {len(config.sweep())} press configurations, {evaluator.prefills} prefills, "
-          f"{time.perf_counter() - start:.0f} s")
+    print(
+        f"\nsweep: {len(config.sweep())} press configurations, {evaluator.prefills} prefills, "
+        f"{time.perf_counter() - start:.0f} s"
+    )
     return write_report(config.output_dir)
 
 
@@ -135,6 +143,20 @@ def run_sweep(config_path: str | Path | None, overrides: list[str]) -> Path:
     from .config import load_config
 
     return evaluate(load_config(config_path, overrides))  # the config fails before any model loads
+
+
+def interim_report(config_path: str | Path | None, overrides: list[str], output: str | None = None) -> Path:
+    """``interim``: every run of a sweep scored on the samples all of them have done (:mod:`.interim`), reported."""
+    from pikvpress.models import load_model
+
+    from .config import load_config
+    from .datasets import load_rows
+    from .interim import write_interim
+    from .report import write_report
+
+    config = load_config(config_path, overrides)
+    _, tokenizer = load_model(config.model, device="cpu", **config.model_kwargs)  # the rows need the tokenizer
+    return write_report(write_interim(config, load_rows(config, tokenizer), output))
 
 
 def run_kvpress_flags(argv: list[str]) -> Path:
@@ -166,6 +188,14 @@ def main(argv: list[str] | None = None) -> None:
             from .report import write_report
 
             _print_report(write_report(args.results_dir))
+            return
+        if command == "interim":
+            from .interim import NothingToReport
+
+            try:
+                _print_report(interim_report(args.config, args.overrides, args.output))
+            except NothingToReport as err:
+                parser.exit(1, f"error: {err}\n")
             return
         if command == "timing":
             from .timing import format_timing, run_timing

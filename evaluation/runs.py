@@ -197,11 +197,12 @@ class Run:
                 "move the directory away to rerun it"
             )
         expected, found = self.key, _canonical(stored["fields"])
-        differing = sorted(k for k in set(expected) | set(found) if expected.get(k, "<absent>") != found.get(k, "<absent>"))
+        differing = sorted(
+            k for k in set(expected) | set(found) if expected.get(k, "<absent>") != found.get(k, "<absent>")
+        )
         if differing:
             details = "; ".join(
-                f"{k}: stored {found.get(k, '<absent>')!r}, expected {expected.get(k, '<absent>')!r}"
-                for k in differing
+                f"{k}: stored {found.get(k, '<absent>')!r}, expected {expected.get(k, '<absent>')!r}" for k in differing
             )
             raise RunKeyError(
                 f"{self.directory} holds another run (its {CONFIG} differs in {', '.join(differing)}): {details}. "
@@ -236,16 +237,8 @@ class Run:
         if path.exists():
             text = path.read_text()
             lines = text.splitlines()
-            kept = []
-            for line in lines:
-                try:
-                    record = json.loads(line)
-                    index = int(record["index"])
-                except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-                    logger.info("%s: dropping a line cut by an interruption; that sample reruns", path)
-                    continue
-                self.done[index] = record
-                kept.append(line)
+            records, kept = read_predictions(path, text)
+            self.done.update(records)
             if len(kept) < len(lines) or (text and not text.endswith("\n")):
                 # drop what the interruption cut, and end the last record's line, before appending to the file
                 _atomic_write(path, "".join(line + "\n" for line in kept))
@@ -290,6 +283,24 @@ class Run:
             metrics["seconds"] = float(records["seconds"].sum())
         _atomic_write(self.directory / METRICS, json.dumps(metrics, indent=2))
         return metrics
+
+
+def read_predictions(path: Path, text: str | None = None) -> tuple[dict[int, dict], list[str]]:
+    """The whole records of a ``predictions.jsonl`` by sample index, and their lines; a line cut by an interruption
+    (not a whole JSON record with an ``index``) is left out. Reads only."""
+    text = path.read_text() if text is None else text
+    records: dict[int, dict] = {}
+    kept = []
+    for line in text.splitlines():
+        try:
+            record = json.loads(line)
+            index = int(record["index"])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
+            logger.info("%s: dropping a line cut by an interruption; that sample reruns", path)
+            continue
+        records[index] = record
+        kept.append(line)
+    return records, kept
 
 
 def _atomic_write(path: Path, text: str) -> None:
