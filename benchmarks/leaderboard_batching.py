@@ -27,6 +27,7 @@ import copy
 import logging
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -43,6 +44,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from batched_answering import Answer, Prompt, answer_alone, float64_check, fresh, top2_gap
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Light:
+    """An answer without its logits (a sweep's worth of logits does not fit in memory): its text, tokens and the
+    top-2 logit gap at every step."""
+
+    text: str
+    token_ids: list[int]
+    gaps: list[float]
+
+
+def light(answer: Answer) -> Light:
+    return Light(answer.text, answer.token_ids, [top2_gap(x) for x in answer.logits])
 
 
 @torch.no_grad()
@@ -100,11 +115,13 @@ def main(argv: list[str] | None = None) -> None:
     evaluator = Evaluator(config)
     model, tokenizer, pipe = evaluator.model, evaluator.tokenizer, evaluator.pipe
     model.eval()
-    runs = [(name, ratio) for name, ratio in config.sweep() if can_reuse_prefill(config.build_press(name, ratio), model)]
+    runs = [
+        (name, ratio) for name, ratio in config.sweep() if can_reuse_prefill(config.build_press(name, ratio), model)
+    ]
     runs.sort(key=lambda run: -run[1])  # the harness's order within a prompt: most compressed first
     rows = load_rows(config, tokenizer)
     verdicts: dict = {}
-    results: dict[int, list[tuple[str, Prompt, Answer]]] = {s: [] for s in sizes}
+    results: dict[int, list[tuple[str, Prompt, Light]]] = {s: [] for s in sizes}
     seconds = {s: 0.0 for s in sizes}
     modes: dict[str, int] = {}
     chunk_size = max(sizes)
@@ -129,7 +146,8 @@ def main(argv: list[str] | None = None) -> None:
             for size in order:
                 answers, spent = answer_at(model, pipe, tokenizer, jobs, size)
                 seconds[size] += spent
-                results[size].extend((label, p, a) for (label, p, _), a in zip(jobs, answers))
+                results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
+                del answers
             progress.update(len(jobs))
         del prefill, memo
     progress.close()
@@ -173,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, p, a, b, step in tqdm(diffs, desc="float64 reruns", unit="job"):
             if step < min(len(a.token_ids), len(b.token_ids)):
                 tokens = (a.token_ids[step], b.token_ids[step])
-                gaps = f"{top2_gap(a.logits[step]):.2e} / {top2_gap(b.logits[step]):.2e}"
+                gaps = f"{a.gaps[step]:.2e} / {b.gaps[step]:.2e}"
                 f64 = float64_check(config, model64, pipe64, p, label, step, tokens)
             else:
                 gaps, f64 = "-", "one answer is a prefix of the other (a stop token)"
