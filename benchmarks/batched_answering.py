@@ -145,6 +145,30 @@ def float64_check(config, model64, pipe64, prompt: Prompt, press: str, step: int
     return f"gap {top2_gap(answer.logits[step]):.2e}, picks {which} token"
 
 
+def print_differences(config, model, tokenizer, diffs, size: int, gap_at, what: str = "prompt") -> None:
+    """List every differing answer (``diffs``: (press label, prompt, alone, batched, first differing step)): the
+    top-2 logit gap there in both runs (``gap_at(answer, step)``) and the job rerun alone in float64."""
+    if not diffs:
+        print(f"\nNo {what} differs.")
+        return
+    model64 = copy.deepcopy(model).double()
+    from transformers import pipeline
+
+    pipe64 = pipeline("kv-press-text-generation", model=model64, tokenizer=tokenizer, device=model64.device)
+    listing = []
+    for name, p, a, b, step in tqdm(diffs, desc="float64 reruns", unit=what):
+        if step < min(len(a.token_ids), len(b.token_ids)):
+            tokens = (a.token_ids[step], b.token_ids[step])
+            gaps = f"{gap_at(a, step):.2e} / {gap_at(b, step):.2e}"
+            f64 = float64_check(config, model64, pipe64, p, name, step, tokens)
+        else:
+            gaps, f64 = "-", "one answer is a prefix of the other (a stop token)"
+        listing.append([name, f"{p.task}#{p.index}", step, repr(a.text[:40]), repr(b.text[:40]), gaps, f64])
+    print(f"\nDiffering {what}s (B=1 vs B={size}; gap: top-2 logit gap at the first differing step)\n")
+    headers = ["press", "prompt", "step", "alone", f"B={size}", "gap alone / batched (float32)", "float64 alone"]
+    print(tabulate(listing, headers=headers, tablefmt="github"))
+
+
 #: press name -> (registry or composed name, ratio), filled in main
 PRESS_SWEEP: dict[str, tuple[str, float]] = {}
 
@@ -234,25 +258,7 @@ def main(argv: list[str] | None = None) -> None:
     others = [s for s in sizes if s not in (1, size)]
     headers = ["press", "combine", f"same at B={size}", "fraction", *[f"fraction at B={s}" for s in others]]
     print(tabulate(agree_rows, headers=headers, tablefmt="github"))
-    if diffs:
-        model64 = copy.deepcopy(model).double()
-        from transformers import pipeline
-
-        pipe64 = pipeline("kv-press-text-generation", model=model64, tokenizer=tokenizer, device=model64.device)
-        listing = []
-        for name, p, a, b, step in tqdm(diffs, desc="float64 reruns", unit="prompt"):
-            if step < min(len(a.token_ids), len(b.token_ids)):
-                tokens = (a.token_ids[step], b.token_ids[step])
-                gaps = f"{top2_gap(a.logits[step]):.2e} / {top2_gap(b.logits[step]):.2e}"
-                f64 = float64_check(config, model64, pipe64, p, name, step, tokens)
-            else:
-                tokens, gaps, f64 = None, "-", "one answer is a prefix of the other (a stop token)"
-            listing.append([name, f"{p.task}#{p.index}", step, repr(a.text[:40]), repr(b.text[:40]), gaps, f64])
-        print(f"\nDiffering prompts (B=1 vs B={size}; gap: top-2 logit gap at the first differing step)\n")
-        headers = ["press", "prompt", "step", "alone", f"B={size}", "gap alone / batched (float32)", "float64 alone"]
-        print(tabulate(listing, headers=headers, tablefmt="github"))
-    else:
-        print("\nNo prompt differs.")
+    print_differences(config, model, tokenizer, diffs, size, lambda answer, step: top2_gap(answer.logits[step]))
 
     # (b) throughput
     print(f"\n### (b) Answering throughput (prompts/s; prefill excluded; {torch.get_num_threads()} threads)\n")

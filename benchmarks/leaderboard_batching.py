@@ -23,7 +23,6 @@ answering throughput (jobs per second of answering, compression excluded) at eac
 from __future__ import annotations
 
 import argparse
-import copy
 import logging
 import sys
 import time
@@ -41,7 +40,7 @@ from tabulate import tabulate
 from tqdm.auto import tqdm
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from batched_answering import Answer, Prompt, answer_alone, float64_check, fresh, top2_gap
+from batched_answering import Answer, Prompt, answer_alone, fresh, print_differences, top2_gap
 
 logger = logging.getLogger(__name__)
 
@@ -139,7 +138,8 @@ def main(argv: list[str] | None = None) -> None:
                 with memo.sharing(press, name):
                     cache = replay_press(model, prefill, press)
                 row_cache = RowCache(cache, context_ids.shape[1], masked_key_indices(model))
-                modes[combine_mode([row_cache])] = modes.get(combine_mode([row_cache]), 0) + 1
+                mode = combine_mode([row_cache])
+                modes[mode] = modes.get(mode, 0) + 1
                 jobs.append((f"{name}@{ratio:g}", prompt, row_cache))
             order = sizes[chunk_no % len(sizes) :] + sizes[: chunk_no % len(sizes)]
             chunk_no += 1
@@ -182,25 +182,7 @@ def main(argv: list[str] | None = None) -> None:
             table, headers=["press", f"same at B={agreement}", *[f"same at B={s}" for s in others]], tablefmt="github"
         )
     )
-    if diffs:
-        model64 = copy.deepcopy(model).double()
-        from transformers import pipeline
-
-        pipe64 = pipeline("kv-press-text-generation", model=model64, tokenizer=tokenizer, device=model64.device)
-        listing = []
-        for label, p, a, b, step in tqdm(diffs, desc="float64 reruns", unit="job"):
-            if step < min(len(a.token_ids), len(b.token_ids)):
-                tokens = (a.token_ids[step], b.token_ids[step])
-                gaps = f"{a.gaps[step]:.2e} / {b.gaps[step]:.2e}"
-                f64 = float64_check(config, model64, pipe64, p, label, step, tokens)
-            else:
-                gaps, f64 = "-", "one answer is a prefix of the other (a stop token)"
-            listing.append([label, f"{p.task}#{p.index}", step, repr(a.text[:40]), repr(b.text[:40]), gaps, f64])
-        print(f"\nDiffering jobs (B=1 vs B={agreement}; gap: top-2 logit gap at the first differing step)\n")
-        headers = ["press@ratio", "prompt", "step", "alone", f"B={agreement}", "gap alone / batched", "float64 alone"]
-        print(tabulate(listing, headers=headers, tablefmt="github"))
-    else:
-        print("\nNo job differs.")
+    print_differences(config, model, tokenizer, diffs, agreement, lambda answer, step: answer.gaps[step], "job")
 
     # (b) throughput
     print(

@@ -126,8 +126,7 @@ class BatchedCache:
         """Put every row's head-wise masked keys on the attention modules (``"padded"``; ``"rows"`` layers put each
         row's on for that row's attention call) and clear them afterwards."""
         modules = attention_modules(model)
-        for idx, module in enumerate(modules):
-            module.masked_key_indices = self.masked_key_indices[idx] if self.mode == "padded" else None
+        self.put_masks(modules)
         try:
             yield
         finally:
@@ -160,6 +159,12 @@ class BatchedCache:
             masked.append((mapped[sel], head_idx[sel], seq_idx[sel] - trim) if bool(sel.any()) else None)
         self.masked_key_indices = masked
         self.row_bytes = [self.row_bytes[i] for i in keep]
+
+    def put_masks(self, modules: Sequence[nn.Module]) -> None:
+        """Put every row's head-wise masked keys, in batch coordinates, on the attention modules (``"padded"``;
+        ``"rows"`` layers put each row's on for that row's attention call)."""
+        for idx, module in enumerate(modules):
+            module.masked_key_indices = self.masked_key_indices[idx] if self.mode == "padded" else None
 
     def read_bytes(self, row: int, fed: int) -> float:
         """The key/value bytes row ``row``'s own cache reports read (:func:`pikvpress.cache.cache_bytes_read`) after a
@@ -412,9 +417,7 @@ def answer_combined(
             if drop_finished and len(active) < len(slots):
                 batch.select([slots.index(i) for i in active])  # compute only the rows still answering
                 slots = list(active)
-                modules = attention_modules(model)
-                for idx, module in enumerate(modules):
-                    module.masked_key_indices = batch.masked_key_indices[idx] if batch.mode == "padded" else None
+                batch.put_masks(attention_modules(model))  # the kept rows' masked keys, in their new coordinates
             flags = torch.tensor([i in active for i in slots], dtype=torch.bool, device=device)
             last = torch.stack([generated[i][-1] for i in slots]).to(device)
             tokens = torch.where(flags, last, torch.full_like(last, pad))

@@ -13,6 +13,7 @@ exactly as it reports a finished sweep. The sweep's own directories are only rea
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 from pathlib import Path
@@ -87,6 +88,4 @@ def write_interim(config: EvalConfig, rows: pd.DataFrame, output_dir: str | Path
 
 
 def _line(record: dict) -> str:
-    import json
-
     return json.dumps(record) + "\n"

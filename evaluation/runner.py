@@ -106,8 +106,7 @@ def processing_order(rows: pd.DataFrame) -> list[Any]:
     tasks = list(dict.fromkeys(rows["task"]))
     rank = rows.groupby("task", sort=False).cumcount()
     position = rows["task"].map({task: i for i, task in enumerate(tasks)})
-    keys = sorted(rows.index, key=lambda index: (int(rank[index]), int(position[index])))
-    return keys
+    return sorted(rows.index, key=lambda index: (int(rank[index]), int(position[index])))
 
 
 @dataclass
@@ -330,9 +329,9 @@ class Evaluator:
             caches.append(RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model)))
             kv_bytes.append((cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16)))
         groups: dict[str, list[int]] = {}
+        blockers = [batching_blocker(self.model, [row_cache]) for row_cache in caches]
         for i, row_cache in enumerate(caches):
-            mode = combine_mode([row_cache]) if batching_blocker(self.model, [row_cache]) is None else "alone"
-            groups.setdefault(mode, []).append(i)
+            groups.setdefault("alone" if blockers[i] is not None else combine_mode([row_cache]), []).append(i)
         results: dict[int, tuple[str, float | None]] = {}
         for mode, members in groups.items():
             if mode != "alone" and len(members) > 1:
@@ -353,7 +352,7 @@ class Evaluator:
                         "%s at %.2f: answering one sample at a time: %s",
                         run.press_name,
                         run.compression_ratio,
-                        batching_blocker(self.model, [caches[i]]),
+                        blockers[i],
                     )
                 for module, masked in zip(_attention_modules(self.model), caches[i].masked_key_indices):
                     module.masked_key_indices = masked  # the row's head-wise masked keys, as its replay left them
