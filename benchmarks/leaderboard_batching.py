@@ -4,13 +4,14 @@ how much faster is it at B = 1, 4, 8, 16?
 The harness (``pikvpress_eval.runner``) answers a block's (press, ratio, prompt) jobs ``batch_size`` at a time, prompt
 by prompt, from the most compressed run to the least, with the ratio-independent scores shared between a press's
 ratios. This benchmark builds exactly those jobs for the first ``--samples`` prompts per task of a config (the
-leaderboard's test split by default: the same prompts as the leaderboard's first rows), and answers every chunk of
-``max(B)`` jobs at each batch size side by side, from fresh copies of the same caches, the batch sizes' order rotating
-from one chunk to the next:
+leaderboard's test split by default: the same prompts as the leaderboard's first rows), and answers each prompt's
+jobs at each batch size side by side, from fresh copies of the same caches, the batch sizes' order rotating from one
+prompt to the next:
 
 - ``B = 1`` is the harness's one-at-a-time path, kvpress's ``pipeline.generate_answer``;
-- ``B > 1`` is :func:`pikvpress_eval.batching.answer_batch` over consecutive jobs (dense and packed caches in separate
-  batches, as the harness does).
+- ``B > 1`` is the harness's :func:`pikvpress_eval.batching.answer_stream` over the prompt's jobs, ``B`` at a time
+  (dense and packed caches in separate batches; a batch down to ``B // 4`` rows still answering is set aside and goes
+  on merged with the other batches' long answers).
 
 It prints (a) the agreement of the answers at ``--agreement-batch`` with the one-at-a-time answers, per press and in
 all, with every difference listed (first differing step, top-2 logit gaps, the job rerun alone in float64), and (b) the
@@ -30,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pikvpress_eval.batching import RowCache, answer_batch, combine_mode, masked_key_indices
+from pikvpress_eval.batching import Job, RowCache, answer_stream, combine_mode, masked_key_indices
 from pikvpress_eval.config import load_config
 from pikvpress_eval.datasets import load_rows
 from pikvpress_eval.prefill import can_reuse_prefill, capture_prefill, replay_press
@@ -61,7 +62,9 @@ def light(answer: Answer) -> Light:
 
 @torch.no_grad()
 def answer_at(model, pipe, tokenizer, jobs, size: int) -> tuple[list[Answer], float]:
-    """Every job's answer at batch size ``size`` (dense and packed caches batched apart), and the seconds spent."""
+    """Every job's answer at batch size ``size`` as the harness gives it (:func:`answer_stream`: chunks of ``size``
+    jobs, dense and packed caches batched apart, long answers set aside and continued together), and the seconds
+    spent."""
     rows = [fresh(model, row) for _, _, row in jobs]
     answers: list[Answer | None] = [None] * len(jobs)
     start = time.perf_counter()
@@ -69,26 +72,10 @@ def answer_at(model, pipe, tokenizer, jobs, size: int) -> tuple[list[Answer], fl
         for i, ((_, prompt, _), row) in enumerate(zip(jobs, rows)):
             answers[i] = answer_alone(model, pipe, row, prompt)
         return answers, time.perf_counter() - start
-    for at in range(0, len(jobs), size):
-        members = list(range(at, min(at + size, len(jobs))))
-        groups: dict[str, list[int]] = {}
-        for i in members:
-            groups.setdefault(combine_mode([rows[i]]), []).append(i)
-        for group in groups.values():
-            if len(group) == 1:
-                i = group[0]
-                answers[i] = answer_alone(model, pipe, rows[i], jobs[i][1])
-                continue
-            out = answer_batch(
-                model,
-                tokenizer,
-                [rows[i] for i in group],
-                [jobs[i][1].question_ids for i in group],
-                [jobs[i][1].max_new_tokens for i in group],
-                keep_logits=True,
-            )
-            for i, a in zip(group, out):
-                answers[i] = Answer(a.text, a.token_ids, [x.float() for x in a.logits])
+    stream = [Job(i, rows[i], jobs[i][1].question_ids, jobs[i][1].max_new_tokens) for i in range(len(jobs))]
+    chunks = [stream[at : at + size] for at in range(0, len(stream), size)]
+    for i, a in answer_stream(model, tokenizer, chunks, size, keep_logits=True):
+        answers[i] = Answer(a.text, a.token_ids, [x.float() for x in a.logits])
     return answers, time.perf_counter() - start
 
 
@@ -123,32 +110,29 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[int, list[tuple[str, Prompt, Light]]] = {s: [] for s in sizes}
     seconds = {s: 0.0 for s in sizes}
     modes: dict[str, int] = {}
-    chunk_size = max(sizes)
-    chunk_no = 0
     progress = tqdm(total=len(rows) * len(runs), desc="jobs", unit="job")
-    for _, row in rows.iterrows():
+    for prompt_no, (_, row) in enumerate(rows.iterrows()):
         context_ids, question_ids = evaluator._tokenize(row)
         prefill = capture_prefill(model, context_ids)
         memo = ScoreMemo(prefill, verdicts)
         prompt = Prompt(row["task"], int(row["index"]), row, context_ids, question_ids, evaluator._max_new_tokens(row))
-        for at in range(0, len(runs), chunk_size):
-            jobs = []
-            for name, ratio in runs[at : at + chunk_size]:
-                press = config.build_press(name, ratio)
-                with memo.sharing(press, name):
-                    cache = replay_press(model, prefill, press)
-                row_cache = RowCache(cache, context_ids.shape[1], masked_key_indices(model))
-                mode = combine_mode([row_cache])
-                modes[mode] = modes.get(mode, 0) + 1
-                jobs.append((f"{name}@{ratio:g}", prompt, row_cache))
-            order = sizes[chunk_no % len(sizes) :] + sizes[: chunk_no % len(sizes)]
-            chunk_no += 1
-            for size in order:
-                answers, spent = answer_at(model, pipe, tokenizer, jobs, size)
-                seconds[size] += spent
-                results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
-                del answers
-            progress.update(len(jobs))
+        jobs = []
+        for name, ratio in runs:
+            press = config.build_press(name, ratio)
+            with memo.sharing(press, name):
+                cache = replay_press(model, prefill, press)
+            row_cache = RowCache(cache, context_ids.shape[1], masked_key_indices(model))
+            mode = combine_mode([row_cache])
+            modes[mode] = modes.get(mode, 0) + 1
+            jobs.append((f"{name}@{ratio:g}", prompt, row_cache))
+        order = sizes[prompt_no % len(sizes) :] + sizes[: prompt_no % len(sizes)]
+        for size in order:
+            answers, spent = answer_at(model, pipe, tokenizer, jobs, size)
+            seconds[size] += spent
+            results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
+            del answers
+        progress.update(len(jobs))
+        del jobs
         del prefill, memo
     progress.close()
     n = len(results[1])

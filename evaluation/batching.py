@@ -33,7 +33,8 @@ time.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -287,6 +288,53 @@ def combine_caches(model: nn.Module, rows: Sequence[RowCache], reserve: int = 0)
     return BatchedCache(cache, "padded", masked, row_bytes, token_bytes)
 
 
+def merge_batches(batches: Sequence[BatchedCache], reserve: int = 0) -> BatchedCache:
+    """One batched cache holding the rows of ``batches`` (all combined the same way), in order; ``reserve``: tokens to
+    come (padded layers preallocate room). Padded layers are re-padded to each layer's longest row (a row's real keys,
+    its validity and its masked keys move with it, shifted by its new padding); row-batched layers keep their rows'
+    own layers. The batches are used up.
+
+    Raises
+    ------
+    ValueError
+        When the batches were combined in different ways or hold different numbers of layers.
+    """
+    if not batches:
+        raise ValueError("nothing to merge")
+    modes = {b.mode for b in batches}
+    if len(modes) != 1 or len({len(b.cache.layers) for b in batches}) != 1:
+        raise ValueError(f"cannot merge batches combined as {sorted(modes)} with different layers")
+    n_layers = len(batches[0].cache.layers)
+    cache = DynamicCache()
+    if batches[0].mode == "rows":
+        cache.layers = [
+            batch_rows(
+                [row for b in batches for row in b.cache.layers[idx].rows],
+                [m for b in batches for m in b.cache.layers[idx].masked_key_indices],
+            )
+            for idx in range(n_layers)
+        ]
+        return BatchedCache(cache, "rows")
+    layers, masked = [], []
+    for idx in range(n_layers):
+        parts = [b.cache.layers[idx] for b in batches]
+        layer = PaddedKVLayer.concat(parts, reserve=reserve)
+        layers.append(layer)
+        if idx >= len(batches[0].masked_key_indices):
+            continue
+        pieces, offset = [], 0
+        for b, part in zip(batches, parts):
+            m = b.masked_key_indices[idx]
+            if m is not None:
+                shift = layer.keys.shape[2] - part.keys.shape[2]
+                pieces.append((m[0] + offset, m[1], m[2] + shift))
+            offset += part.valid.shape[0]
+        masked.append(tuple(torch.cat(t) for t in zip(*pieces)) if pieces else None)
+    cache.layers = layers
+    row_bytes = [n for b in batches for n in b.row_bytes]
+    return BatchedCache(cache, "padded", masked, row_bytes, batches[0].token_bytes)
+
+
 @dataclass
 class BatchedAnswer:
     """One row's answer.
@@ -301,12 +349,15 @@ class BatchedAnswer:
         The key/value bytes the row's last forward read from its own cache (:meth:`BatchedCache.read_bytes`).
     logits : list of torch.Tensor
         With ``keep_logits``: the row's next-token logits at each of its steps.
+    seconds : float
+        The row's share of the forwards it took part in (each forward's time split over the batch's rows).
     """
 
     text: str
     token_ids: list[int]
     kv_bytes_read: float
     logits: list[torch.Tensor] = field(default_factory=list)
+    seconds: float = 0.0
 
 
 def eos_token_ids(model: nn.Module) -> list[int]:
@@ -383,76 +434,303 @@ def answer_combined(
 ) -> list[BatchedAnswer]:
     """:func:`answer_batch` over caches already combined (:func:`combine_caches`); ``context_lengths``: each row's
     context tokens before compression. The batched cache grows as the answers go through it."""
-    b = len(context_lengths)
-    device = model.device
-    stop = eos_token_ids(model)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (stop[0] if stop[0] is not None else 0)
-    lengths = [int(q.shape[1]) for q in question_ids]
-    width = max(lengths)
-    input_ids = torch.full((b, width), pad, dtype=torch.long, device=device)
-    real = torch.zeros((b, width), dtype=torch.bool, device=device)
-    positions = torch.zeros((b, width), dtype=torch.long, device=device)
-    if min(lengths) < 1:
-        raise ValueError("every question needs at least one token (kvpress's preprocess always adds its suffix)")
-    for i, (q, n) in enumerate(zip(question_ids, lengths)):
-        input_ids[i, width - n :] = q[0].to(device)
-        real[i, width - n :] = True
-        start = context_lengths[i] - (width - n)
-        positions[i] = (start + torch.arange(width, device=device)).clamp_min(0)
-    generated: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    logits: list[list[torch.Tensor]] = [[] for _ in range(b)]
-    reads: list[float] = [0.0] * b
-    fed = list(lengths)  # each row's real tokens through the model (question, then its answer but the last token)
-    remaining = [max(int(m) - 1, 0) for m in max_new_tokens]  # generate_answer's loop: range(max_new_tokens - 1)
-    with batch.answering(model):
-        batch.feed(real)
-        out = model(input_ids=input_ids, past_key_values=batch.cache, position_ids=positions, logits_to_keep=1)
-        _take(out.logits[:, -1], [(i, i) for i in range(b)], generated, logits, keep_logits)
-        for i in range(b):
-            reads[i] = batch.read_bytes(i, fed[i])
-        next_positions = [c + n for c, n in zip(context_lengths, lengths)]
-        slots = list(range(b))  # the row each batch position answers
-        active = [i for i in range(b) if remaining[i] > 0]
-        while active:
-            if drop_finished and len(active) < len(slots):
-                batch.select([slots.index(i) for i in active])  # compute only the rows still answering
-                slots = list(active)
-                batch.put_masks(attention_modules(model))  # the kept rows' masked keys, in their new coordinates
-            flags = torch.tensor([i in active for i in slots], dtype=torch.bool, device=device)
-            last = torch.stack([generated[i][-1] for i in slots]).to(device)
-            tokens = torch.where(flags, last, torch.full_like(last, pad))
-            batch.feed(flags[:, None])
-            positions = torch.tensor([next_positions[i] for i in slots], device=device)
-            out = model(input_ids=tokens[:, None], past_key_values=batch.cache, position_ids=positions[:, None])
-            next_positions = [p + 1 for p in next_positions]
-            step_logits = out.logits[:, -1]
-            _take(step_logits, [(slots.index(i), i) for i in active], generated, logits, keep_logits)
-            still = []
-            for i in active:
-                fed[i] += 1
-                reads[i] = batch.read_bytes(slots.index(i), fed[i])
-                remaining[i] -= 1
-                if generated[i][-1].item() not in stop and remaining[i] > 0:
-                    still.append(i)
-            active = still
-    answers = []
-    for i in range(b):
-        ids = torch.stack(generated[i])
-        text = str(tokenizer.decode(ids, skip_special_tokens=True))
-        answers.append(BatchedAnswer(text, ids.tolist(), reads[i], logits[i]))
-    return answers
+    answering = Answering.start(
+        model,
+        tokenizer,
+        batch,
+        context_lengths,
+        question_ids,
+        max_new_tokens,
+        keep_logits=keep_logits,
+        drop_finished=drop_finished,
+    )
+    answering.run()
+    return [answer for _, answer in sorted(answering.pop_finished(), key=lambda item: item[0])]
 
 
-def _take(
-    step_logits: torch.Tensor,
-    active: list[tuple[int, int]],
-    generated: list[list[torch.Tensor]],
-    logits: list[list[torch.Tensor]],
-    keep: bool,
-) -> None:
-    """Each active row's greedy token (and logits) from one forward's last-position logits ``(B, V)``; ``active``:
-    (batch position, row) pairs."""
-    for pos, i in active:
-        generated[i].append(step_logits[pos].argmax())
+@dataclass
+class _Row:
+    """One row's answer so far (:class:`Answering`)."""
+
+    key: Any
+    remaining: int  # steps it may still take (generate_answer's loop: range(max_new_tokens - 1))
+    next_position: int
+    fed: int  # its real tokens through the model (question, then its answer but the last token)
+    generated: list[torch.Tensor] = field(default_factory=list)
+    logits: list[torch.Tensor] = field(default_factory=list)
+    read: float = 0.0
+    stopped: bool = False
+    seconds: float = 0.0  # its share of the forwards it took part in
+
+    @property
+    def ended(self) -> bool:
+        return self.stopped or self.remaining <= 0
+
+
+class Answering:
+    """Rows answered together, greedily, over one batched cache; the answers that run long can be set aside and go on
+    later together with other batches' (:meth:`merge`), so that they share their steps.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The model and its tokenizer.
+    batch : BatchedCache
+        The rows' combined cache.
+    rows : list
+        The rows in batch order (:class:`_Row`).
+    keep_logits, drop_finished : bool
+        As :func:`answer_batch`.
+
+    Notes
+    -----
+    :meth:`start` runs the question forward; :meth:`run` decodes until every row has ended, or (``park_at``) until no
+    more than ``park_at`` rows still answer: the batch then holds only those rows, and :meth:`merge` combines such
+    batches into one (:func:`merge_batches`: re-padded; each row's real keys, positions and masked keys unchanged),
+    which goes on answering. Each row's answer is the one it would give alone (up to floating-point ties, as in any
+    batch); :meth:`pop_finished` hands over the ended rows' answers under the keys they were given.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        tokenizer: Any,
+        batch: BatchedCache,
+        rows: list[_Row],
+        *,
+        keep_logits: bool = False,
+        drop_finished: bool = True,
+    ):
+        self.model, self.tokenizer, self.batch = model, tokenizer, batch
+        self.slots = rows  # the row at each batch position
+        self.finished: list[_Row] = []
+        self.keep_logits, self.drop_finished = keep_logits, drop_finished
+        self.stop = eos_token_ids(model)
+        pad = tokenizer.pad_token_id
+        self.pad = pad if pad is not None else (self.stop[0] if self.stop[0] is not None else 0)
+
+    @classmethod
+    @torch.no_grad()
+    def start(
+        cls,
+        model: nn.Module,
+        tokenizer: Any,
+        batch: BatchedCache,
+        context_lengths: Sequence[int],
+        question_ids: Sequence[torch.Tensor],
+        max_new_tokens: Sequence[int],
+        keys: Sequence[Any] | None = None,
+        *,
+        keep_logits: bool = False,
+        drop_finished: bool = True,
+    ) -> Answering:
+        """The question forward of every row (left-padded; each row's positions continue from its own context
+        length); ``keys``: what :meth:`pop_finished` names each row by (default: its position)."""
+        b = len(context_lengths)
+        keys = list(range(b)) if keys is None else list(keys)
+        if not len(keys) == len(question_ids) == len(max_new_tokens) == b:
+            raise ValueError(
+                f"{b} rows, {len(question_ids)} questions, {len(max_new_tokens)} budgets and {len(keys)} keys"
+            )
+        lengths = [int(q.shape[1]) for q in question_ids]
+        if min(lengths) < 1:
+            raise ValueError("every question needs at least one token (kvpress's preprocess always adds its suffix)")
+        rows = [
+            _Row(k, max(int(m) - 1, 0), c + n, n) for k, m, c, n in zip(keys, max_new_tokens, context_lengths, lengths)
+        ]
+        self = cls(model, tokenizer, batch, rows, keep_logits=keep_logits, drop_finished=drop_finished)
+        device = model.device
+        width = max(lengths)
+        input_ids = torch.full((b, width), self.pad, dtype=torch.long, device=device)
+        real = torch.zeros((b, width), dtype=torch.bool, device=device)
+        positions = torch.zeros((b, width), dtype=torch.long, device=device)
+        for i, (q, n) in enumerate(zip(question_ids, lengths)):
+            input_ids[i, width - n :] = q[0].to(device)
+            real[i, width - n :] = True
+            start = context_lengths[i] - (width - n)
+            positions[i] = (start + torch.arange(width, device=device)).clamp_min(0)
+        began = time.perf_counter()
+        with batch.answering(model):
+            batch.feed(real)
+            out = model(input_ids=input_ids, past_key_values=batch.cache, position_ids=positions, logits_to_keep=1)
+        self._take(out.logits[:, -1], list(enumerate(rows)), time.perf_counter() - began)
+        return self
+
+    @property
+    def active(self) -> int:
+        """How many rows are still answering."""
+        return sum(not row.ended for row in self.slots)
+
+    def _take(self, step_logits: torch.Tensor, taking: list[tuple[int, _Row]], seconds: float) -> None:
+        """Each taking row's greedy token (and logits) from one forward's last-position logits ``(B, V)`` and the
+        bytes it read; every row of the batch takes its share of the forward's ``seconds``."""
+        for pos, row in taking:
+            row.generated.append(step_logits[pos].argmax())
+            if self.keep_logits:
+                row.logits.append(step_logits[pos].detach().clone())
+            row.read = self.batch.read_bytes(pos, row.fed)
+        for row in self.slots:
+            row.seconds += seconds / len(self.slots)
+
+    def _drop_ended(self) -> None:
+        """Move the rows that have ended out of the batch (:meth:`BatchedCache.select`)."""
+        keep = [i for i, row in enumerate(self.slots) if not row.ended]
+        self.finished += [row for row in self.slots if row.ended]
         if keep:
-            logits[i].append(step_logits[pos].detach().clone())
+            self.batch.select(keep)  # compute only the rows still answering
+            self.batch.put_masks(attention_modules(self.model))  # the kept rows' masked keys, in their new coordinates
+        self.slots = [self.slots[i] for i in keep]
+
+    @torch.no_grad()
+    def run(self, park_at: int = 0) -> None:
+        """Decode until every row has ended, or, with ``park_at`` > 0, until at most ``park_at`` rows still answer
+        (the batch then holds only them: :meth:`merge` them with other batches' to go on)."""
+        if park_at and not self.drop_finished:
+            raise ValueError("parking needs drop_finished (a parked batch holds only the rows still answering)")
+        device = self.model.device
+        with self.batch.answering(self.model):
+            while True:
+                if self.drop_finished and any(row.ended for row in self.slots):
+                    self._drop_ended()
+                active = [(pos, row) for pos, row in enumerate(self.slots) if not row.ended]
+                if not active or (park_at and len(active) <= park_at):
+                    break
+                flags = torch.tensor([not row.ended for row in self.slots], dtype=torch.bool, device=device)
+                last = torch.stack([row.generated[-1] for row in self.slots]).to(device)
+                tokens = torch.where(flags, last, torch.full_like(last, self.pad))
+                self.batch.feed(flags[:, None])
+                positions = torch.tensor([[row.next_position] for row in self.slots], device=device)
+                began = time.perf_counter()
+                out = self.model(input_ids=tokens[:, None], past_key_values=self.batch.cache, position_ids=positions)
+                for row in self.slots:
+                    row.next_position += 1
+                for _, row in active:
+                    row.fed += 1
+                self._take(out.logits[:, -1], active, time.perf_counter() - began)
+                for _, row in active:
+                    row.remaining -= 1
+                    row.stopped = row.generated[-1].item() in self.stop
+        if not self.active:
+            self.finished += self.slots
+            self.slots = []
+
+    def pop_finished(self) -> list[tuple[Any, BatchedAnswer]]:
+        """The rows that have ended since the last call, as ``(key, answer)``."""
+        out = []
+        for row in self.finished:
+            ids = torch.stack(row.generated)
+            text = str(self.tokenizer.decode(ids, skip_special_tokens=True))
+            out.append((row.key, BatchedAnswer(text, ids.tolist(), row.read, row.logits, row.seconds)))
+        self.finished = []
+        return out
+
+    @classmethod
+    def merge(cls, parts: Sequence[Answering]) -> Answering:
+        """One batch of the rows still answering in ``parts`` (each parked by :meth:`run`, its finished rows popped),
+        in order; the parts are used up."""
+        if not parts:
+            raise ValueError("nothing to merge")
+        for part in parts:
+            if part.finished:
+                raise ValueError("pop the finished rows of a part before merging it")
+            if not part.slots or any(row.ended for row in part.slots):
+                raise ValueError("a part to merge must hold only rows still answering: park it with run(park_at=...)")
+        reserve = max(row.remaining for part in parts for row in part.slots)
+        batch = merge_batches([part.batch for part in parts], reserve=reserve)
+        rows = [row for part in parts for row in part.slots]
+        for part in parts:
+            part.slots = []
+        first = parts[0]
+        return cls(
+            first.model, first.tokenizer, batch, rows, keep_logits=first.keep_logits, drop_finished=first.drop_finished
+        )
+
+
+@dataclass
+class Job:
+    """One sample to answer in a stream (:func:`answer_stream`).
+
+    Attributes
+    ----------
+    key : Any
+        What the stream names its answer by.
+    row : RowCache
+        Its compressed cache.
+    question_ids : torch.Tensor
+        Its ``(1, q)`` question tokens.
+    max_new_tokens : int
+        Its answer budget.
+    """
+
+    key: Any
+    row: RowCache
+    question_ids: torch.Tensor
+    max_new_tokens: int
+
+
+@torch.no_grad()
+def answer_stream(
+    model: nn.Module,
+    tokenizer: Any,
+    chunks: Iterable[Sequence[Job]],
+    batch_size: int,
+    park_at: int | None = None,
+    *,
+    keep_logits: bool = False,
+) -> Iterator[tuple[Any, BatchedAnswer]]:
+    """Answer chunks of jobs, each chunk's dense and packed caches as two batches (:func:`combine_mode`), the answers
+    that run long set aside and continued together (:class:`Answering`); yields ``(key, answer)`` as answers end.
+
+    Parameters
+    ----------
+    model, tokenizer
+        The model and its tokenizer.
+    chunks : iterable of sequences of Job
+        The jobs, ``batch_size`` or fewer at a time (read lazily: a chunk's caches can be built when it is reached).
+        Every job's cache must be batchable (:func:`batching_blocker`).
+    batch_size : int
+        The batch size the chunks were cut to: the rows set aside go on once they are this many.
+    park_at : int, optional
+        A batch down to this many rows still answering is set aside (default ``batch_size // 4``; 0: never).
+    keep_logits : bool
+        Keep each row's logits at every step.
+    """
+    park = batch_size // 4 if park_at is None else int(park_at)
+    parked: dict[str, list[Answering]] = {}
+
+    def go_on(mode: str, final: bool) -> Iterator[tuple[Any, BatchedAnswer]]:
+        while parked.get(mode):
+            if not final and sum(part.active for part in parked[mode]) < batch_size:
+                return
+            answering = Answering.merge(parked.pop(mode))
+            answering.run(park_at=0 if final else park)
+            yield from answering.pop_finished()
+            if answering.slots:
+                parked.setdefault(mode, []).append(answering)
+
+    for chunk in chunks:
+        groups: dict[str, list[Job]] = {}
+        for job in chunk:
+            groups.setdefault(combine_mode([job.row]), []).append(job)
+        for mode, jobs in groups.items():
+            budgets = [int(job.max_new_tokens) for job in jobs]
+            questions = [job.question_ids for job in jobs]
+            reserve = max(int(q.shape[1]) for q in questions) + max(max(budgets) - 1, 0)
+            batch = combine_caches(model, [job.row for job in jobs], reserve=reserve)
+            answering = Answering.start(
+                model,
+                tokenizer,
+                batch,
+                [job.row.context_length for job in jobs],
+                questions,
+                budgets,
+                keys=[job.key for job in jobs],
+                keep_logits=keep_logits,
+            )
+            answering.run(park_at=park)
+            yield from answering.pop_finished()
+            if answering.slots:
+                parked.setdefault(mode, []).append(answering)
+                yield from go_on(mode, final=False)
+    for mode in list(parked):
+        yield from go_on(mode, final=True)

@@ -3,10 +3,11 @@
 Rows go in blocks of ``config.batch_size``. Each row of a block is prefilled once (:func:`~.prefill.capture_prefill`)
 for every run that can share a prefill. Every (run, row) job of the block is then compressed on its own
 (:func:`~.prefill.replay_press`; the scores that do not depend on the ratio are computed once per row and press,
-:mod:`.score_memo`) and the jobs are answered ``batch_size`` at a time over their caches (:func:`~.batching.answer_batch`:
-left padding, each row's own positions, stop tokens and budget; rows leave the batch when their answers end), each
-answer what the job alone would give. Jobs go row by row, so that the answers of one batch (one prompt, several
-presses) tend to end together. ``batch_size=1`` answers one job at a time with kvpress's ``generate_answer``, as before.
+:mod:`.score_memo`) and the jobs are answered ``batch_size`` at a time over their caches (:func:`~.batching.answer_stream`:
+left padding, each row's own positions, stop tokens and budget; rows leave the batch when their answers end, and a
+batch down to a quarter of its rows is set aside and goes on merged with other batches' long answers), each answer
+what the job alone would give. Jobs go row by row, so that the answers of one batch (one prompt, several presses)
+tend to end together. ``batch_size=1`` answers one job at a time with kvpress's ``generate_answer``, as before.
 Runs whose presses need their own prefill (their own pipeline logic, eviction while decoding) run one row at a time
 through kvpress's pipeline (:meth:`Evaluator._run_alone`); so do shared jobs whose caches cannot be batched
 (:func:`~.batching.batching_blocker`, logged once per run).
@@ -29,7 +30,7 @@ from transformers import DynamicCache, pipeline
 
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
-from .batching import RowCache, answer_batch, batching_blocker, combine_mode, masked_key_indices, prefill_bf16_bytes
+from .batching import Job, RowCache, answer_stream, batching_blocker, masked_key_indices, prefill_bf16_bytes
 from .batching import attention_modules as _attention_modules
 from .config import EvalConfig
 from .datasets import load_rows
@@ -278,12 +279,11 @@ class Evaluator:
         order = sorted(runs, key=lambda run: -run.compression_ratio)  # stable: the config's order within a ratio
         jobs = [(run, p) for p in prefilled.values() for run in order if p.index not in run.done]
         size = max(1, int(self.config.batch_size))
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
-            if len(chunk) == 1:  # a batch of one: exactly the one-at-a-time path
-                self._answer_one(*chunk[0], progress)
-            else:
-                self._answer_jobs(chunk, progress)
+        for (run, p, nbytes, replay), answer in answer_stream(
+            self.model, self.tokenizer, self._chunks(jobs, size, progress), size
+        ):
+            self._record(run, p, answer.text, nbytes, p.seconds + replay + answer.seconds, answer.kv_bytes_read)
+            progress.update()
 
     def _record(
         self, run: Run, p: _Prefilled, answer: str, held: tuple[int, int], seconds: float, read: float | None
@@ -317,47 +317,39 @@ class Evaluator:
         self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
         progress.update()
 
-    def _answer_jobs(self, jobs: list[tuple[Run, _Prefilled]], progress) -> None:
-        """Compress each job's cache with a fresh press of its run, then answer the jobs at once: dense caches in one
-        padded batch, packed and sharded ones in another (:func:`~.batching.combine_mode`), or one at a time when
-        their caches cannot be batched (the reason is logged once per run). Each job's ``seconds`` is its prefill
-        share plus an equal share of the batch's compression and answering time."""
-        start = time.perf_counter()
-        caches, kv_bytes = [], []
-        for run, p in jobs:
-            cache = self._replay(run, p)
-            caches.append(RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model)))
-            kv_bytes.append((cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16)))
-        groups: dict[str, list[int]] = {}
-        blockers = [batching_blocker(self.model, [row_cache]) for row_cache in caches]
-        for i, row_cache in enumerate(caches):
-            groups.setdefault("alone" if blockers[i] is not None else combine_mode([row_cache]), []).append(i)
-        results: dict[int, tuple[str, float | None]] = {}
-        for mode, members in groups.items():
-            if mode != "alone" and len(members) > 1:
-                answers = answer_batch(
-                    self.model,
-                    self.tokenizer,
-                    [caches[i] for i in members],
-                    [jobs[i][1].question_ids for i in members],
-                    [self._max_new_tokens(jobs[i][1].row) for i in members],
-                )
-                results.update({i: (a.text, a.kv_bytes_read) for i, a in zip(members, answers)})
+    def _chunks(self, jobs: list[tuple[Run, _Prefilled]], size: int, progress) -> Iterator[list[Job]]:
+        """The jobs, ``size`` at a time, each compressed by a fresh press of its run, for
+        :func:`~.batching.answer_stream` (which answers a chunk's dense and packed caches as two batches and lets the
+        answers that run long go on together with other chunks'). A chunk of one job is answered alone with kvpress's
+        generate_answer; so is a job whose cache cannot be batched (the reason is logged once per run). A job's key
+        carries what its record needs: its run, its prefill, the bytes its cache holds, its compression time."""
+        for start in range(0, len(jobs), size):
+            chunk = jobs[start : start + size]
+            if len(chunk) == 1:  # a batch of one: exactly the one-at-a-time path
+                self._answer_one(*chunk[0], progress)
                 continue
-            for i in members:
-                run, p = jobs[i]
-                if mode == "alone" and run.directory not in self._logged_fallbacks:
+            batchable = []
+            for run, p in chunk:
+                began = time.perf_counter()
+                cache = self._replay(run, p)
+                row_cache = RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model))
+                nbytes = (cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16))
+                replay = time.perf_counter() - began
+                reason = batching_blocker(self.model, [row_cache])
+                if reason is None:
+                    key = (run, p, nbytes, replay)
+                    batchable.append(Job(key, row_cache, p.question_ids, self._max_new_tokens(p.row)))
+                    continue
+                if run.directory not in self._logged_fallbacks:
                     self._logged_fallbacks.add(run.directory)
                     logger.info(
-                        "%s at %.2f: answering one sample at a time: %s",
-                        run.press_name,
-                        run.compression_ratio,
-                        blockers[i],
+                        "%s at %.2f: answering one sample at a time: %s", run.press_name, run.compression_ratio, reason
                     )
-                for module, masked in zip(_attention_modules(self.model), caches[i].masked_key_indices):
+                for module, masked in zip(_attention_modules(self.model), row_cache.masked_key_indices):
                     module.masked_key_indices = masked  # the row's head-wise masked keys, as its replay left them
-                results[i] = self._answer(caches[i].cache, p.context_ids, p.question_ids, p.row)
-        share = (time.perf_counter() - start) / len(jobs)
-        for i, ((run, p), nbytes) in enumerate(zip(jobs, kv_bytes)):
-            self._record(run, p, results[i][0], nbytes, p.seconds + share, results[i][1])
-            progress.update()
+                began = time.perf_counter()
+                answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
+                self._record(run, p, answer, nbytes, p.seconds + replay + time.perf_counter() - began, read)
+                progress.update()
+            if batchable:
+                yield batchable

@@ -21,7 +21,9 @@ from kvpress import (
     PyramidKVPress,
     SnapKVPress,
 )
+from pikvpress_eval import batching as batching_module
 from pikvpress_eval.batching import (
+    Answering,
     RowCache,
     answer_batch,
     answer_combined,
@@ -230,6 +232,95 @@ def test_a_row_that_stops_early_keeps_its_answer_while_the_others_go_on(name, dt
     assert any(len(a.token_ids) > 3 for a in answers)  # the others went on after it
 
 
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
+@pytest.mark.parametrize("name", ["no_press", "snapkv", "adakv", "critical_adakv", "pyramidkv", "pikv_packed_top2"])
+def test_batches_set_aside_go_on_together_and_answer_as_alone(name, dtype):
+    """Two batches each answer until one row is left, are set aside, and go on as one merged batch (re-padded, the
+    masked keys shifted with their rows): every row's tokens, logits and bytes read are what it gives alone."""
+    if dtype == torch.float64 and name.startswith("pikv_packed"):
+        pytest.skip("packed shards attend with the packed kernel, which takes float16/bfloat16/float32 (alone too)")
+    model = model_of(dtype)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs()
+    prefills = [capture_prefill(model, c) for c in contexts]
+    make = PRESSES[name]
+    expected = [solo(model, tokenizer, p, make(), q, m) for p, q, m in zip(prefills, questions, budgets)]
+    rows = row_caches(model, prefills, make)
+    parts, got = [], {}
+    for members in ([0, 3], [2, 1]):  # budgets 7, 9 and 12, 4: each batch is left with one row
+        batch = combine_caches(model, [rows[i] for i in members], reserve=20)
+        part = Answering.start(
+            model,
+            tokenizer,
+            batch,
+            [rows[i].context_length for i in members],
+            [questions[i] for i in members],
+            [budgets[i] for i in members],
+            keys=members,
+            keep_logits=True,
+        )
+        part.run(park_at=1)
+        assert part.active == 1 and len(part.slots) == 1  # the batch holds only the row still answering
+        got.update(part.pop_finished())
+        parts.append(part)
+    assert sorted(got) == [0, 1]
+    sizes = []
+    handle = model.register_forward_hook(lambda m, a, kw, out: sizes.append(kw["input_ids"].shape[0]), with_kwargs=True)
+    try:
+        merged = Answering.merge(parts)
+        assert merged.batch.batch_size == 2 and not parts[0].slots
+        merged.run()
+    finally:
+        handle.remove()
+    assert sizes[0] == 2 and sizes[-1] == 1
+    got.update(merged.pop_finished())
+    tol = TOLERANCE[dtype]
+    for i, (text, ids, logits, read) in enumerate(expected):
+        assert got[i].token_ids == ids and got[i].text == text, (name, i)
+        assert len(got[i].logits) == len(logits) == budgets[i]
+        for step, (a, b) in enumerate(zip(got[i].logits, logits)):
+            assert torch.allclose(a, b, atol=tol, rtol=tol), (name, i, step, float((a - b).abs().max()))
+        assert got[i].kv_bytes_read == read, (name, i)
+        assert got[i].seconds > 0
+
+
+def test_merging_refuses_rows_that_have_ended_and_mixed_combines():
+    model = model_of(torch.float32)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, _ = inputs()
+    prefills = [capture_prefill(model, c) for c in contexts[:2]]
+    dense = row_caches(model, prefills, PRESSES["knorm"])
+    packed = row_caches(model, prefills, PRESSES["pikv_packed"])
+    parts = []
+    for rows in (dense, packed):
+        batch = combine_caches(model, rows, reserve=20)
+        parts.append(Answering.start(model, tokenizer, batch, [r.context_length for r in rows], questions[:2], [9, 1]))
+    with pytest.raises(ValueError, match="must hold only rows still answering"):
+        Answering.merge(parts)  # a one-token answer has ended with the question's forward
+    for part in parts:
+        part.run(park_at=1)
+        part.pop_finished()
+    with pytest.raises(ValueError, match="combined as"):
+        Answering.merge(parts)
+    with pytest.raises(ValueError, match="parking needs drop_finished"):
+        Answering(model, tokenizer, parts[0].batch, parts[0].slots, drop_finished=False).run(park_at=1)
+
+
+def test_a_padded_layer_concatenates_rows_re_padded_to_the_longest():
+    a = PaddedKVLayer(torch.ones(1, 2, 3, 4), -torch.ones(1, 2, 3, 4), torch.tensor([[False, True, True]]))
+    b = PaddedKVLayer(
+        2 * torch.ones(2, 2, 5, 4), -2 * torch.ones(2, 2, 5, 4), torch.tensor([[True] * 5, [False] * 2 + [True] * 3])
+    )
+    layer = PaddedKVLayer.concat([a, b], reserve=3)
+    assert layer.keys.shape == (3, 2, 5, 4) and layer._room[0].shape == (3, 2, 8, 4)
+    assert torch.equal(layer.valid[0], torch.tensor([False, False, False, True, True]))  # a's row: 2 more padding
+    assert torch.equal(layer.valid[1:], b.valid)
+    assert torch.equal(layer.keys[0, :, 2:], a.keys[0]) and bool((layer.keys[0, :, :2] == 0).all())
+    assert torch.equal(layer.values[1:], b.values)
+    layer.update(torch.zeros(3, 2, 1, 4), torch.zeros(3, 2, 1, 4))  # appends in the room
+    assert layer.keys.shape == (3, 2, 6, 4) and layer.keys.data_ptr() == layer._room[0].data_ptr()
+
+
 def test_a_single_row_batch_is_the_row_alone():
     model = model_of(torch.float64)
     check_batch_against_solo(model, "snapkv", n_rows=1)
@@ -318,6 +409,33 @@ def test_a_batch_answers_several_presses_and_ratios_of_one_prompt(tmp_path):
         handle.remove()
     assert max(sizes) > 4  # 4 prompts in all: a batch this large mixes runs
     assert one.keys() == batched.keys() and len(one) == 2 * len(presses) - 1
+    for run, records in one.items():
+        for index, record in records.items():
+            for name in FIELDS:
+                assert batched[run][index][name] == record[name], (run, index, name)
+
+
+def test_harness_sets_long_answers_aside_and_records_what_one_at_a_time_records(tmp_path, monkeypatch):
+    """Answers of different lengths (every even token ends an answer): batches down to a quarter of their rows are
+    set aside and go on merged; every record is still the one-at-a-time record."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = list(range(0, 256, 2))
+    presses = ["no_press", "knorm", "adakv_expected_attention", "pyramidkv", "pikv_int4_top2"]
+    extra = ("compression_ratio=[0.25, 0.75]", "max_new_tokens=12")
+    one, _ = sweep(model, tmp_path / "one", presses, *extra)
+    merged = []
+    original = Answering.merge.__func__
+
+    def counting(cls, parts):
+        merged.append(sum(part.active for part in parts))
+        return original(cls, parts)
+
+    monkeypatch.setattr(batching_module.Answering, "merge", classmethod(counting))
+    batched, _ = sweep(model, tmp_path / "eight", presses, *extra, "batch_size=8")
+    assert merged and max(merged) > 2  # rows set aside by several batches went on together
+    lengths = {len(r["predicted_answer"]) for records in one.values() for r in records.values()}
+    assert len(lengths) > 3  # the answers do differ in length
+    assert one.keys() == batched.keys()
     for run, records in one.items():
         for index, record in records.items():
             for name in FIELDS:

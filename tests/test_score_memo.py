@@ -15,6 +15,7 @@ from pikvpress_eval.score_memo import ScoreMemo
 from pikvpress.models import tiny_model
 
 LEADERBOARD = load_config("evaluation/configs/leaderboard.yaml")
+MORE = load_config("evaluation/configs/leaderboard_more.yaml")
 CONTEXTS = (90, 77)
 
 
@@ -84,7 +85,7 @@ def replay_all(model, prefills, name, memo_for):
     return out
 
 
-SHARED = [n for n in LEADERBOARD.press_names if n != "no_press"]
+SHARED = [n for n in dict.fromkeys(LEADERBOARD.press_names + MORE.press_names) if n != "no_press"]
 
 
 def test_shared_scores_leave_the_cache_of_a_replay_without_them(llama, prefills):

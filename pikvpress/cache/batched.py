@@ -308,6 +308,41 @@ class PaddedKVLayer(DynamicLayer):
             valid[i, longest - n :] = True
         return cls(keys, values, valid)
 
+    @classmethod
+    def concat(cls, layers: list[PaddedKVLayer], reserve: int = 0) -> PaddedKVLayer:
+        """One layer holding the rows of ``layers``, in order, left-padded to the longest; ``reserve``: room for tokens
+        to come (:meth:`reserve`). Every row keeps its real keys, values and validity, shifted right by the padding it
+        gains (two batches whose answers ran long go on as one)."""
+        if not layers:
+            raise ValueError("nothing to concatenate")
+        first = layers[0]
+        for i, layer in enumerate(layers):
+            if (
+                layer.keys.shape[1::2] != first.keys.shape[1::2]
+                or layer.values.shape[-1] != first.values.shape[-1]
+                or layer.keys.dtype != first.keys.dtype
+                or layer.keys.device != first.keys.device
+            ):
+                raise ValueError(f"layer {i}'s heads, head dims, dtype or device differ from layer 0's")
+        longest = max(layer.keys.shape[2] for layer in layers)
+        rows = sum(layer.valid.shape[0] for layer in layers)
+        h, dk, dv = first.keys.shape[1], first.keys.shape[3], first.values.shape[3]
+        room = longest + max(int(reserve), 0)
+        keys = first.keys.new_zeros((rows, h, room, dk))
+        values = first.values.new_zeros((rows, h, room, dv))
+        valid = torch.zeros((rows, longest), dtype=torch.bool, device=first.valid.device)
+        start = 0
+        for layer in layers:
+            b, n = layer.valid.shape[0], layer.keys.shape[2]
+            keys[start : start + b, :, longest - n : longest] = layer.keys
+            values[start : start + b, :, longest - n : longest] = layer.values
+            valid[start : start + b, longest - n :] = layer.valid
+            start += b
+        out = cls(keys[:, :, :longest], values[:, :, :longest], valid)
+        if reserve > 0:
+            out._room = keys, values
+        return out
+
     def select_rows(self, rows: list[int]) -> int:
         """Keep only the rows ``rows`` (positions in the current batch, in the new order), and drop the leading
         positions that are padding in every kept row; returns how many were dropped (the kept rows' positions move
