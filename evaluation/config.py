@@ -30,11 +30,10 @@ import yaml
 
 from .presses import (
     EAGER_PRESSES,
-    EXCLUDED,
-    NEEDS_HUB_WEIGHTS,
     build_press,
     chain_presses,
     press_names,
+    refusal,
     takes_ratio,
 )
 
@@ -182,10 +181,9 @@ class EvalConfig:
             raise ConfigError(f"dataset: unknown {self.dataset!r}; allowed: {', '.join(DATASETS)}")
         allowed = press_names() + list(self.composed_presses)
         for name in self.press_names:
-            if name in NEEDS_HUB_WEIGHTS or name in EXCLUDED:
-                reason = NEEDS_HUB_WEIGHTS.get(name) or EXCLUDED[name]
-                kind = "needs hub weights" if name in NEEDS_HUB_WEIGHTS else "is left out"
-                raise ConfigError(f"press_name: {name!r} {kind}: {reason}")
+            reason = refusal(name)
+            if reason is not None:
+                raise ConfigError(f"press_name: {name!r} {reason}")
             if name not in allowed:
                 raise ConfigError(f"press_name: unknown {name!r}; allowed: {', '.join(allowed)}")
         for ratio in self.ratios:

@@ -224,6 +224,16 @@ def takes_ratio(name: str) -> bool:
     return "compression_ratio" in inspect.signature(factory).parameters
 
 
+def refusal(name: str) -> str | None:
+    """Why the harness refuses the kvpress press ``name`` (it needs hub weights, :data:`NEEDS_HUB_WEIGHTS`, or is left
+    out, :data:`EXCLUDED`), as the end of a sentence naming it; None if it does not."""
+    if name in NEEDS_HUB_WEIGHTS:
+        return f"needs hub weights, which this offline harness cannot fetch: {NEEDS_HUB_WEIGHTS[name]}"
+    if name in EXCLUDED:
+        return f"is not an offline prefill baseline here: {EXCLUDED[name]}"
+    return None
+
+
 def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> BasePress | None:
     """A fresh press called ``name`` at ``compression_ratio`` (``None`` for ``no_press``).
 
@@ -237,12 +247,9 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
         For a name that needs hub weights (:data:`NEEDS_HUB_WEIGHTS`) or is left out (:data:`EXCLUDED`), with
         the reason; an unknown name (the message lists the allowed ones); a ratio outside [0, 1).
     """
-    if name in NEEDS_HUB_WEIGHTS:
-        raise ValueError(
-            f"press {name!r} needs hub weights, which this offline harness cannot fetch: {NEEDS_HUB_WEIGHTS[name]}"
-        )
-    if name in EXCLUDED:
-        raise ValueError(f"press {name!r} is not an offline prefill baseline here: {EXCLUDED[name]}")
+    reason = refusal(name)
+    if reason is not None:
+        raise ValueError(f"press {name!r} {reason}")
     if name not in press_names():
         raise ValueError(f"unknown press {name!r}; allowed: {', '.join(press_names())}")
     if (

@@ -37,8 +37,8 @@ def test_unknown_field_names_the_allowed_ones():
     [
         ("dataset=rulerr", "dataset: unknown 'rulerr'; allowed: ruler, longbench"),
         ("press_name=[snapkv, snapkw]", "press_name: unknown 'snapkw'; allowed: no_press, "),
-        ("press_name=[qfilter]", "press_name: 'qfilter' needs hub weights: QFilterPress loads"),
-        ("press_name=[decoding_knorm]", "press_name: 'decoding_knorm' is left out"),
+        ("press_name=[qfilter]", "press_name: 'qfilter' needs hub weights, which this offline harness cannot fetch: QFilter"),
+        ("press_name=[decoding_knorm]", "press_name: 'decoding_knorm' is not an offline prefill baseline here: compresses"),
         ("compression_ratio=[0.5, 1.0]", "compression_ratio: 1.0 is outside"),
         ("fraction=0", "fraction"),
         ("split=train", "split: unknown 'train'; allowed: dev, test"),
