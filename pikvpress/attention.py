@@ -356,6 +356,27 @@ def row_batched_attention(
     return out.to(query.dtype)
 
 
+def _grouped_sdpa(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, keep: torch.Tensor, scale: float
+) -> torch.Tensor:
+    """SDPA of ``query`` (B, Hq, Lq, D) over grouped ``key`` / ``value`` (B, Hkv, N, D|Dv) under the bool mask
+    ``keep`` (broadcastable to (B, Hq, Lq, N)); returns (B, Hq, Lq, Dv). The query heads that share a key head are
+    laid out as that head's queries, (B, Hkv, g * Lq, D), so that no key is repeated per query head and the mask stays
+    per row when it is (SDPA's ``enable_gqa`` takes a slower path on CPU when a mask is given)."""
+    b, hq, lq, d = query.shape
+    hkv = key.shape[1]
+    g = hq // hkv
+    if g == 1:
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale)
+    grouped = query.reshape(b, hkv, g * lq, d)  # head h = kv * g + j: rows (j, t) of kv head ``kv``
+    if keep.shape[1] == 1 and keep.shape[2] == 1:
+        mask = keep  # (B|1, 1, 1, N): the same for every query
+    else:
+        mask = keep.expand(b, hq, lq, keep.shape[-1]).reshape(b, hkv, g * lq, keep.shape[-1])
+    out = F.scaled_dot_product_attention(grouped, key, value, attn_mask=mask, scale=scale)
+    return out.reshape(b, hq, lq, value.shape[-1])
+
+
 def padded_layer_attention(
     module: nn.Module,
     query: torch.Tensor,
@@ -371,9 +392,9 @@ def padded_layer_attention(
 
     The model's mask (right-aligned to the layer, causality added for several queries when it lacks it) and
     kvpress's head-wise masked keys (:func:`_keep`) are combined with the layer's own ``valid``, so no padded
-    position is attended, whatever mask the model built. The keys stay grouped: one SDPA call with ``enable_gqa``
-    (transformers' SDPA path repeats every key per query head as soon as a mask is given, which costs more than the
-    attention itself on CPU). Attention sinks (GPT-OSS) merge as one more partial.
+    position is attended, whatever mask the model built. The keys stay grouped: one SDPA call over each key head's
+    query heads (:func:`_grouped_sdpa`; transformers' SDPA path repeats every key per query head as soon as a mask is
+    given, which costs more than the attention itself on CPU). Attention sinks (GPT-OSS) merge as one more partial.
     """
     b, hq, lq, d = query.shape
     hkv, n = key.shape[1], key.shape[2]
@@ -382,8 +403,7 @@ def padded_layer_attention(
     valid = layer.valid.to(query.device)[:, None, None, :]
     keep = valid if keep is None else keep & valid
     if s_aux is None:
-        out = F.scaled_dot_product_attention(query, key, value, attn_mask=keep, scale=scale, enable_gqa=hq != hkv)
-        return out.transpose(1, 2).contiguous()
+        return _grouped_sdpa(query, key, value, keep, scale).transpose(1, 2).contiguous()
     out_r, lse_r = attention_partial(query, key, value, scale, keep)
     out_a, lse_a = _sinks_partial(s_aux, b, hq, lq, value.shape[-1], query.device)
     out, _ = merge_partials(torch.stack([out_r, out_a], dim=3), torch.stack([lse_r, lse_a], dim=3), dim=3)
