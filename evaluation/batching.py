@@ -689,24 +689,34 @@ def answer_stream(
         The jobs, ``batch_size`` or fewer at a time (read lazily: a chunk's caches can be built when it is reached).
         Every job's cache must be batchable (:func:`batching_blocker`).
     batch_size : int
-        The batch size the chunks were cut to: the rows set aside go on once they are this many.
+        The batch size the chunks were cut to: the rows set aside go on once this many of them (of the same kind and,
+        for dense caches, of lengths within a factor of two) wait.
     park_at : int, optional
         A batch down to this many rows still answering is set aside (default ``batch_size // 4``; 0: never).
     keep_logits : bool
         Keep each row's logits at every step.
     """
     park = batch_size // 4 if park_at is None else int(park_at)
-    parked: dict[str, list[Answering]] = {}
+    parked: dict[tuple[str, int], list[Answering]] = {}
 
-    def go_on(mode: str, final: bool) -> Iterator[tuple[Any, BatchedAnswer]]:
-        while parked.get(mode):
-            if not final and sum(part.active for part in parked[mode]) < batch_size:
+    def set_aside(mode: str, answering: Answering) -> tuple[str, int]:
+        """Park ``answering`` with the batches of its kind and length class (dense rows merge with rows about as long,
+        so that a merged batch pads little); return the pool's key."""
+        size = 0
+        if mode == "padded":
+            size = max(layer.keys.shape[2] for layer in answering.batch.cache.layers).bit_length()
+        parked.setdefault((mode, size), []).append(answering)
+        return mode, size
+
+    def go_on(pool: tuple[str, int], final: bool) -> Iterator[tuple[Any, BatchedAnswer]]:
+        while parked.get(pool):
+            if not final and sum(part.active for part in parked[pool]) < batch_size:
                 return
-            answering = Answering.merge(parked.pop(mode))
+            answering = Answering.merge(parked.pop(pool))
             answering.run(park_at=0 if final else park)
             yield from answering.pop_finished()
             if answering.slots:
-                parked.setdefault(mode, []).append(answering)
+                pool = set_aside(pool[0], answering)
 
     for chunk in chunks:
         groups: dict[str, list[Job]] = {}
@@ -730,7 +740,6 @@ def answer_stream(
             answering.run(park_at=park)
             yield from answering.pop_finished()
             if answering.slots:
-                parked.setdefault(mode, []).append(answering)
-                yield from go_on(mode, final=False)
-    for mode in list(parked):
-        yield from go_on(mode, final=True)
+                yield from go_on(set_aside(mode, answering), final=False)
+    while parked:
+        yield from go_on(next(iter(parked)), final=True)

@@ -354,8 +354,7 @@ _PRESS_ONLY_FLAGS: dict[str, str] = {
     "head_compression_ratio": "kvpress sets it on DuoAttentionPress (duo_attention), whose attention "
     "patterns this offline harness does not load",
     **{
-        name: "kvpress sets it on DecodingPress (the decoding_* presses), which this harness's registry "
-        "does not run"
+        name: "kvpress sets it on DecodingPress (the decoding_* presses), which this harness's registry does not run"
         for name in ("compression_interval", "target_size", "hidden_states_buffer_size")
     },
 }
@@ -589,8 +588,10 @@ def _map_data_dir(kvpress_dataset: str, values: dict[str, Any], given: Mapping[s
     elif kvpress_dataset == "needle_in_haystack":
         length = values.pop("max_context_length", None)
         if "context_length" in given and length is not None and _as_list(given["context_length"]) != _as_list(length):
-            raise ConfigError("needle_in_haystack: --max_context_length is the haystack length; it contradicts "
-                              "--context_length: give one of them")
+            raise ConfigError(
+                "needle_in_haystack: --max_context_length is the haystack length; it contradicts "
+                "--context_length: give one of them"
+            )
         length = length if length is not None else given.get("context_length")
         depths = values.get("needle_depth")
         if length is None or depths is None:
@@ -682,7 +683,9 @@ def _with_key_channel_ratio(config: EvalConfig, channel_ratio: Any, ratio_given:
         )
     if any(press is p for p in channels):  # ThinK alone: kvpress uses only the key-channel ratio
         if ratio_given and ratio != channel_ratio:
-            logger.info("press %r: --compression_ratio %s is ignored, as kvpress ignores it for ThinKPress", name, ratio)
+            logger.info(
+                "press %r: --compression_ratio %s is ignored, as kvpress ignores it for ThinKPress", name, ratio
+            )
         ratio = channel_ratio
     elif ratio != channel_ratio:
         raise ConfigError(

@@ -32,8 +32,13 @@ def load_rows(config: EvalConfig, tokenizer) -> pd.DataFrame:
 
         frames = [
             generate_ruler(
-                tokenizer, length, tasks=config.tasks, num_samples=config.num_samples, seed=config.seed,
-                qa_paths=_ruler_qa_paths(config.data_dir), split=config.split,
+                tokenizer,
+                length,
+                tasks=config.tasks,
+                num_samples=config.num_samples,
+                seed=config.seed,
+                qa_paths=_ruler_qa_paths(config.data_dir),
+                split=config.split,
             ).assign(context_length=length)
             for length in config.context_lengths
         ]
@@ -119,7 +124,8 @@ def sample_scores(dataset: str, df: pd.DataFrame) -> pd.Series:
         from .benchmarks.ruler.scoring import _any_found, _as_references, _postprocess, _share_found
 
         values = [
-            100.0 * (_any_found if str(task).startswith("qa") else _share_found)(
+            100.0
+            * (_any_found if str(task).startswith("qa") else _share_found)(
                 _postprocess(pred).lower(), _as_references(refs)
             )
             for task, pred, refs in zip(df["task"], df["predicted_answer"], df["answer"])

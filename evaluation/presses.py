@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from kvpress import (
@@ -222,6 +222,15 @@ def takes_ratio(name: str) -> bool:
     if dataclasses.is_dataclass(factory):
         return any(f.name == "compression_ratio" and f.init for f in dataclasses.fields(factory))
     return "compression_ratio" in inspect.signature(factory).parameters
+
+
+def keeps_every_token(name: str, composed: Mapping[str, Any] | None = None) -> bool:
+    """Whether the press ``name`` leaves every context token in the cache whatever its ratio: no press, the presses
+    that only mask keys (:data:`MASKS_ONLY`) or prune key channels (:data:`CHANNEL_PRUNING`); a name of ``composed``
+    (a config's ``composed_presses``) when every component does."""
+    spec = (composed or {}).get(name)
+    parts = [str(c.get("press", "")) for c in spec if isinstance(c, dict)] if isinstance(spec, list) else [name]
+    return all(p == NO_PRESS or p in MASKS_ONLY or p in CHANNEL_PRUNING for p in parts)
 
 
 def refusal(name: str) -> str | None:

@@ -35,6 +35,7 @@ from .batching import attention_modules as _attention_modules
 from .config import EvalConfig
 from .datasets import load_rows
 from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
+from .presses import keeps_every_token
 from .runs import METRICS, PREDICTIONS, Run, plan_runs  # noqa: F401  (PREDICTIONS: the tests' import)
 from .score_memo import ScoreMemo
 
@@ -262,8 +263,8 @@ class Evaluator:
         generate_answer when ``batch_size`` is 1.
 
         The jobs go row by row (a row's answers tend to have the same length whatever the press: a batch of them ends
-        together), and within a row from the most compressed run to the least (the caches of a batch are left-padded
-        to its longest)."""
+        together), and within a row from the run that keeps the fewest tokens to the one that keeps the most
+        (:meth:`_kept_share`; the caches of a batch are left-padded to its longest)."""
         prefilled: dict[Any, _Prefilled] = {}
         for index, row in block.iterrows():
             sharing = sum(index not in run.done for run in runs)
@@ -276,7 +277,7 @@ class Evaluator:
             seconds = (time.perf_counter() - start) / sharing
             memo = ScoreMemo(prefill, self._score_verdicts)
             prefilled[index] = _Prefilled(index, row, context_ids, question_ids, prefill, seconds, memo)
-        order = sorted(runs, key=lambda run: -run.compression_ratio)  # stable: the config's order within a ratio
+        order = sorted(runs, key=self._kept_share)  # stable: the config's order within a share
         jobs = [(run, p) for p in prefilled.values() for run in order if p.index not in run.done]
         size = max(1, int(self.config.batch_size))
         for (run, p, nbytes, replay), answer in answer_stream(
@@ -316,6 +317,14 @@ class Evaluator:
         answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
         self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
         progress.update()
+
+    def _kept_share(self, run: Run) -> float:
+        """The share of a prompt's tokens that ``run``'s caches keep: 1 for no press and the presses that remove no
+        token (masks only, channel pruning; :func:`~.presses.keeps_every_token`), else ``1 - ratio``. Jobs go from
+        the smallest share to the largest, so that a batch pads its rows to about their own length."""
+        if keeps_every_token(run.press_name, self.config.composed_presses):
+            return 1.0
+        return 1.0 - float(run.compression_ratio)
 
     def _chunks(self, jobs: list[tuple[Run, _Prefilled]], size: int, progress) -> Iterator[list[Job]]:
         """The jobs, ``size`` at a time, each compressed by a fresh press of its run, for

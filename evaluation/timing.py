@@ -261,8 +261,10 @@ def measure_press_timing(
 
     evaluator = Evaluator(config, model, tokenizer)
     points = timing_points(config)
-    groups = [(length, [evaluator._tokenize(row) for _, row in group.iterrows()])
-              for length, group in prompt_groups(rows, prompts)]
+    groups = [
+        (length, [evaluator._tokenize(row) for _, row in group.iterrows()])
+        for length, group in prompt_groups(rows, prompts)
+    ]
     groups = [(length, inputs) for length, inputs in groups if inputs]
     total = sum(len(points) * (1 + len(inputs) * repeats) for _, inputs in groups)
     records: list[dict[str, Any]] = []
@@ -282,13 +284,19 @@ def measure_press_timing(
                             model, press, context_ids, question_ids, decode_tokens
                         )
                         progress.update()
-            records.extend(_records(runs, length, inputs, prompts=len(inputs), repeats=repeats,
-                                    decode_tokens=decode_tokens))
+            records.extend(
+                _records(runs, length, inputs, prompts=len(inputs), repeats=repeats, decode_tokens=decode_tokens)
+            )
     for record in records:
         logger.info(
             "%s@%s, %s tokens: prefill %.3f s (%.2fx no press), decode %.1f ms/token (%.2fx)",
-            record["press"], record["compression_ratio"], record["context_length"], record["prefill_seconds"],
-            record["prefill_vs_no_press"], 1000 * record["decode_seconds_per_token"], record["decode_vs_no_press"],
+            record["press"],
+            record["compression_ratio"],
+            record["context_length"],
+            record["prefill_seconds"],
+            record["prefill_vs_no_press"],
+            1000 * record["decode_seconds_per_token"],
+            record["decode_vs_no_press"],
         )
     return records
 
@@ -306,18 +314,20 @@ def _records(
     for (name, ratio), by_round in runs.items():
         prefill = {key: run.prefill_seconds for key, run in by_round.items()}
         decode = {key: run.decode_seconds_per_token for key, run in by_round.items()}
-        records.append({
-            "press": name,
-            "compression_ratio": float(ratio),
-            "context_length": length,
-            "context_tokens": int(statistics.median(context_ids.shape[1] for context_ids, _ in inputs)),
-            "prefill_seconds": statistics.median(prefill.values()),
-            "decode_seconds_per_token": statistics.median(decode.values()),
-            "prefill_vs_no_press": _median_ratio(prefill, base_prefill),
-            "decode_vs_no_press": _median_ratio(decode, base_decode),
-            **counts,
-            "threads": torch.get_num_threads(),
-        })
+        records.append(
+            {
+                "press": name,
+                "compression_ratio": float(ratio),
+                "context_length": length,
+                "context_tokens": int(statistics.median(context_ids.shape[1] for context_ids, _ in inputs)),
+                "prefill_seconds": statistics.median(prefill.values()),
+                "decode_seconds_per_token": statistics.median(decode.values()),
+                "prefill_vs_no_press": _median_ratio(prefill, base_prefill),
+                "decode_vs_no_press": _median_ratio(decode, base_decode),
+                **counts,
+                "threads": torch.get_num_threads(),
+            }
+        )
     return records
 
 
@@ -408,8 +418,12 @@ def format_timing(records: list[dict[str, Any]]) -> str:
 
     rows = [
         [
-            r["context_length"], r["press"], r["compression_ratio"], f"{1000 * r['prefill_seconds']:.0f}",
-            f"{r['prefill_vs_no_press']:.2f}x", f"{1000 * r['decode_seconds_per_token']:.1f}",
+            r["context_length"],
+            r["press"],
+            r["compression_ratio"],
+            f"{1000 * r['prefill_seconds']:.0f}",
+            f"{r['prefill_vs_no_press']:.2f}x",
+            f"{1000 * r['decode_seconds_per_token']:.1f}",
             f"{r['decode_vs_no_press']:.2f}x",
         ]
         for r in records

@@ -24,15 +24,18 @@ from kvpress import (
 from pikvpress_eval import batching as batching_module
 from pikvpress_eval.batching import (
     Answering,
+    Job,
     RowCache,
     answer_batch,
     answer_combined,
+    answer_stream,
     batching_blocker,
     combine_caches,
     masked_key_indices,
 )
 from pikvpress_eval.config import load_config
 from pikvpress_eval.prefill import capture_prefill, replay_press
+from pikvpress_eval.presses import keeps_every_token
 from pikvpress_eval.runner import Evaluator, plan_runs
 from pikvpress_eval.runs import PREDICTIONS
 from transformers import pipeline
@@ -426,13 +429,18 @@ def test_harness_sets_long_answers_aside_and_records_what_one_at_a_time_records(
     merged = []
     original = Answering.merge.__func__
 
+    classes = []
+
     def counting(cls, parts):
         merged.append(sum(part.active for part in parts))
+        if parts[0].batch.mode == "padded":  # dense rows merge only with rows of about their length
+            classes.append({max(x.keys.shape[2] for x in part.batch.cache.layers).bit_length() for part in parts})
         return original(cls, parts)
 
     monkeypatch.setattr(batching_module.Answering, "merge", classmethod(counting))
     batched, _ = sweep(model, tmp_path / "eight", presses, *extra, "batch_size=8")
     assert merged and max(merged) > 2  # rows set aside by several batches went on together
+    assert classes and all(len(c) == 1 for c in classes)
     lengths = {len(r["predicted_answer"]) for records in one.values() for r in records.values()}
     assert len(lengths) > 3  # the answers do differ in length
     assert one.keys() == batched.keys()
@@ -440,6 +448,58 @@ def test_harness_sets_long_answers_aside_and_records_what_one_at_a_time_records(
         for index, record in records.items():
             for name in FIELDS:
                 assert batched[run][index][name] == record[name], (run, index, name)
+
+
+def test_the_stream_merges_dense_rows_only_with_rows_of_about_their_length(monkeypatch):
+    """Three chunks (short caches, long caches, short caches) each leave two rows answering: the short ones go on
+    together, the long ones wait for rows of their length (here: the end), and every answer is its own."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = [10**6]  # no stop token: the budgets decide
+    tokenizer = tiny_tokenizer()
+    g = torch.Generator().manual_seed(1)
+    contexts = [torch.randint(3, 250, (1, n), generator=g) for n in (200, 210, 190, 205)]
+    question = torch.randint(3, 250, (1, 5), generator=g)
+    prefills = [capture_prefill(model, c) for c in contexts]
+    short = row_caches(model, prefills, lambda: KnormPress(compression_ratio=0.8))  # ~40 tokens
+    long = row_caches(model, prefills, lambda: None)  # ~200 tokens
+    budgets = [9, 9, 2, 2]
+    chunks = [
+        [Job((tag, i), rows[i], question, budgets[i]) for i in range(4)]
+        for tag, rows in (("a", short), ("b", long), ("c", short))
+    ]
+    merges = []
+    original = Answering.merge.__func__
+
+    def recording(cls, parts):
+        merges.append([sorted({key[0] for key in (row.key for row in part.slots)}) for part in parts])
+        return original(cls, parts)
+
+    monkeypatch.setattr(batching_module.Answering, "merge", classmethod(recording))
+    answers = dict(answer_stream(model, tokenizer, chunks, batch_size=4, park_at=2))
+    assert merges[0] == [["a"], ["c"]]  # the short rows of chunks a and c, not a with the long rows of b
+    assert [["b"]] in merges  # b's long rows go on alone, at the end
+    assert {key: len(a.token_ids) for key, a in answers.items()} == {
+        (tag, i): budgets[i] for tag in "abc" for i in range(4)
+    }
+
+
+def test_jobs_go_from_the_fewest_kept_tokens_to_the_most():
+    config = load_config(
+        None,
+        [
+            *SWEEP,
+            "press_name=[no_press, knorm, adakv_expected_attention, think, pikv_int4_top2]",
+            "compression_ratio=[0.25, 0.75]",
+        ],
+    )
+    evaluator = Evaluator(config, tiny_model("llama"), tiny_tokenizer())
+    runs = sorted(plan_runs(config), key=evaluator._kept_share)
+    shares = [(run.press_name, run.compression_ratio, evaluator._kept_share(run)) for run in runs]
+    assert [s for _, _, s in shares] == sorted(s for _, _, s in shares)
+    assert {name for name, _, share in shares if share == 1.0} == {"no_press", "adakv_expected_attention", "think"}
+    assert shares[0][:2] in {("knorm", 0.75), ("pikv_int4_top2", 0.75)}
+    assert keeps_every_token("critical_adakv_snapkv") and not keeps_every_token("snapkv")
+    assert not keeps_every_token("pikv_int4_top2", config.composed_presses)
 
 
 def test_runs_with_their_own_prefill_record_the_same_context_measurements(tmp_path):

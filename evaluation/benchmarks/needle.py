@@ -30,9 +30,7 @@ class NeedleSample:
     depth: float
 
 
-def make_sample(
-    tokenizer: PreTrainedTokenizerBase, context_length: int, depth: float, seed: int = 0
-) -> NeedleSample:
+def make_sample(tokenizer: PreTrainedTokenizerBase, context_length: int, depth: float, seed: int = 0) -> NeedleSample:
     """A haystack of ``context_length`` tokens (model tokenizer) with a needle at ``depth`` in [0, 1]."""
     rng = random.Random(f"{seed}-{context_length}-{depth}")
     key = rng.choice(KEYS)
