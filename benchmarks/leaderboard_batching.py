@@ -35,6 +35,7 @@ from pikvpress_eval.batching import Job, RowCache, answer_stream, combine_mode, 
 from pikvpress_eval.config import load_config
 from pikvpress_eval.datasets import load_rows
 from pikvpress_eval.prefill import can_reuse_prefill, capture_prefill, replay_press
+from pikvpress_eval.presses import keeps_every_token
 from pikvpress_eval.runner import Evaluator
 from pikvpress_eval.score_memo import ScoreMemo
 from tabulate import tabulate
@@ -104,7 +105,9 @@ def main(argv: list[str] | None = None) -> None:
     runs = [
         (name, ratio) for name, ratio in config.sweep() if can_reuse_prefill(config.build_press(name, ratio), model)
     ]
-    runs.sort(key=lambda run: -run[1])  # the harness's order within a prompt: most compressed first
+    runs.sort(  # the harness's order within a prompt: from the fewest kept tokens to the most (Evaluator._kept_share)
+        key=lambda run: 1.0 if keeps_every_token(run[0], config.composed_presses) else 1.0 - run[1]
+    )
     rows = load_rows(config, tokenizer)
     verdicts: dict = {}
     results: dict[int, list[tuple[str, Prompt, Light]]] = {s: [] for s in sizes}
