@@ -101,6 +101,9 @@ class EvalConfig:
         essay, RULER's order).
     batch_size : int
         Samples answered at once over their compressed caches (left padding and attention masks).
+    max_answer_tokens : int, optional
+        Caps each row's answer budget: the smaller of it and the row's (or ``max_new_tokens``); unlike
+        ``max_new_tokens`` it never raises a budget. Part of a run's key only when set.
     """
 
     dataset: str = "ruler"
@@ -124,6 +127,7 @@ class EvalConfig:
     composed_presses: dict = field(default_factory=dict)
     split: str | None = None
     batch_size: int = 1
+    max_answer_tokens: int | None = None
 
     # ---------------------------------------------------------------------------------------------
     @property
@@ -191,7 +195,11 @@ class EvalConfig:
                 raise ConfigError(f"compression_ratio: {ratio} is outside [0, 1)")
         if not 0 < self.fraction <= 1:
             raise ConfigError(f"fraction: {self.fraction} is outside (0, 1]")
-        for value, name in ((self.max_new_tokens, "max_new_tokens"), (self.max_context_length, "max_context_length")):
+        for value, name in (
+            (self.max_new_tokens, "max_new_tokens"),
+            (self.max_context_length, "max_context_length"),
+            (self.max_answer_tokens, "max_answer_tokens"),
+        ):
             if value is not None and int(value) <= 0:
                 raise ConfigError(f"{name}: must be a positive integer, got {value}")
         if any(n <= 0 for n in self.context_lengths):
@@ -609,7 +617,7 @@ def _map_data_dir(kvpress_dataset: str, values: dict[str, Any], given: Mapping[s
         values["needle_depth"] = [d / 100 for d in percents]
 
 
-_INT_FIELDS = ("seed", "num_samples", "batch_size", "max_new_tokens", "max_context_length")
+_INT_FIELDS = ("seed", "num_samples", "batch_size", "max_new_tokens", "max_context_length", "max_answer_tokens")
 _STR_FIELDS = ("data_dir", "model", "output_dir", "device", "split")
 
 

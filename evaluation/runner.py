@@ -168,7 +168,10 @@ class Evaluator:
         return inputs["context_ids"].to(self.model.device), inputs["questions_ids"][0].to(self.model.device)
 
     def _max_new_tokens(self, row: pd.Series) -> int:
-        return int(self.config.max_new_tokens or row["max_new_tokens"])
+        """The row's answer budget: ``max_new_tokens`` or the row's own, capped by ``max_answer_tokens``."""
+        budget = int(self.config.max_new_tokens or row["max_new_tokens"])
+        cap = self.config.max_answer_tokens
+        return budget if cap is None else min(budget, int(cap))
 
     @torch.no_grad()
     def _answer(self, cache, context_ids, question_ids, row) -> tuple[str, float | None]:

@@ -68,6 +68,8 @@ CONFIG = "config.yaml"
 OUTPUT_NEUTRAL: tuple[str, ...] = ("output_dir", "device", "prefill_reuse", "batch_size")
 #: EvalConfig fields of the sweep, replaced in a run's key by the run's own press, ratio and definition
 SWEEP_FIELDS: tuple[str, ...] = ("press_name", "compression_ratio", "composed_presses")
+#: EvalConfig fields added after run keys existed: in a run's key only when set, so older run directories keep theirs
+KEY_IF_SET: tuple[str, ...] = ("max_answer_tokens",)
 #: record fields averaged into metrics.json (every record field goes to predictions.csv)
 _MEAN_FIELDS: tuple[str, ...] = ("kv_bytes", "kv_bytes_read", "bf16_kv_bytes", "context_tokens")
 
@@ -128,7 +130,9 @@ def run_key(config: EvalConfig, press_name: str, compression_ratio: float) -> di
     key = {
         f.name: _normalized(f.name, config)
         for f in fields(EvalConfig)
-        if f.name not in OUTPUT_NEUTRAL and f.name not in SWEEP_FIELDS
+        if f.name not in OUTPUT_NEUTRAL
+        and f.name not in SWEEP_FIELDS
+        and not (f.name in KEY_IF_SET and getattr(config, f.name) is None)
     }
     key.update(
         press_name=press_name,

@@ -502,6 +502,25 @@ def test_jobs_go_from_the_fewest_kept_tokens_to_the_most():
     assert not keeps_every_token("pikv_int4_top2", config.composed_presses)
 
 
+def test_max_answer_tokens_caps_budgets_and_never_raises_them(tmp_path):
+    """A cap of 3 answers as a budget of 3 does; a cap of 50 leaves SWEEP's budget of 6 alone."""
+    model = tiny_model("llama")
+    model.generation_config.eos_token_id = [10**6]  # no stop token: the budgets decide
+    presses = ["no_press", "knorm"]
+    capped, _ = sweep(model, tmp_path / "cap3", presses, "max_answer_tokens=3", "batch_size=4")
+    three, _ = sweep(model, tmp_path / "three", presses, "max_new_tokens=3", "batch_size=4")
+    loose, _ = sweep(model, tmp_path / "cap50", presses, "max_answer_tokens=50", "batch_size=4")
+    six, _ = sweep(model, tmp_path / "six", presses, "batch_size=4")
+    answers = {
+        name: sorted(r["predicted_answer"] for records in result.values() for r in records.values())
+        for name, result in (("capped", capped), ("three", three), ("loose", loose), ("six", six))
+    }
+    assert answers["capped"] == answers["three"] and answers["loose"] == answers["six"]
+    assert answers["capped"] != answers["six"]
+    config = load_config(None, [*SWEEP, "max_new_tokens=null", "max_answer_tokens=3"])  # the rows' own budgets
+    assert Evaluator(config, model, tiny_tokenizer())._max_new_tokens({"max_new_tokens": 2}) == 2
+
+
 def test_runs_with_their_own_prefill_record_the_same_context_measurements(tmp_path):
     model = tiny_model("llama")
     shared, _ = sweep(model, tmp_path / "shared", ["no_press", "knorm"])

@@ -20,6 +20,7 @@ from pikvpress_eval.datasets import kvpress_metrics, sample_scores, score_predic
 from pikvpress_eval.runner import Evaluator
 from pikvpress_eval.runs import (
     CONFIG,
+    KEY_IF_SET,
     METRICS,
     OUTPUT_NEUTRAL,
     PREDICTIONS,
@@ -65,6 +66,7 @@ def directories(tmp_path: Path, *overrides: str, output: str = "out") -> dict[st
         "model_kwargs={dtype: bfloat16}",
         "seed=1",
         "split=dev",
+        "max_answer_tokens=64",
     ],
 )
 def test_each_result_changing_field_gets_its_own_directory(tmp_path, override):
@@ -116,9 +118,11 @@ def test_the_key_holds_every_field_but_the_neutral_ones(tmp_path):
     config = load_config(None, [*BASE, f"output_dir={tmp_path}"])
     run = plan_runs(config)[1]
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
-    assert set(run.key) == (fields - set(OUTPUT_NEUTRAL) - set(SWEEP_FIELDS)) | {
+    assert set(run.key) == (fields - set(OUTPUT_NEUTRAL) - set(SWEEP_FIELDS) - set(KEY_IF_SET)) | {
         "press_name", "compression_ratio", "press_definition", "press_init_command"
-    }
+    }  # a field added later is in the key only when set: the directories of runs made before it keep their names
+    capped = plan_runs(load_config(None, [*BASE, f"output_dir={tmp_path}", "max_answer_tokens=64"]))[1]
+    assert capped.key == {**run.key, "max_answer_tokens": 64}
     assert run.key["press_definition"] == [{"press": "snapkv", "window_size": 8},
                                            {"press": "knorm", "compression_ratio": 0.2}]
     assert run.directory.name == f"mine__0.50__{key_hash(run.key)}"
