@@ -366,6 +366,12 @@ def eos_token_ids(model: nn.Module) -> list[int]:
     return list(eos) if isinstance(eos, (list, tuple)) else [eos]
 
 
+def answer_room(question_ids: Sequence[torch.Tensor], max_new_tokens: Sequence[int]) -> int:
+    """The tokens a batch's cache receives while answering: the left-padded questions' width, then one token per step
+    of the longest budget (the last answer token is never fed back)."""
+    return max(int(q.shape[1]) for q in question_ids) + max(max(int(m) for m in max_new_tokens) - 1, 0)
+
+
 @torch.no_grad()
 def answer_batch(
     model: nn.Module,
@@ -405,8 +411,7 @@ def answer_batch(
     """
     if not len(rows) == len(question_ids) == len(max_new_tokens):
         raise ValueError(f"{len(rows)} rows, {len(question_ids)} questions and {len(max_new_tokens)} budgets")
-    width = max(int(q.shape[1]) for q in question_ids)
-    batch = combine_caches(model, rows, reserve=width + max(max(int(m) for m in max_new_tokens) - 1, 0))
+    batch = combine_caches(model, rows, reserve=answer_room(question_ids, max_new_tokens))
     context_lengths = [row.context_length for row in rows]
     return answer_combined(
         model,
@@ -725,8 +730,7 @@ def answer_stream(
         for mode, jobs in groups.items():
             budgets = [int(job.max_new_tokens) for job in jobs]
             questions = [job.question_ids for job in jobs]
-            reserve = max(int(q.shape[1]) for q in questions) + max(max(budgets) - 1, 0)
-            batch = combine_caches(model, [job.row for job in jobs], reserve=reserve)
+            batch = combine_caches(model, [job.row for job in jobs], reserve=answer_room(questions, budgets))
             answering = Answering.start(
                 model,
                 tokenizer,
