@@ -224,13 +224,20 @@ def takes_ratio(name: str) -> bool:
     return "compression_ratio" in inspect.signature(factory).parameters
 
 
+def components(name: str, composed: Mapping[str, Any] | None = None) -> list[str]:
+    """The registry names a press is made of: its components for a name of ``composed`` (a config's
+    ``composed_presses``), else ``[name]``."""
+    spec = (composed or {}).get(name)
+    if isinstance(spec, list):
+        return [str(c.get("press", "")) for c in spec if isinstance(c, dict)]
+    return [name]
+
+
 def keeps_every_token(name: str, composed: Mapping[str, Any] | None = None) -> bool:
     """Whether the press ``name`` leaves every context token in the cache whatever its ratio: no press, the presses
     that only mask keys (:data:`MASKS_ONLY`) or prune key channels (:data:`CHANNEL_PRUNING`); a name of ``composed``
-    (a config's ``composed_presses``) when every component does."""
-    spec = (composed or {}).get(name)
-    parts = [str(c.get("press", "")) for c in spec if isinstance(c, dict)] if isinstance(spec, list) else [name]
-    return all(p == NO_PRESS or p in MASKS_ONLY or p in CHANNEL_PRUNING for p in parts)
+    when every component does (:func:`components`)."""
+    return all(p == NO_PRESS or p in MASKS_ONLY or p in CHANNEL_PRUNING for p in components(name, composed))
 
 
 def refusal(name: str) -> str | None:

@@ -165,12 +165,6 @@ class RunResult:
         return f"{self.press}@{self.ratio:.2f}"
 
 
-def _components(press: str, composed: dict) -> list[str]:
-    if press in composed and isinstance(composed[press], list):
-        return [str(c.get("press", "")) for c in composed[press] if isinstance(c, dict)]
-    return [press]
-
-
 def classify(press: str, composed: dict | None = None) -> tuple[str, bool, bool]:
     """``(family, masks_only, channel_pruning)`` of a press name (composed presses: from their components).
 
@@ -192,7 +186,7 @@ def classify(press: str, composed: dict | None = None) -> tuple[str, bool, bool]
 
     if press == NO_PRESS:
         return "none", False, False
-    parts = _components(press, composed or {})
+    parts = presses.components(press, composed)
     masks = getattr(presses, "MASKS_ONLY", frozenset())
     channels = getattr(presses, "CHANNEL_PRUNING", frozenset())
     if any(p in presses.PRESSES for p in parts):

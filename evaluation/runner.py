@@ -31,7 +31,6 @@ from transformers import DynamicCache, pipeline
 from pikvpress.cache import cache_bytes_read, cache_nbytes
 
 from .batching import Job, RowCache, answer_stream, batching_blocker, masked_key_indices, prefill_bf16_bytes
-from .batching import attention_modules as _attention_modules
 from .config import EvalConfig
 from .datasets import load_rows
 from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
@@ -317,8 +316,16 @@ class Evaluator:
         start = time.perf_counter()
         cache = self._replay(run, p)
         kv_bytes = (cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16))
+        self._answer_replayed(run, p, cache, kv_bytes, time.perf_counter() - start, progress)
+
+    def _answer_replayed(
+        self, run: Run, p: _Prefilled, cache: DynamicCache, kv_bytes: tuple[int, int], replay: float, progress
+    ) -> None:
+        """Answer a job's cache just replayed (its head-wise masked keys still on the attention modules) alone with
+        kvpress's generate_answer, and record it; ``replay``: the seconds its compression took."""
+        start = time.perf_counter()
         answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
-        self._record(run, p, answer, kv_bytes, p.seconds + time.perf_counter() - start, read)
+        self._record(run, p, answer, kv_bytes, p.seconds + replay + time.perf_counter() - start, read)
         progress.update()
 
     def _kept_share(self, run: Run) -> float:
@@ -357,11 +364,6 @@ class Evaluator:
                     logger.info(
                         "%s at %.2f: answering one sample at a time: %s", run.press_name, run.compression_ratio, reason
                     )
-                for module, masked in zip(_attention_modules(self.model), row_cache.masked_key_indices):
-                    module.masked_key_indices = masked  # the row's head-wise masked keys, as its replay left them
-                began = time.perf_counter()
-                answer, read = self._answer(cache, p.context_ids, p.question_ids, p.row)
-                self._record(run, p, answer, nbytes, p.seconds + replay + time.perf_counter() - began, read)
-                progress.update()
+                self._answer_replayed(run, p, cache, nbytes, replay, progress)
             if batchable:
                 yield batchable
