@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import random
 import sys
 import time
 from pathlib import Path
@@ -106,16 +105,6 @@ def _print_report(path: Path) -> None:
     print(f"\nreport: {path}  (tables: {path.with_suffix('.csv')}, plots: {path.parent}/*.png)")
 
 
-def _seed(seed: int) -> None:
-    """Seed Python's, numpy's and torch's global generators, as kvpress's evaluate.py does."""
-    import numpy as np
-    import torch
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-
-
 def evaluate(config: EvalConfig) -> Path:
     """Run (or resume) a validated config's sweep; write and return its report.
 
@@ -123,10 +112,10 @@ def evaluate(config: EvalConfig) -> Path:
     """
     from .report import write_report
     from .runner import Evaluator
-    from .runs import plan_runs
+    from .runs import plan_runs, seed_globals
 
     plan_runs(config)  # a directory holding another run fails here, before any model loads
-    _seed(config.seed)
+    seed_globals(config.seed)
     start = time.perf_counter()
     evaluator = Evaluator(config)
     evaluator.run()

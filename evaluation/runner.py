@@ -35,7 +35,7 @@ from .config import EvalConfig
 from .datasets import load_rows
 from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
 from .presses import keeps_every_token
-from .runs import METRICS, PREDICTIONS, Run, plan_runs  # noqa: F401  (PREDICTIONS: the tests' import)
+from .runs import METRICS, PREDICTIONS, Run, plan_runs, seed_globals  # noqa: F401  (PREDICTIONS: the tests' import)
 from .score_memo import ScoreMemo
 
 logger = logging.getLogger(__name__)
@@ -193,6 +193,7 @@ class Evaluator:
         context, question, answer_prefix = self._texts(row)
         cache = DynamicCache()
         chat = bool(row.get("use_chat_template", True))
+        seed_globals(run.sample_seed(index))
         with (
             _chat_template(self.tokenizer, chat),
             _last_step_reads(self.model) as reads,
@@ -307,6 +308,7 @@ class Evaluator:
         """Row ``p``'s cache compressed by a fresh press of ``run``, sharing the scores that do not depend on the
         ratio with the run's other ratios (:class:`~.score_memo.ScoreMemo`)."""
         press = self.config.build_press(run.press_name, run.compression_ratio)
+        seed_globals(run.sample_seed(p.index))
         with p.memo.sharing(press, run.press_name):
             return replay_press(self.model, p.prefill, press)
 

@@ -45,13 +45,16 @@ import hashlib
 import json
 import logging
 import os
+import random
 import re
 from dataclasses import dataclass, field, fields
 from functools import cached_property
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
+import torch
 import yaml
 
 from .config import OUTPUT_ONLY, ConfigError, EvalConfig
@@ -143,6 +146,13 @@ def run_key(config: EvalConfig, press_name: str, compression_ratio: float) -> di
     return _canonical(dict(sorted(key.items())))
 
 
+def seed_globals(seed: int) -> None:
+    """Seed Python's, numpy's and torch's global generators with ``seed``, as kvpress's evaluate.py does."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
 def key_hash(key: dict[str, Any]) -> str:
     """The first 8 hex digits of the SHA-256 of ``key``'s canonical JSON (sorted keys, no spaces)."""
     text = json.dumps(key, sort_keys=True, separators=(",", ":"), default=str)
@@ -181,6 +191,14 @@ class Run:
     @property
     def finished(self) -> bool:
         return (self.directory / METRICS).exists()
+
+    def sample_seed(self, index: int) -> int:
+        """The seed of torch's, Python's and numpy's global generators while this run's press compresses sample
+        ``index`` (:func:`seed_globals`): a hash of the run's key and the index, so that a press that draws random
+        numbers (LeverageScore's projection, an unseeded RandomPress) draws the same ones whichever runs came before
+        it, in a fresh sweep, a resumed one or a sweep split over several processes."""
+        text = f"{key_hash(self.key)}:{index}"
+        return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
     def check_key(self) -> None:
         """Refuse a directory whose ``config.yaml`` holds another run's key.

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from conftest import get_tiny_model
 from pikvpress_eval.config import ConfigError, load_config
 from pikvpress_eval.report import write_report
@@ -386,3 +387,38 @@ def test_a_sweep_runs_its_tasks_round_robin(tmp_path):
         for run in plan_runs(config):
             lines = [json.loads(line)["index"] for line in (run.directory / PREDICTIONS).read_text().splitlines()]
             assert lines == [0, 3, 5, 1, 4, 2], (batch, run.directory.name)
+
+
+# --- random presses: the same draws whatever ran before -----------------------------------------------
+
+
+@pytest.mark.parametrize("reuse", [True, False])
+def test_a_random_press_draws_the_same_numbers_whichever_runs_came_before(tmp_path, monkeypatch, reuse):
+    """LeverageScore's projection and an unseeded RandomPress draw from torch's global generator: each sample's
+    compression is seeded from its run's key and index, so a sweep split over processes, or resumed, draws what a
+    whole sweep draws (a probe press records its draw per sample)."""
+    from kvpress.presses.scorer_press import ScorerPress
+    from pikvpress_eval import presses
+
+    draws: list[float] = []
+
+    class ProbePress(ScorerPress):
+        def score(self, module, hidden_states, keys, values, attentions, kwargs):
+            if module.layer_idx == 0:
+                draws.append(float(torch.rand(())))
+            return keys.norm(dim=-1)
+
+    monkeypatch.setitem(presses.BASELINES, "probe", lambda r: ProbePress(compression_ratio=r))
+    model = get_tiny_model("llama")
+    base = ["context_length=160", "needle_depth=[0.5, 1.0]", "compression_ratio=0.5", f"prefill_reuse={reuse}"]
+
+    def sweep(names: str, where: str) -> list[float]:
+        draws.clear()
+        config = load_config(None, ["dataset=needle", *base, f"press_name=[{names}]", f"output_dir={tmp_path / where}"])
+        Evaluator(config, model, tiny_tokenizer()).run()
+        return list(draws)
+
+    whole = sweep("leverage, random, probe", "whole")
+    alone = sweep("probe", "alone")
+    assert len(alone) == 2 and alone[0] != alone[1]  # one draw per sample, and not the same seed for both
+    assert whole == alone
