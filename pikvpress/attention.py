@@ -47,7 +47,8 @@ from pikvpress.kernels.attention import (
 from pikvpress.kernels.quantize import _use_triton
 from pikvpress.models.families import FAMILIES
 from pikvpress.routing.shards import select_shards, shard_scores
-from pikvpress.scheduling.decode_queries import record_decode_query
+from pikvpress.rows_attention import stacked_rows_attention, stacking_blocker
+from pikvpress.scheduling.decode_queries import listening, record_decode_query
 
 __all__ = [
     "disable_packed_attention",
@@ -326,7 +327,11 @@ def row_batched_attention(
     when it has several new tokens (none for one, as transformers builds it), and the row's head-wise masked keys
     (``layer.masked_key_indices[i]``) on ``module`` for the call.
     """
-    b, hq, lq, _ = query.shape
+    b, hq, lq, d = query.shape
+    if _stackable(module, query, layer, kwargs):
+        scaling = kwargs.get("scaling")
+        scale = float(scaling) if scaling is not None else d**-0.5
+        return stacked_rows_attention(query, layer.rows, layer.step, scale)
     function = _model_attention_function(module)
     real_all = layer.incoming if layer.incoming is not None else torch.ones(b, lq, dtype=torch.bool)
     eager = getattr(module.config, "_attn_implementation", None) in (None, "eager")
@@ -354,6 +359,19 @@ def row_batched_attention(
     if out is None:  # no row had a real token: nothing is read
         return query.new_zeros((b, lq, hq, value.shape[-1]))
     return out.to(query.dtype)
+
+
+def _stackable(module: nn.Module, query: torch.Tensor, layer: RowBatchedLayer, kwargs: dict[str, Any]) -> bool:
+    """Whether this call is a decode step that :func:`~pikvpress.rows_attention.stacked_rows_attention` reads as one
+    batch: one real new token in every row, packed or sharded rows that stack, no head-wise masked keys, no attention
+    sinks, and no decode-time press listening for each row's query."""
+    if query.shape[2] != 1 or kwargs.get("s_aux") is not None or listening():
+        return False
+    if layer.incoming is not None and not bool(layer.incoming.all()):
+        return False
+    if any(part is None for part in layer.step) or any(m is not None for m in layer.masked_key_indices):
+        return False
+    return stacking_blocker(layer.rows, query) is None
 
 
 def _grouped_sdpa(

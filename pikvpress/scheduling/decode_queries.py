@@ -66,6 +66,11 @@ class DecodeQueryTap:
         return self._queries.pop(module, None)
 
 
+def listening() -> bool:
+    """Whether a decode-time press is waiting for the queries attention computes."""
+    return bool(_OPEN)
+
+
 def record_decode_query(module: nn.Module, query: torch.Tensor) -> None:
     """Called by attention functions with the post-RoPE ``query`` ``(B, Hq, q_len, D)`` they computed."""
     if not _OPEN or query.shape[2] > DECODE_QUERY_TOKENS:
