@@ -22,8 +22,10 @@ Two ways to combine the caches (:class:`BatchedCache`), both without any attenti
     batch index and put on the attention modules while answering.
 ``"rows"``
     Otherwise (pikvpress's packed and sharded layers): each layer becomes a :class:`~pikvpress.cache.RowBatchedLayer`
-    holding the rows' own layers, which receive only their row's real tokens and are read row by row (see
-    :mod:`pikvpress.cache.batched` for why a rectangular padded combine cannot keep those answers exact).
+    holding the rows' own layers, which receive only their row's real tokens (see :mod:`pikvpress.cache.batched` for
+    why a rectangular padded combine cannot keep those answers exact). A decode step reads them as one transient,
+    zero-padded and masked stack (:mod:`pikvpress.rows_attention`); the question's forward, and a step with masked
+    keys or attention sinks, reads them row by row.
 
 :func:`batching_blocker` names what neither can batch (a model with sliding-window layers, transformers' quantized
 layers, an attention function that does not read pikvpress's layers); the harness answers those runs one sample at a

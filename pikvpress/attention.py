@@ -13,8 +13,9 @@ tag and computes, for every query (decode or a multi-token question):
 - attention sinks (GPT-OSS) as one more partial with output 0;
 
 and merges the partials exactly by log-sum-exp. A :class:`~pikvpress.cache.RowBatchedLayer` (several sequences' own
-layers answered as one batch) is read row by row: each row's real queries over that row's own layer, through the
-model's attention function, with the row's own causal mask and head-wise masked keys
+layers answered as one batch) is read, at a decode step over packed or sharded rows, as one padded and masked stack
+(:mod:`pikvpress.rows_attention`), otherwise row by row: each row's real queries over that row's own layer, through
+the model's attention function, with the row's own causal mask and head-wise masked keys
 (:func:`row_batched_attention`); a :class:`~pikvpress.cache.PaddedKVLayer` (several sequences' dense layers,
 left-padded) with its padding masked (:func:`padded_layer_attention`). Every call with untagged keys (a dense cache, a
 sliding-window layer) goes to the original function unchanged. The model's ``config._attn_implementation`` is never rewritten, so
@@ -325,7 +326,8 @@ def row_batched_attention(
     ``i``'s own layer returned from this step's update (``layer.step[i]``), through the model's own attention function
     (``module``'s, every wrapper included), exactly as that row alone would: a causal mask over the row's own length
     when it has several new tokens (none for one, as transformers builds it), and the row's head-wise masked keys
-    (``layer.masked_key_indices[i]``) on ``module`` for the call.
+    (``layer.masked_key_indices[i]``) on ``module`` for the call. A decode step that :func:`_stackable` allows reads
+    all rows as one stack instead (:func:`~pikvpress.rows_attention.stacked_rows_attention`), the same up to rounding.
     """
     b, hq, lq, d = query.shape
     if _stackable(module, query, layer, kwargs):
