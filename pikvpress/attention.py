@@ -48,7 +48,7 @@ from pikvpress.kernels.attention import (
 from pikvpress.kernels.quantize import _use_triton
 from pikvpress.models.families import FAMILIES
 from pikvpress.routing.shards import select_shards, shard_scores
-from pikvpress.rows_attention import stacked_rows_attention, stacking_blocker
+from pikvpress.rows_attention import stack_groups, stacked_rows_attention
 from pikvpress.scheduling.decode_queries import listening, record_decode_query
 
 __all__ = [
@@ -326,22 +326,29 @@ def row_batched_attention(
     ``i``'s own layer returned from this step's update (``layer.step[i]``), through the model's own attention function
     (``module``'s, every wrapper included), exactly as that row alone would: a causal mask over the row's own length
     when it has several new tokens (none for one, as transformers builds it), and the row's head-wise masked keys
-    (``layer.masked_key_indices[i]``) on ``module`` for the call. A decode step that :func:`_stackable` allows reads
-    all rows as one stack instead (:func:`~pikvpress.rows_attention.stacked_rows_attention`), the same up to rounding.
+    (``layer.masked_key_indices[i]``) on ``module`` for the call. At a decode step, the rows of one kind and packing
+    are read as one stack instead (:func:`~pikvpress.rows_attention.stacked_rows_attention`), the same up to rounding.
     """
     b, hq, lq, d = query.shape
-    if _stackable(module, query, layer, kwargs):
+    out = None
+    stacked: set[int] = set()
+    for members in stack_groups(_stackable_rows(query, layer, kwargs), query.device):
         scaling = kwargs.get("scaling")
         scale = float(scaling) if scaling is not None else d**-0.5
-        return stacked_rows_attention(query, layer.rows, layer.step, scale)
+        group_out = stacked_rows_attention(
+            query[members], [layer.rows[i] for i in members], [layer.step[i] for i in members], scale
+        )
+        if out is None:
+            out = group_out.new_zeros((b, lq, *group_out.shape[2:]))
+        out[members] = group_out
+        stacked.update(members)
     function = _model_attention_function(module)
     real_all = layer.incoming if layer.incoming is not None else torch.ones(b, lq, dtype=torch.bool)
     eager = getattr(module.config, "_attn_implementation", None) in (None, "eager")
-    out = None
     saved = getattr(module, "masked_key_indices", None)
     try:
         for i, part in enumerate(layer.step):
-            if part is None:
+            if part is None or i in stacked:
                 continue
             real = real_all[i].to(query.device)
             row_query = query[i : i + 1, :, real]
@@ -363,17 +370,16 @@ def row_batched_attention(
     return out.to(query.dtype)
 
 
-def _stackable(module: nn.Module, query: torch.Tensor, layer: RowBatchedLayer, kwargs: dict[str, Any]) -> bool:
-    """Whether this call is a decode step that :func:`~pikvpress.rows_attention.stacked_rows_attention` reads as one
-    batch: one real new token in every row, packed or sharded rows that stack, no head-wise masked keys, no attention
-    sinks, and no decode-time press listening for each row's query."""
+def _stackable_rows(query: torch.Tensor, layer: RowBatchedLayer, kwargs: dict[str, Any]) -> list[Any]:
+    """Each row's own layer if this call is a decode step that row may join a stack at
+    (:func:`~pikvpress.rows_attention.stack_groups`), else None for it: one new token, no attention sinks, no
+    decode-time press listening for each row's query, the row has its token and no head-wise masked keys."""
     if query.shape[2] != 1 or kwargs.get("s_aux") is not None or listening():
-        return False
-    if layer.incoming is not None and not bool(layer.incoming.all()):
-        return False
-    if any(part is None for part in layer.step) or any(m is not None for m in layer.masked_key_indices):
-        return False
-    return stacking_blocker(layer.rows, query) is None
+        return [None] * len(layer.rows)
+    return [
+        row if part is not None and masked is None else None
+        for row, part, masked in zip(layer.rows, layer.step, layer.masked_key_indices, strict=True)
+    ]
 
 
 def _grouped_sdpa(

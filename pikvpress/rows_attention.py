@@ -31,7 +31,7 @@ from pikvpress.kernels.attention import (
 from pikvpress.kernels.quantize import QuantizedTensor, _use_triton
 from pikvpress.routing.shards import select_shards, shard_scores
 
-__all__ = ["stacked_rows_attention", "stacking_blocker"]
+__all__ = ["stack_groups", "stacked_rows_attention"]
 
 
 def _padded(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -67,37 +67,35 @@ def _packing(layer: Any) -> tuple:
     return tuple(getattr(layer, k) for k in ("bits", "group_size", "key_group_size", "stats_dtype", "layout"))
 
 
-def stacking_blocker(rows: list[Any], query: torch.Tensor) -> str | None:
-    """Why these rows' layers cannot be read as one stack at this step, or None when they can."""
-    first = rows[0]
-    if isinstance(first, PackedKVLayer):
-        if not all(isinstance(r, PackedKVLayer) and _packing(r) == _packing(first) for r in rows):
-            return "rows of different layer kinds or packings"
-        if any(r.device != query.device for r in rows):
-            return "a row on another device"
+def _stack_key(layer: Any, device: torch.device) -> tuple | None:
+    """What two rows' layers must share to be read as one stack (None: this row is read alone)."""
+    if isinstance(layer, PackedKVLayer):
+        return ("packed", _packing(layer)) if layer.device == device else None
+    if not isinstance(layer, ShardedKVLayer) or not layer.has_shards or layer.group is not None:
         return None
-    if not isinstance(first, ShardedKVLayer):
-        return f"a {type(first).__name__} row"
-    for r in rows:
-        if not isinstance(r, ShardedKVLayer) or not r.has_shards:
-            return "a row that is not a sharded layer with shards"
-        if r.group is not None or r.valid is not None:
-            return "a row spread over ranks or holding padding"
-        if (r.num_shards, r.top_k_shards, r.shard_score) != (first.num_shards, first.top_k_shards, first.shard_score):
-            return "rows sharded differently"
-        if (r.packing is None) != (first.packing is None) or (r.packing and r.packing != first.packing):
-            return "rows packed differently"
-        if any(s is not None and s.length and s.device != query.device for s in r.shards):
-            return "a shard on another device"
-    return None
+    if layer.valid is not None or any(s is not None and s.length and s.device != device for s in layer.shards):
+        return None  # padding inside the row's own layer, or a shard elsewhere: the row's own read
+    packing = None if layer.packing is None else tuple(sorted((k, repr(v)) for k, v in layer.packing.items()))
+    return ("sharded", layer.num_shards, layer.top_k_shards, layer.shard_score, packing)
+
+
+def stack_groups(rows: list[Any], device: torch.device) -> list[list[int]]:
+    """The indices of ``rows`` (each row's own layer, or None for a row left out) that can be read as one stack, in
+    groups of two or more rows of the same kind and packing (a batch may hold PiKV caches of several shard settings
+    and int4-quantized ones); a row in no group is read alone."""
+    groups: dict[tuple, list[int]] = {}
+    for i, layer in enumerate(rows):
+        key = None if layer is None else _stack_key(layer, device)
+        if key is not None:
+            groups.setdefault(key, []).append(i)
+    return [members for members in groups.values() if len(members) > 1]
 
 
 def stacked_rows_attention(
     query: torch.Tensor, rows: list[Any], tails: list[tuple[torch.Tensor, torch.Tensor]], scale: float
 ) -> torch.Tensor:
-    """One decode step's attention of ``query`` ``(B, Hq, 1, D)`` over the rows' own layers ``rows`` (all
-    :class:`~pikvpress.cache.PackedKVLayer` or all :class:`~pikvpress.cache.ShardedKVLayer`, as
-    :func:`stacking_blocker` allows) and each row's full-precision recent tokens ``tails`` (what the row's layer
+    """One decode step's attention of ``query`` ``(B, Hq, 1, D)`` over the rows' own layers ``rows`` (one group of
+    :func:`stack_groups`) and each row's full-precision recent tokens ``tails`` (what the row's layer
     returned from this step's update, ``(1, Hkv, R_i, D|Dv)``); returns ``(B, 1, Hq, Dv)`` in ``query``'s dtype."""
     device = query.device
     tail_lengths = [k.shape[2] for k, _ in tails]

@@ -610,6 +610,34 @@ def test_decode_steps_read_packed_and_sharded_rows_as_one_stack(name, monkeypatc
     )
     model = model_of(torch.float32)
     check_batch_against_solo(model, name)
-    steps = max(BUDGETS) - 1  # the first token comes from the question's forward
-    assert len(calls) >= steps * model.config.num_hidden_layers
-    assert calls[0] == len(CONTEXTS)
+    steps = sorted(BUDGETS)[-2] - 1  # while two rows answer (the first token comes from the question's forward)
+    assert len(calls) == steps * model.config.num_hidden_layers  # a row left alone is read alone
+    assert calls[0] == len(CONTEXTS) and min(calls) == 2
+
+
+def test_a_batch_of_several_packings_stacks_the_rows_of_each_and_answers_as_alone(monkeypatch):
+    """Rows of int4 quantization, PiKV with all shards read and PiKV reading 2 of 4 shards in one batch (as the harness
+    batches a prompt's packed jobs): each kind is read as its own stack, and every row answers as it would alone."""
+    from pikvpress import attention as attention_module
+
+    groups = []
+    stacked = attention_module.stacked_rows_attention
+    monkeypatch.setattr(
+        attention_module,
+        "stacked_rows_attention",
+        lambda q, rows, *a: groups.append(tuple(type(r).__name__ for r in rows)) or stacked(q, rows, *a),
+    )
+    model = model_of(torch.float32)
+    tokenizer = tiny_tokenizer()
+    contexts, questions, budgets = inputs()
+    names = ["quantization", "pikv_packed", "pikv_packed_top2", "quantization", "pikv_packed", "pikv_packed_top2"]
+    order = [0, 1, 2, 3, 2, 3]  # two rows of each kind, on different prompts
+    prefills = [capture_prefill(model, c) for c in contexts]
+    expected = [solo(model, tokenizer, prefills[j], PRESSES[n](), questions[j], budgets[j]) for n, j in zip(names, order)]
+    rows = [row_caches(model, [prefills[j]], PRESSES[n])[0] for n, j in zip(names, order)]
+    answers = answer_batch(model, tokenizer, rows, [questions[j] for j in order], [budgets[j] for j in order])
+    for i, (got, (text, ids, _, read)) in enumerate(zip(answers, expected)):
+        assert got.token_ids == ids and got.text == text, (names[i], i)
+        assert got.kv_bytes_read == read, (names[i], i)
+    packed, sharded = ("PackedKVLayer",) * 2, ("ShardedKVLayer",) * 2
+    assert sorted(groups[:3]) == [packed, sharded, sharded]  # the first step of the first layer: three stacks of two
