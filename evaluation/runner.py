@@ -16,10 +16,11 @@ through kvpress's pipeline (:meth:`Evaluator._run_alone`); so do shared jobs who
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -118,14 +119,28 @@ class _Prefilled:
     row: pd.Series
     context_ids: torch.Tensor
     question_ids: torch.Tensor
-    prefill: CapturedPrefill
+    prefill: CapturedPrefill | None  # None once every run sharing it has compressed its cache (:meth:`release`)
     seconds: float  # the prefill's time divided among the runs sharing it
-    memo: ScoreMemo  # the scores of this prefill that the ratios of a press share
+    memo: ScoreMemo | None  # the scores of this prefill that the ratios of a press share
+    bf16_kv_bytes: int = 0  # bytes a bf16 cache of the uncompressed prefill holds (2 per key and value element)
 
-    @property
-    def bf16_kv_bytes(self) -> int:
-        """Bytes a bf16 cache of the uncompressed prefill holds (2 per key and value element)."""
-        return prefill_bf16_bytes([(layer.keys, layer.values) for layer in self.prefill.layers.values()])
+    def __post_init__(self) -> None:
+        if self.prefill is not None:
+            layers = self.prefill.layers.values()
+            self.bf16_kv_bytes = prefill_bf16_bytes([(layer.keys, layer.values) for layer in layers])
+
+    def release(self) -> None:
+        """Drop the captured layer inputs and the shared scores (every run of the row has compressed its cache; the
+        answers still to come need only the row, its ids and its measurements)."""
+        self.prefill = None
+        self.memo = None
+
+
+def _released_before(last: _Prefilled | None, p: _Prefilled) -> _Prefilled:
+    """``p``, after releasing ``last`` when the jobs have moved on from it (a row's jobs come one after another)."""
+    if last is not None and last is not p:
+        last.release()
+    return p
 
 
 class Evaluator:
@@ -268,7 +283,18 @@ class Evaluator:
         The jobs go row by row (a row's answers tend to have the same length whatever the press: a batch of them ends
         together), and within a row from the run that keeps the fewest tokens to the one that keeps the most
         (:meth:`_kept_share`; the caches of a batch are left-padded to its longest)."""
-        prefilled: dict[Any, _Prefilled] = {}
+        order = sorted(runs, key=self._kept_share)  # stable: the config's order within a share
+        jobs = ((run, p) for p in self._prefilled(runs, block) for run in order if p.index not in run.done)
+        size = max(1, int(self.config.batch_size))
+        for (run, p, nbytes, replay), answer in answer_stream(
+            self.model, self.tokenizer, self._chunks(jobs, size, progress), size
+        ):
+            self._record(run, p, answer.text, nbytes, p.seconds + replay + answer.seconds, answer.kv_bytes_read)
+            progress.update()
+
+    def _prefilled(self, runs: list[Run], block: pd.DataFrame) -> Iterator[_Prefilled]:
+        """The block's rows that some run lacks, each prefilled when its first job is due (so that only the rows being
+        compressed hold their captured prefill; see :meth:`_chunks`), its time split among the runs lacking it."""
         for index, row in block.iterrows():
             sharing = sum(index not in run.done for run in runs)
             if not sharing:
@@ -279,15 +305,7 @@ class Evaluator:
             self.prefills += 1
             seconds = (time.perf_counter() - start) / sharing
             memo = ScoreMemo(prefill, self._score_verdicts)
-            prefilled[index] = _Prefilled(index, row, context_ids, question_ids, prefill, seconds, memo)
-        order = sorted(runs, key=self._kept_share)  # stable: the config's order within a share
-        jobs = [(run, p) for p in prefilled.values() for run in order if p.index not in run.done]
-        size = max(1, int(self.config.batch_size))
-        for (run, p, nbytes, replay), answer in answer_stream(
-            self.model, self.tokenizer, self._chunks(jobs, size, progress), size
-        ):
-            self._record(run, p, answer.text, nbytes, p.seconds + replay + answer.seconds, answer.kv_bytes_read)
-            progress.update()
+            yield _Prefilled(index, row, context_ids, question_ids, prefill, seconds, memo)
 
     def _record(
         self, run: Run, p: _Prefilled, answer: str, held: tuple[int, int], seconds: float, read: float | None
@@ -338,19 +356,22 @@ class Evaluator:
             return 1.0
         return 1.0 - float(run.compression_ratio)
 
-    def _chunks(self, jobs: list[tuple[Run, _Prefilled]], size: int, progress) -> Iterator[list[Job]]:
+    def _chunks(self, jobs: Iterable[tuple[Run, _Prefilled]], size: int, progress) -> Iterator[list[Job]]:
         """The jobs, ``size`` at a time, each compressed by a fresh press of its run, for
         :func:`~.batching.answer_stream` (which answers a chunk's dense and packed caches as two batches and lets the
         answers that run long go on together with other chunks'). A chunk of one job is answered alone with kvpress's
         generate_answer; so is a job whose cache cannot be batched (the reason is logged once per run). A job's key
         carries what its record needs: its run, its prefill, the bytes its cache holds, its compression time."""
-        for start in range(0, len(jobs), size):
-            chunk = jobs[start : start + size]
+        jobs = iter(jobs)
+        last: _Prefilled | None = None
+        while chunk := list(itertools.islice(jobs, size)):
             if len(chunk) == 1:  # a batch of one: exactly the one-at-a-time path
+                last = _released_before(last, chunk[0][1])
                 self._answer_one(*chunk[0], progress)
                 continue
             batchable = []
             for run, p in chunk:
+                last = _released_before(last, p)
                 began = time.perf_counter()
                 cache = self._replay(run, p)
                 row_cache = RowCache(cache, p.context_ids.shape[1], masked_key_indices(self.model))
@@ -369,3 +390,5 @@ class Evaluator:
                 self._answer_replayed(run, p, cache, nbytes, replay, progress)
             if batchable:
                 yield batchable
+        if last is not None:
+            last.release()

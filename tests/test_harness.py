@@ -422,3 +422,35 @@ def test_a_random_press_draws_the_same_numbers_whichever_runs_came_before(tmp_pa
     alone = sweep("probe", "alone")
     assert len(alone) == 2 and alone[0] != alone[1]  # one draw per sample, and not the same seed for both
     assert whole == alone
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_a_block_holds_one_captured_prefill_at_a_time(tmp_path, monkeypatch, batch_size):
+    """A block's rows are prefilled when their first job is due and drop the captured layer inputs once all their
+    runs have compressed: compressing holds one row's prefill, whatever the block size (a 2k prefill of the default
+    model holds about 0.3 GB, and a block is batch_size rows): at most two at a time, as a chunk of batch_size jobs may
+    reach the next row's first job."""
+    from pikvpress_eval import runner as runner_module
+
+    created, alive = [], []
+    prefilled, replay = Evaluator._prefilled, Evaluator._replay
+
+    def tracked(self, runs, block):
+        for p in prefilled(self, runs, block):
+            created.append(p)
+            yield p
+
+    def counting(self, run, p):
+        alive.append(sum(q.prefill is not None for q in created))
+        return replay(self, run, p)
+
+    monkeypatch.setattr(runner_module.Evaluator, "_prefilled", tracked)
+    monkeypatch.setattr(runner_module.Evaluator, "_replay", counting)
+    config = load_config(
+        None,
+        [*SWEEP[:3], "press_name=[no_press, knorm, snapkv]", f"batch_size={batch_size}", f"output_dir={tmp_path}"],
+    )
+    Evaluator(config, get_tiny_model("llama"), tiny_tokenizer()).run()
+    assert len(created) == 4 and len(alive) == 4 * 3  # 4 rows x 3 runs
+    assert max(alive) <= 2
+    assert all(p.prefill is None and p.memo is None and p.bf16_kv_bytes > 0 for p in created)
