@@ -42,6 +42,7 @@ from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.kernels.attention import (
     attention_partial,
     merge_partials,
+    merge_partials_or_empty,
     packed_attention_partial,
     packed_attention_with_residual,
 )
@@ -264,11 +265,7 @@ def sharded_layer_attention(
         bytes_read += shard.row_kv_nbytes * n_rows
     layer.bytes_read = bytes_read
     dv = value.shape[-1]
-    if outs:
-        out_sh, lse_sh = merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
-    else:
-        out_sh = torch.zeros((b, hkv, g * lq, dv), dtype=torch.float32, device=device)
-        lse_sh = torch.full((b, hkv, g * lq), float("-inf"), dtype=torch.float32, device=device)
+    out_sh, lse_sh = merge_partials_or_empty(outs, lses, (b, hkv, g * lq), dv, device)
     if layer.group is not None and layer.group.world_size > 1:
         out_sh, lse_sh = layer.group.merge(
             out_sh, lse_sh, f"layer {getattr(module, 'layer_idx', '?')}'s partial attention"
@@ -332,9 +329,9 @@ def row_batched_attention(
     b, hq, lq, d = query.shape
     out = None
     stacked: set[int] = set()
+    scaling = kwargs.get("scaling")
+    scale = float(scaling) if scaling is not None else d**-0.5
     for members in stack_groups(_stackable_rows(query, layer, kwargs), query.device):
-        scaling = kwargs.get("scaling")
-        scale = float(scaling) if scaling is not None else d**-0.5
         group_out = stacked_rows_attention(
             query[members], [layer.rows[i] for i in members], [layer.step[i] for i in members], scale
         )

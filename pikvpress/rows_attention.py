@@ -25,6 +25,7 @@ from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.kernels.attention import (
     attention_partial,
     merge_partials,
+    merge_partials_or_empty,
     packed_attention_partial,
     packed_attention_with_residual,
 )
@@ -97,14 +98,12 @@ def stacked_rows_attention(
     """One decode step's attention of ``query`` ``(B, Hq, 1, D)`` over the rows' own layers ``rows`` (one group of
     :func:`stack_groups`) and each row's full-precision recent tokens ``tails`` (what the row's layer
     returned from this step's update, ``(1, Hkv, R_i, D|Dv)``); returns ``(B, 1, Hq, Dv)`` in ``query``'s dtype."""
-    device = query.device
     tail_lengths = [k.shape[2] for k, _ in tails]
     tail_keys, tail_values = _padded([k for k, _ in tails]), _padded([v for _, v in tails])
-    tail_keep = _within(tail_lengths, device)[:, None, None, :]
     if isinstance(rows[0], PackedKVLayer):
         out = _packed_rows(query, rows, tail_keys, tail_values, tail_lengths, scale)
     else:
-        out = _sharded_rows(query, rows, tail_keys, tail_values, tail_keep, tails, scale)
+        out = _sharded_rows(query, rows, tail_keys, tail_values, tails, scale)
     return out.transpose(1, 2).to(query.dtype).contiguous()
 
 
@@ -207,7 +206,6 @@ def _sharded_rows(
     rows: list[ShardedKVLayer],
     tail_keys: torch.Tensor,
     tail_values: torch.Tensor,
-    tail_keep: torch.Tensor,
     tails: list[tuple[torch.Tensor, torch.Tensor]],
     scale: float,
 ) -> torch.Tensor:
@@ -246,11 +244,8 @@ def _sharded_rows(
     for row, nbytes in zip(rows, bytes_read, strict=True):
         row.bytes_read = nbytes
     dv = tail_values.shape[-1]
-    if outs:
-        out_sh, lse_sh = merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
-    else:
-        out_sh = torch.zeros((b, hkv, g * lq, dv), dtype=torch.float32, device=device)
-        lse_sh = torch.full((b, hkv, g * lq), float("-inf"), dtype=torch.float32, device=device)
+    out_sh, lse_sh = merge_partials_or_empty(outs, lses, (b, hkv, g * lq), dv, device)
+    tail_keep = _within([k.shape[2] for k, _ in tails], device)[:, None, None, :]
     out_t, lse_t = attention_partial(query, tail_keys, tail_values, scale, tail_keep)
     out, _ = merge_partials(
         torch.stack([out_sh.view(b, hq, lq, dv), out_t], dim=3),

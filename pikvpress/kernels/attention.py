@@ -64,6 +64,7 @@ __all__ = [
     "attention_split_partials",
     "choose_num_splits",
     "merge_partials",
+    "merge_partials_or_empty",
     "packed_attention",
     "packed_attention_partial",
     "packed_attention_split_partials",
@@ -265,6 +266,24 @@ def merge_partials(
     w = torch.exp(lses - safe).unsqueeze(-1)  # 0 for empty splits
     contrib = torch.where(w > 0, w * outs.float(), torch.zeros((), dtype=torch.float32, device=outs.device))
     return contrib.sum(dim=dim), big.squeeze(dim)
+
+
+def merge_partials_or_empty(
+    outs: Sequence[torch.Tensor],
+    lses: Sequence[torch.Tensor],
+    lse_shape: tuple[int, ...],
+    dv: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`merge_partials` of the partials ``lses`` ``lse_shape`` (and ``outs``, ``lse_shape + (dv,)``), stacked
+    along a new last axis of ``lses``; with none (every shard empty or unread), the empty partial: ``out = 0``,
+    ``lse = -inf``, float32 on ``device``."""
+    if outs:
+        return merge_partials(torch.stack(list(outs), dim=len(lse_shape)), torch.stack(list(lses), dim=len(lse_shape)))
+    return (
+        torch.zeros((*lse_shape, dv), dtype=torch.float32, device=device),
+        torch.full(lse_shape, float("-inf"), dtype=torch.float32, device=device),
+    )
 
 
 # --------------------------------------------------------------------------------------------------
