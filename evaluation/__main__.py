@@ -3,7 +3,7 @@
     python -m evaluation                              # = quick: the README's RULER sweep on the default model
     python -m evaluation quick [key=value ...]
     python -m evaluation run --config CONFIG.yaml [key=value ...]
-    python -m evaluation report RESULTS_DIR
+    python -m evaluation report RESULTS_DIR [--against OTHER_RESULTS_DIR ...]
     python -m evaluation timing --config CONFIG.yaml [key=value ...] [prompts=4 decode_tokens=16 repeats=1]
     python -m evaluation --dataset ruler --data_dir 4096 --press_name snapkv --compression_ratio 0.5 ...
 
@@ -85,6 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="field=value")
     report = sub.add_parser("report", help="aggregate finished runs into tables and plots")
     report.add_argument("results_dir")
+    report.add_argument(
+        "--against",
+        nargs="+",
+        default=[],
+        metavar="DIR",
+        help="pick the best kvpress presses (and no press, if RESULTS_DIR has none) from these sweeps' runs "
+        "instead (a second tier against the first); paired on the prompts both answered",
+    )
     interim = sub.add_parser(
         "interim", help="report an unfinished sweep on the samples every run has done (OUTPUT_DIR_interim)"
     )
@@ -176,7 +184,7 @@ def main(argv: list[str] | None = None) -> None:
         if command == "report":
             from .report import write_report
 
-            _print_report(write_report(args.results_dir))
+            _print_report(write_report(args.results_dir, against=args.against))
             return
         if command == "interim":
             from .interim import NothingToReport

@@ -775,13 +775,32 @@ NOTES = [
 ]
 
 
-def write_report(results_dir: str | Path) -> Path:
+def _comparison_pool(group: Sequence[RunResult], against: Sequence[RunResult]) -> list[RunResult] | None:
+    """The runs a group's rows are compared with when ``against`` runs are given: the group's own no press (else
+    the other sweep's) and the other sweep's runs of the same dataset, model, context length and split (its best
+    kvpress presses). None without ``against``: each row is compared within its own sweep."""
+    if not against:
+        return None
+    first = group[0]
+    key = (first.dataset, first.model, first.context_length, first.split)
+    others = [r for r in against if (r.dataset, r.model, r.context_length, r.split) == key and not r.channel_pruning]
+    own = [r for r in group if r.press == NO_PRESS]
+    return own + [r for r in others if not (own and r.press == NO_PRESS)]
+
+
+def write_report(results_dir: str | Path, against: Sequence[str | Path] = ()) -> Path:
     """Aggregate every run under ``results_dir``; write report.md, report.csv, runs.csv and plots.
 
     Parameters
     ----------
     results_dir : str or Path
         A sweep's ``output_dir`` (run directories anywhere below it; ``timing.json`` at its root).
+    against : sequence of str or Path
+        Other sweeps' ``output_dir``: each row's best kvpress press (at its ratio, at its bytes) is picked from
+        their runs of the same dataset, model, context length and split instead of from this sweep's, and the
+        paired differences are taken on the prompts both answered (a leaderboard's second tier against its
+        first: ``python -m evaluation report results/leaderboard_more --against results/leaderboard``). No press
+        is this sweep's own when it has one.
 
     Returns
     -------
@@ -795,6 +814,7 @@ def write_report(results_dir: str | Path) -> Path:
     """
     results_dir = Path(results_dir)
     runs = load_runs(results_dir)
+    others = [run for directory in against for run in load_runs(directory)]
     timing = load_timing(results_dir)
     for run in runs:
         run.timing = _timing_of(run, timing)
@@ -811,10 +831,23 @@ def write_report(results_dir: str | Path) -> Path:
         compare = Comparisons()
         main = [r for r in group if not r.channel_pruning]
         channel = [r for r in group if r.channel_pruning]
-        cells, numbers = leaderboard(main, compare)
-        sections += [f"## {title}", "", *_group_header(group), "### Leaderboard", "", _markdown(cells), ""]
+        pool = _comparison_pool(group, others)
+        if pool is not None and not [r for r in pool if r.press != NO_PRESS]:
+            logger.warning("%s: no run of %s in %s to compare with", title, results_dir, ", ".join(map(str, against)))
+        cells, numbers = leaderboard(main, compare, pool=pool)
+        header_lines = _group_header(group)
+        if pool is not None:
+            header_lines = [
+                (
+                    f"Compared with: no press and the best kvpress presses of {', '.join(map(str, against))} "
+                    "(paired on the prompts both answered)."
+                ),
+                "",
+                *header_lines,
+            ]
+        sections += [f"## {title}", "", *header_lines, "### Leaderboard", "", _markdown(cells), ""]
         if channel:
-            channel_cells, channel_numbers = leaderboard(channel, compare, pool=main)
+            channel_cells, channel_numbers = leaderboard(channel, compare, pool=main if pool is None else pool)
             sections += [
                 "### Channel pruning (prunes key channels, removes no token)",
                 "",

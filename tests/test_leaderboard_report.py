@@ -464,3 +464,39 @@ def test_held_and_read_fractions_count_the_cache_as_a_bf16_run_holds_it():
     assert _per_sample_fraction(samples, "kv_bytes_read") == pytest.approx((220 / 200 + 330 / 400) / 2)
     legacy = samples.drop(columns="kv_bytes_bf16")
     assert _per_sample_fraction(legacy, "kv_bytes") == pytest.approx((2.0 + 2.0) / 2)
+
+
+def test_a_second_tier_is_compared_with_the_first_tiers_best(tmp_path):
+    first, second = tmp_path / "tier1", tmp_path / "tier2"
+    write_run(first, "no_press", 0.0, 15, 2.0)
+    write_run(first, "snapkv", 0.5, 14, 1.0)
+    write_run(first, "knorm", 0.5, 12, 1.0)
+    write_run(first, "knorm", 0.75, 9, 0.5)
+    write_run(second, "no_press", 0.0, 16, 2.0)  # its own no press is the one compared with
+    write_run(second, "merging_knorm", 0.5, 13, 1.0)
+    write_run(second, "random", 0.5, 2, 1.0)
+
+    alone = table(write_report(second))
+    assert alone.loc[("random", 0.5), "best_kvpress_at_ratio"] == "merging_knorm"
+
+    path = write_report(second, against=[first])
+    csv = table(path)
+    assert set(csv.index) == {("no_press", 0.0), ("merging_knorm", 0.5), ("random", 0.5)}  # the first tier's rows
+    merging = csv.loc[("merging_knorm", 0.5)]
+    assert merging["best_kvpress_at_ratio"] == "snapkv"
+    assert merging["vs_best_kvpress_at_ratio"] == pytest.approx(65.0 - 70.0)
+    assert merging["best_kvpress_at_bytes"] == "snapkv@0.50"
+    assert merging["vs_no_press"] == pytest.approx(65.0 - 80.0)  # its own no press (16 of 20), not the first's
+    assert csv.loc[("random", 0.5), "best_kvpress_at_ratio"] == "snapkv"
+    assert f"Compared with: no press and the best kvpress presses of {first}" in path.read_text()
+
+
+def test_against_a_sweep_of_another_context_length_compares_with_nothing(tmp_path, caplog):
+    first, second = tmp_path / "tier1", tmp_path / "tier2"
+    write_run(first, "snapkv", 0.5, 14, 1.0)
+    config = first / "ruler" / "model" / "snapkv__0.50" / "config.yaml"
+    config.write_text(config.read_text().replace("context_length: 1024", "context_length: 4096"))
+    write_run(second, "knorm", 0.5, 12, 1.0)
+    csv = table(write_report(second, against=[first]))
+    assert pd.isna(csv.loc[("knorm", 0.5), "best_kvpress_at_ratio"])  # not its own, not the 4k snapkv
+    assert "to compare with" in caplog.text
