@@ -4,6 +4,7 @@
     python -m evaluation quick [key=value ...]
     python -m evaluation run --config CONFIG.yaml [key=value ...]
     python -m evaluation report RESULTS_DIR [--against OTHER_RESULTS_DIR ...]
+    python -m evaluation publish                      # the leaderboard's reports into docs/ and the README
     python -m evaluation timing --config CONFIG.yaml [key=value ...] [prompts=4 decode_tokens=16 repeats=1]
     python -m evaluation --dataset ruler --data_dir 4096 --press_name snapkv --compression_ratio 0.5 ...
 
@@ -99,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
     interim.add_argument("--config", help="YAML config (see evaluation/configs/)")
     interim.add_argument("--output", help="where to write it (default: the config's output_dir + _interim)")
     interim.add_argument("overrides", nargs="*", help="field=value")
+    publish = sub.add_parser(
+        "publish",
+        help="report the leaderboard's parts and rewrite the generated blocks of docs/leaderboard.md and README.md",
+    )
+    publish.add_argument("--root", default=".", help="the repository (default: the current directory)")
     timing = sub.add_parser(
         "timing", help="time each press's own prefill and decode against no press (OUTPUT_DIR/timing.json)"
     )
@@ -185,6 +191,12 @@ def main(argv: list[str] | None = None) -> None:
             from .report import write_report
 
             _print_report(write_report(args.results_dir, against=args.against))
+            return
+        if command == "publish":
+            from .publish import publish
+
+            for path in publish(args.root):
+                print(f"written: {path}")
             return
         if command == "interim":
             from .interim import NothingToReport
