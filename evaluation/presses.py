@@ -25,6 +25,7 @@ from kvpress import (
     CriticalAdaKVPress,
     CriticalKVPress,
     CURPress,
+    DecodingPress,
     EntropyGatedChunkKVPress,
     ExpectedAttentionPress,
     KeyDiffPress,
@@ -45,6 +46,7 @@ from kvpress import (
     ThinKPress,
     TOVAPress,
 )
+from kvpress.presses.dms_press import DMSPress
 from transformers import PreTrainedModel
 
 from pikvpress.presses import PRESSES, PiKVPress
@@ -238,6 +240,14 @@ def keeps_every_token(name: str, composed: Mapping[str, Any] | None = None) -> b
     that only mask keys (:data:`MASKS_ONLY`) or prune key channels (:data:`CHANNEL_PRUNING`); a name of ``composed``
     when every component does (:func:`components`)."""
     return all(p == NO_PRESS or p in MASKS_ONLY or p in CHANNEL_PRUNING for p in components(name, composed))
+
+
+def evicts_while_answering(press: BasePress | None) -> bool:
+    """Whether kvpress's pipeline keeps ``press`` active while it answers (``_forward``'s rule: a decoding press, a
+    prefill-decoding press, DMS with ``decoding=True``): the harness measures its cache after answering."""
+    if isinstance(press, DMSPress):
+        return bool(press.decoding)
+    return isinstance(press, (DecodingPress, PrefillDecodingPress))
 
 
 def refusal(name: str) -> str | None:

@@ -35,7 +35,7 @@ from .batching import Job, RowCache, answer_stream, batching_blocker, masked_key
 from .config import EvalConfig
 from .datasets import load_rows
 from .prefill import CapturedPrefill, can_reuse_prefill, capture_prefill, replay_press
-from .presses import keeps_every_token
+from .presses import evicts_while_answering, keeps_every_token
 from .runs import METRICS, PREDICTIONS, Run, plan_runs, seed_globals  # noqa: F401  (PREDICTIONS: the tests' import)
 from .score_memo import ScoreMemo
 
@@ -96,6 +96,29 @@ def _prefill_elements(cache: DynamicCache) -> Iterator[dict]:
         yield seen
     finally:
         del cache.update
+
+
+@contextlib.contextmanager
+def _held_when_answering(pipe, cache: DynamicCache) -> Iterator[dict]:
+    """While active, ``held`` gets the bytes ``cache`` holds when kvpress's pipeline starts answering (its prefill
+    compressed, before the question): ``held["bytes"]`` and ``held["bf16"]`` (:func:`~pikvpress.cache.cache_nbytes`).
+
+    What the pipeline leaves after answering is not always that cache: it crops the question and the answer off, but
+    a packed layer packs context tokens that the question pushed out of its full-precision residual, and they stay
+    packed (fewer bytes than after the prefill). The shared path measures its cache before the question too."""
+    held: dict = {}
+    generate = pipe.generate_answer
+
+    def first_call(*args, **kwargs):
+        if not held:
+            held["bytes"], held["bf16"] = cache_nbytes(cache), cache_nbytes(cache, torch.bfloat16)
+        return generate(*args, **kwargs)
+
+    pipe.generate_answer = first_call
+    try:
+        yield held
+    finally:
+        del pipe.generate_answer
 
 
 def processing_order(rows: pd.DataFrame) -> list[Any]:
@@ -209,26 +232,30 @@ class Evaluator:
         cache = DynamicCache()
         chat = bool(row.get("use_chat_template", True))
         seed_globals(run.sample_seed(index))
+        press = self.config.build_press(run.press_name, run.compression_ratio)
         with (
             _chat_template(self.tokenizer, chat),
             _last_step_reads(self.model) as reads,
             _prefill_elements(cache) as prefill,
+            _held_when_answering(self.pipe, cache) as held,
         ):
             answer = self.pipe(
                 context,
                 question=question,
                 answer_prefix=answer_prefix,
-                press=self.config.build_press(run.press_name, run.compression_ratio),
+                press=press,
                 max_new_tokens=self._max_new_tokens(row),
                 max_context_length=self.config.max_context_length,
                 cache=cache,
             )["answer"]
         self.prefills += 1
+        if evicts_while_answering(press) or not held:  # after answering (the report's KV_HELD_TITLE)
+            held = {"bytes": cache_nbytes(cache), "bf16": cache_nbytes(cache, torch.bfloat16)}
         run.record(
             index,
             answer,
-            kv_bytes=cache_nbytes(cache),
-            kv_bytes_bf16=cache_nbytes(cache, torch.bfloat16),
+            kv_bytes=held["bytes"],
+            kv_bytes_bf16=held["bf16"],
             seconds=time.perf_counter() - start,
             kv_bytes_read=reads["bytes"],
             context_tokens=prefill["tokens"],

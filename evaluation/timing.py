@@ -25,8 +25,7 @@ from typing import Any, TypeVar
 
 import pandas as pd
 import torch
-from kvpress import BasePress, DecodingPress, PrefillDecodingPress
-from kvpress.presses.dms_press import DMSPress
+from kvpress import BasePress, DecodingPress
 from kvpress.presses.finch_press import FinchPress
 from kvpress.presses.key_rerotation_press import KeyRerotationPress
 from kvpress.presses.restorekv_press import RestoreKVPress
@@ -34,7 +33,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from .config import EvalConfig
-from .presses import NO_PRESS
+from .presses import NO_PRESS, evicts_while_answering
 
 logger = logging.getLogger(__name__)
 
@@ -107,13 +106,6 @@ def _prefill_press(press: BasePress | None) -> bool:
     return press is not None and not isinstance(press, DecodingPress)
 
 
-def _decoding_press(press: BasePress | None) -> bool:
-    """Whether kvpress's pipeline keeps ``press`` active while it answers (``_forward``'s rule)."""
-    if isinstance(press, DMSPress):
-        return press.decoding
-    return isinstance(press, (DecodingPress, PrefillDecodingPress))
-
-
 @torch.no_grad()
 def time_press(
     model, press: BasePress | None, context_ids: torch.Tensor, question_ids: torch.Tensor, decode_tokens: int
@@ -158,7 +150,7 @@ def time_press(
     if isinstance(press, RestoreKVPress):
         context_length = cache.get_seq_length()
     steps: list[float] = []
-    with press(model) if _decoding_press(press) else contextlib.nullcontext():
+    with press(model) if evicts_while_answering(press) else contextlib.nullcontext():
         if isinstance(press, KeyRerotationPress) or (isinstance(press, FinchPress) and press.rerotate_keys):
             context_length = cache.get_seq_length()
         positions = torch.arange(context_length, context_length + question_ids.shape[1], device=device).unsqueeze(0)

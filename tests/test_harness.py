@@ -215,6 +215,26 @@ def test_prefill_reuse_is_identical_and_prefills_once_per_sample(family, tmp_pat
     assert kv[("knorm", 0.5)] < kv[("knorm", 0.25)] < kv[("no_press", 0.0)]
 
 
+def test_a_packed_cache_holds_the_same_bytes_alone_as_shared(tmp_path):
+    """Bytes held are measured after the prefill in both paths: alone, kvpress's pipeline appends the question, which
+    pushes context tokens out of an int4 layer's 8-token residual into packed groups that stay packed when the
+    pipeline crops the question and the answer off again (fewer bytes than after the prefill)."""
+    model = get_tiny_model("llama")
+    extra = [
+        "press_name=[no_press, int4]",
+        "composed_presses={int4: [{press: quantization, bits: 4, key_group_size: 8, residual_length: 8}]}",
+    ]
+    shared_cfg, _, _ = run_sweep(model, tmp_path / "shared", reuse=True, extra=extra)
+    alone_cfg, _, _ = run_sweep(model, tmp_path / "alone", reuse=False, extra=extra)
+    a, b = predictions(shared_cfg), predictions(alone_cfg)
+    (int4,) = [name for name in a if name.startswith("int4")]
+    assert [r["predicted_answer"] for r in a[int4]] == [r["predicted_answer"] for r in b[int4]]
+    for field in ("kv_bytes", "kv_bytes_bf16"):
+        assert [r[field] for r in a[int4]] == [r[field] for r in b[int4]], field
+    (none,) = [name for name in a if name.startswith("no_press")]
+    assert all(q[field] < n[field] for q, n in zip(a[int4], a[none]) for field in ("kv_bytes", "kv_bytes_bf16"))
+
+
 def test_prefill_runs_once_per_sample_when_every_press_can_share(tmp_path):
     model = get_tiny_model("llama")
     config, _, prefills = run_sweep(
