@@ -120,7 +120,15 @@ def headline(table: pd.DataFrame) -> str:
     table = table[~table["channel_pruning"].astype(bool)]
     base = table[table["press"] == NO_PRESS]
     none = _score(base.iloc[0]) if len(base) else ""
+    sizes = sorted({int(n) for n in table["n"].dropna()})
+    span = f"{sizes[0]}" if len(sizes) == 1 else f"{sizes[0]}-{sizes[-1]}"
     lines = [
+        (
+            f"Context {first['context_length']} tokens, {first['split']} split, N = {span} prompts per point. "
+            "Score [95% bootstrap interval]; held: KV bytes held after the prefill over a bf16 cache of the same "
+            "tokens; differences are paired, in points, with their 95% intervals."
+        ),
+        "",
         (
             "| removed | no press | best kvpress press | held | best PiKV configuration | held "
             "| PiKV - best kvpress, same ratio | best kvpress at PiKV's bytes | PiKV - it |"
@@ -136,7 +144,7 @@ def headline(table: pd.DataFrame) -> str:
         by_bytes = pikv.get("best_kvpress_at_bytes")
         by_bytes = "" if by_bytes is None or pd.isna(by_bytes) else str(by_bytes)
         lines.append(
-            f"| {ratio:.2%} | {none} | {_named(kvpress)} {_score(kvpress)} | {_held(kvpress)} "
+            f"| {ratio * 100:g}% | {none} | {_named(kvpress)} {_score(kvpress)} | {_held(kvpress)} "
             f"| {_named(pikv)} {_score(pikv)} | {_held(pikv)} "
             f"| {_interval(pikv, 'vs_best_kvpress_at_ratio') if pikv['best_kvpress_at_ratio'] == kvpress['press'] else ''} "
             f"| {by_bytes} | {_interval(pikv, 'vs_best_kvpress_at_bytes')} |"

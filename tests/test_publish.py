@@ -72,10 +72,12 @@ def test_publish_rewrites_only_the_generated_blocks(root):
 def test_headline_pairs_the_best_pikv_with_the_best_kvpress_press(root):
     publish(root, PARTS)
     table = pd.read_csv(root / "results" / "one" / "report.csv")
-    lines = headline(table).splitlines()
+    text, _, rows = headline(table).partition("\n\n")
+    assert "Context 1024 tokens, test split, N = 40 prompts per point." in text
+    lines = rows.splitlines()
     assert len(lines) == 2 + 2  # header, rule, ratios 0.5 and 0.9 (0.75 has no PiKV row)
     half = [c.strip() for c in lines[2].strip("|").split("|")]
-    assert half[0] == "50.00%"
+    assert half[0] == "50%"
     assert half[1].startswith("75.0 [")  # no press
     assert half[2].startswith("adakv_expected_attention (masks only) 65.0 [") and half[3] == "1.00"
     assert half[4].startswith("pikv_int4 70.0 [") and half[5] == "0.20"
