@@ -164,18 +164,23 @@ def main(argv: list[str] | None = None) -> None:
             model.to(torch.float32)
     seconds = time.perf_counter() - start
 
-    table = []
-    for press in sorted({r[0] for r in results}):
-        mine = [r for r in results if r[0] == press]
+    def tally(name: str, mine: list) -> list:
+        """A table row: how many of ``mine`` have the same answer, bytes held and bytes read."""
         answers = sum(r[3]["predicted_answer"] == r[4]["predicted_answer"] for r in mine)
         held = sum(r[5].get("kv_bytes", True) and r[5].get("kv_bytes_bf16", True) for r in mine)
         read = sum(r[5].get("kv_bytes_read", True) for r in mine)
-        table.append([press, len(mine), f"{answers}/{len(mine)}", f"{held}/{len(mine)}", f"{read}/{len(mine)}"])
+        n = len(mine)
+        return [
+            name,
+            n,
+            f"{answers}/{n}" + (f" ({answers / n:.1%})" if name == "all" else ""),
+            f"{held}/{n}",
+            f"{read}/{n}",
+        ]
+
+    table = [tally(press, [r for r in results if r[0] == press]) for press in sorted({r[0] for r in results})]
+    table.append(tally("all", results))
     total = len(results)
-    answers = sum(r[3]["predicted_answer"] == r[4]["predicted_answer"] for r in results)
-    held = sum(r[5].get("kv_bytes", True) and r[5].get("kv_bytes_bf16", True) for r in results)
-    read = sum(r[5].get("kv_bytes_read", True) for r in results)
-    table.append(["all", total, f"{answers}/{total} ({answers / total:.1%})", f"{held}/{total}", f"{read}/{total}"])
     print(
         f"\n{config.output_dir}: {total} records drawn (seed {args.seed}, up to {args.per_press} per press), "
         f"rerun one at a time with the press's own prefill in {seconds:.0f} s\n"
