@@ -17,18 +17,7 @@ first=${2:?usage: $0 CONFIG PRESS,PRESS,... [field=value ...]}
 shift 2
 python=${PYTHON:-.venv/bin/python}
 log_dir=${LOG_DIR:-/tmp}
-rest=$("$python" - "$config" "$first" <<'EOF'
-import sys
-import yaml
-names = yaml.safe_load(open(sys.argv[1]))["press_name"]
-names = [names] if isinstance(names, str) else names
-first = sys.argv[2].split(",")
-unknown = sorted(set(first) - set(names))
-if unknown:
-    sys.exit(f"not in {sys.argv[1]}'s press_name: {', '.join(unknown)}")
-print(",".join(n for n in names if n not in first))
-EOF
-)
+rest=$("$python" scripts/other_presses.py "$config" "$first")
 OMP_NUM_THREADS=1 nohup setsid "$python" -m evaluation run --config "$config" "press_name=[$first]" "$@" \
     > "$log_dir/sweep_a.log" 2>&1 &
 OMP_NUM_THREADS=1 nohup setsid "$python" -m evaluation run --config "$config" "press_name=[$rest]" "$@" \
