@@ -5,8 +5,11 @@ The harness (``pikvpress_eval.runner``) answers a block's (press, ratio, prompt)
 by prompt, from the most compressed run to the least, with the ratio-independent scores shared between a press's
 ratios. This benchmark builds exactly those jobs for the first ``--samples`` prompts per task of a config (the
 leaderboard's test split by default: the same prompts as the leaderboard's first rows), and answers each prompt's
-jobs at each batch size side by side, from fresh copies of the same caches, the batch sizes' order rotating from one
-prompt to the next:
+jobs at each batch size side by side, from fresh copies of the same caches. As in the harness, the jobs of several
+prompts form one block (:func:`~pikvpress_eval.batching.answer_stream` over each prompt's jobs cut into chunks of
+``B``, the long answers of the whole block set aside and merged); the prompts are split into two blocks, answered at
+B = 1, 4, 8, 16 in that order in the first and in the reverse order in the second, so that a drift of the machine's
+speed weighs on every batch size alike:
 
 - ``B = 1`` is the harness's one-at-a-time path, kvpress's ``pipeline.generate_answer``;
 - ``B > 1`` is the harness's :func:`pikvpress_eval.batching.answer_stream` over the prompt's jobs, ``B`` at a time
@@ -62,10 +65,11 @@ def light(answer: Answer) -> Light:
 
 
 @torch.no_grad()
-def answer_at(model, pipe, tokenizer, jobs, size: int) -> tuple[list[Answer], float]:
-    """Every job's answer at batch size ``size`` as the harness gives it (:func:`answer_stream`: chunks of ``size``
-    jobs, dense and packed caches batched apart, long answers set aside and continued together), and the seconds
-    spent."""
+def answer_at(model, pipe, tokenizer, block, size: int) -> tuple[list[Answer], float]:
+    """Every job's answer of a block of prompts (``block``: each prompt's jobs) at batch size ``size`` as the harness
+    gives it (:func:`answer_stream`: each prompt's jobs in chunks of ``size``, dense and packed caches batched apart,
+    the block's long answers set aside and continued together), in the block's job order, and the seconds spent."""
+    jobs = [job for prompt_jobs in block for job in prompt_jobs]
     rows = [fresh(model, row) for _, _, row in jobs]
     answers: list[Answer | None] = [None] * len(jobs)
     start = time.perf_counter()
@@ -74,7 +78,11 @@ def answer_at(model, pipe, tokenizer, jobs, size: int) -> tuple[list[Answer], fl
             answers[i] = answer_alone(model, pipe, row, prompt)
         return answers, time.perf_counter() - start
     stream = [Job(i, rows[i], jobs[i][1].question_ids, jobs[i][1].max_new_tokens) for i in range(len(jobs))]
-    chunks = [stream[at : at + size] for at in range(0, len(stream), size)]
+    chunks, first = [], 0
+    for prompt_jobs in block:
+        mine = stream[first : first + len(prompt_jobs)]
+        chunks += [mine[at : at + size] for at in range(0, len(mine), size)]
+        first += len(prompt_jobs)
     for i, a in answer_stream(model, tokenizer, chunks, size, keep_logits=True):
         answers[i] = Answer(a.text, a.token_ids, [x.float() for x in a.logits])
     return answers, time.perf_counter() - start
@@ -113,8 +121,8 @@ def main(argv: list[str] | None = None) -> None:
     results: dict[int, list[tuple[str, Prompt, Light]]] = {s: [] for s in sizes}
     seconds = {s: 0.0 for s in sizes}
     modes: dict[str, int] = {}
-    progress = tqdm(total=len(rows) * len(runs), desc="jobs", unit="job")
-    for prompt_no, (_, row) in enumerate(rows.iterrows()):
+    prompts: list[list[tuple[str, Prompt, RowCache]]] = []
+    for _, row in tqdm(list(rows.iterrows()), desc="prefill and compression", unit="prompt"):
         context_ids, question_ids = evaluator._tokenize(row)
         prefill = capture_prefill(model, context_ids)
         memo = ScoreMemo(prefill, verdicts)
@@ -128,16 +136,21 @@ def main(argv: list[str] | None = None) -> None:
             mode = combine_mode([row_cache])
             modes[mode] = modes.get(mode, 0) + 1
             jobs.append((f"{name}@{ratio:g}", prompt, row_cache))
-        order = sizes[prompt_no % len(sizes) :] + sizes[: prompt_no % len(sizes)]
-        for size in order:
-            answers, spent = answer_at(model, pipe, tokenizer, jobs, size)
-            seconds[size] += spent
-            results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
-            del answers
-        progress.update(len(jobs))
-        del jobs
+        prompts.append(jobs)
         del prefill, memo
+    half = (len(prompts) + 1) // 2
+    blocks = [block for block in (prompts[:half], prompts[half:]) if block]
+    progress = tqdm(total=len(rows) * len(runs) * len(sizes), desc="answers", unit="job")
+    for number, block in enumerate(blocks):
+        for size in sizes if number % 2 == 0 else sizes[::-1]:
+            answers, spent = answer_at(model, pipe, tokenizer, block, size)
+            seconds[size] += spent
+            jobs = [job for prompt_jobs in block for job in prompt_jobs]
+            results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
+            progress.update(len(jobs))
+            del answers
     progress.close()
+    del prompts
     n = len(results[1])
 
     # (a) agreement
