@@ -26,7 +26,8 @@ rest=$("$python" scripts/other_presses.py "$tier1" "$slow") || exit 1
 run() {  # run CONFIG [field=value ...]: one part, one thread; a failed part is logged and the chain goes on
     echo "=== $(date -u +%FT%TZ) start: $*"
     OMP_NUM_THREADS=1 "$python" -m evaluation run --config "$@"
-    echo "=== $(date -u +%FT%TZ) exit $?: $*"
+    local status=$?  # before the echo's $(date ...), which would reset $? to 0
+    echo "=== $(date -u +%FT%TZ) exit $status: $*"
 }
 
 case "${1:-start}" in
