@@ -12,7 +12,7 @@ B = 1, 4, 8, 16 in that order in the first and in the reverse order in the secon
 speed weighs on every batch size alike:
 
 - ``B = 1`` is the harness's one-at-a-time path, kvpress's ``pipeline.generate_answer``;
-- ``B > 1`` is the harness's :func:`pikvpress_eval.batching.answer_stream` over the prompt's jobs, ``B`` at a time
+- ``B > 1`` is the harness's :func:`pikvpress_eval.batching.answer_stream` over the block's jobs, ``B`` at a time
   (dense and packed caches in separate batches; a batch down to ``B // 4`` rows still answering is set aside and goes
   on merged with the other batches' long answers).
 
@@ -142,10 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     blocks = [block for block in (prompts[:half], prompts[half:]) if block]
     progress = tqdm(total=len(rows) * len(runs) * len(sizes), desc="answers", unit="job")
     for number, block in enumerate(blocks):
+        jobs = [job for prompt_jobs in block for job in prompt_jobs]  # answer_at's order
         for size in sizes if number % 2 == 0 else sizes[::-1]:
             answers, spent = answer_at(model, pipe, tokenizer, block, size)
             seconds[size] += spent
-            jobs = [job for prompt_jobs in block for job in prompt_jobs]
             results[size].extend((label, p, light(a)) for (label, p, _), a in zip(jobs, answers))
             progress.update(len(jobs))
             del answers
