@@ -1,0 +1,287 @@
+"""A transformers cache layer in which every (batch row, KV head) holds exactly the tokens its press kept.
+
+Head-wise presses (AdaKV, CriticalAdaKV, KVzip's head-wise mode, head-wise routing) choose a different set of tokens
+in each KV head. kvpress keeps the cache full size and masks the others (``masked_key_indices``); this layer holds the
+kept tokens and nothing else::
+
+    body: keys (N, Dk), values (N, Dv)  the kept tokens of all heads, flat, head after head (batch row, KV head)
+          offsets (B * Hkv + 1,) int64  where each head starts (FlashAttention's cu_seqlens)
+          positions (N,) int32          each kept token's index in the sequence it was kept from
+    tail: keys (B, Hkv, T, Dk), values  the tokens appended after compression (the question, the answer), dense
+
+Outside, the layer looks like kvpress's masked version of the same press: its sequence is the ``body_length``
+positions the press saw followed by the tail (``get_seq_length``), its ``keys`` / ``values`` are views of that
+sequence (:meth:`RaggedKVLayer._dense` scatters the kept tokens to their positions, zeros elsewhere, and
+:meth:`RaggedKVLayer.dense_keep` says which are kept), and cropping it (``layer.keys = layer.keys[:, :, :n]``, as
+kvpress's pipeline removes an answer) drops the positions from ``n`` on. Attention over it (the model's attention
+function, once :func:`~pikvpress.enable_packed_attention` has named it) reads the body with
+:func:`~pikvpress.kernels.ragged_reference.ragged_attention_partial` and the tail densely, merged by log-sum-exp, so
+its outputs are those of dense attention over exactly the kept tokens. Any other attention function would read the
+zeros as tokens: :meth:`RaggedKVLayer.update` refuses it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from pikvpress.cache.layer_base import PiKVCacheLayer
+from pikvpress.cache.view import KVView
+from pikvpress.kernels.ragged_reference import ragged_lengths, ragged_offsets, ragged_rows
+
+
+class RaggedKVView(KVView):
+    """The keys or values of a :class:`RaggedKVLayer`, as a lazy, sliceable stand-in for its dense, masked view."""
+
+    hint = (
+        "A ragged layer holds a different number of tokens in each head; call .dequantize() on the view for the "
+        "dense tensor with the dropped tokens zeroed (layer.dense_keep() tells which are kept)."
+    )
+
+
+class RaggedKVLayer(PiKVCacheLayer):
+    """A cache layer holding, for each (batch row, KV head), only the tokens kept there, plus a dense tail.
+
+    Parameters
+    ----------
+    config : transformers.PretrainedConfig, optional
+        The model config: ``update`` hands attention the tail tagged with this layer when the model's attention
+        implementation reads pikvpress's layers, and refuses any other.
+
+    Build one with :meth:`from_kept` (a dense layer and which tokens each head keeps).
+    """
+
+    def __init__(self, config: Any = None):
+        self.config = config
+        self.is_initialized = False
+        self.dtype: torch.dtype = torch.float32
+        self.device: torch.device = torch.device("cpu")
+        self.batch = 0
+        self.kv_heads = 0
+        self.body_length = 0
+        self.body_keys: torch.Tensor | None = None
+        self.body_values: torch.Tensor | None = None
+        self.offsets: torch.Tensor | None = None
+        self.positions: torch.Tensor | None = None
+        self.tail_keys: torch.Tensor | None = None
+        self.tail_values: torch.Tensor | None = None
+
+    # ----------------------------------------------------------------------------------------------
+    # construction
+    # ----------------------------------------------------------------------------------------------
+    @classmethod
+    def from_kept(
+        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, config: Any = None
+    ) -> RaggedKVLayer:
+        """A layer holding the tokens of ``keys`` ``(B, Hkv, T, Dk)`` and ``values`` ``(B, Hkv, T, Dv)`` where
+        ``keep`` ``(B, Hkv, T)`` (bool) is True, each head's in sequence order; the body spans the ``T`` positions.
+
+        The inputs are not modified; the layer holds copies of the kept tokens only.
+        """
+        if keys.ndim != 4 or values.ndim != 4 or keys.shape[:3] != values.shape[:3]:
+            raise ValueError(
+                f"keys and values must be (batch, kv_heads, tokens, dim) with equal first three dims, got "
+                f"{tuple(keys.shape)} and {tuple(values.shape)}"
+            )
+        if keep.dtype != torch.bool or keep.shape != keys.shape[:3]:
+            raise ValueError(
+                f"keep must be a bool tensor of shape {tuple(keys.shape[:3])}, got {keep.dtype} {tuple(keep.shape)}"
+            )
+        layer = cls(config=config)
+        b, h, t, dk = keys.shape
+        keep = keep.to(keys.device)
+        layer.dtype, layer.device = keys.dtype, keys.device
+        layer.batch, layer.kv_heads, layer.body_length = b, h, t
+        layer.body_keys = keys[keep]  # (N, Dk): boolean indexing walks (b, h, t) row-major, so head after head
+        layer.body_values = values[keep]
+        layer.offsets = ragged_offsets(keep.sum(-1))
+        layer.positions = keep.nonzero()[:, 2].to(torch.int32)
+        layer.tail_keys = keys.new_empty((b, h, 0, dk))
+        layer.tail_values = values.new_empty((b, h, 0, values.shape[-1]))
+        layer.is_initialized = True
+        return layer
+
+    @classmethod
+    def from_indices(
+        cls, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, config: Any = None
+    ) -> RaggedKVLayer:
+        """A layer keeping, in head ``(b, h)``, the first ``counts[b, h]`` of ``indices[b, h]`` ``(B, Hkv, K)``
+        (sequence indices, distinct within a head, any order)."""
+        b, h, t = keys.shape[:3]
+        k = indices.shape[-1]
+        chosen = torch.arange(k, device=indices.device) < counts[..., None].to(indices.device)
+        keep = torch.zeros((b, h, t), dtype=torch.bool, device=keys.device)
+        keep.scatter_(2, indices.to(keys.device, torch.int64), chosen.to(keys.device))
+        return cls.from_kept(keys, values, keep, config=config)
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, _, dk = key_states.shape
+        empty = torch.zeros((b, h, 0), dtype=torch.bool, device=key_states.device)
+        built = self.from_kept(key_states[:, :, :0], value_states[:, :, :0], empty, config=self.config)
+        self.__dict__.update(built.__dict__)
+
+    # ----------------------------------------------------------------------------------------------
+    # lengths and bytes
+    # ----------------------------------------------------------------------------------------------
+    @property
+    def head_lengths(self) -> torch.Tensor:
+        """Tokens each (batch row, KV head) holds in the body, ``(B, Hkv)``."""
+        return ragged_lengths(self.offsets).view(self.batch, self.kv_heads)
+
+    @property
+    def tail_length(self) -> int:
+        """Tokens in the dense tail (appended after compression)."""
+        return 0 if self.tail_keys is None else self.tail_keys.shape[2]
+
+    def get_seq_length(self) -> int:
+        return self.body_length + self.tail_length if self.is_initialized else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held: the kept tokens' keys and values, their offsets and positions, and the tail."""
+        tensors = (self.body_keys, self.body_values, self.offsets, self.positions, self.tail_keys, self.tail_values)
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ----------------------------------------------------------------------------------------------
+    # keys / values as views of the masked sequence
+    # ----------------------------------------------------------------------------------------------
+    def _head_of_token(self) -> torch.Tensor:
+        """The (batch row * Hkv + KV head) of every body token, ``(N,)``."""
+        heads = torch.arange(self.batch * self.kv_heads, device=self.offsets.device)
+        return torch.repeat_interleave(heads, ragged_lengths(self.offsets), output_size=self.positions.shape[0])
+
+    def _dense_shape(self, which: str) -> tuple[int, int, int, int]:
+        body = self.body_keys if which == "keys" else self.body_values
+        if body is None:
+            return (0, 0, 0, 0)
+        return (self.batch, self.kv_heads, self.get_seq_length(), body.shape[-1])
+
+    def _dense(self, which: str) -> torch.Tensor:
+        """The body scattered to its positions (zeros where a head dropped the token), then the tail."""
+        body = self.body_keys if which == "keys" else self.body_values
+        tail = self.tail_keys if which == "keys" else self.tail_values
+        rows = self.batch * self.kv_heads
+        out = body.new_zeros((rows * self.body_length, body.shape[-1]))
+        index = self._head_of_token().to(body.device) * self.body_length + self.positions.to(body.device, torch.int64)
+        out.index_copy_(0, index, body)
+        out = out.view(self.batch, self.kv_heads, self.body_length, body.shape[-1])
+        return torch.cat([out, tail], dim=2)
+
+    def dense_keep(self) -> torch.Tensor:
+        """``(B, Hkv, body_length + tail_length)`` bool: which positions of the dense view hold a kept token."""
+        rows = self.batch * self.kv_heads
+        keep = torch.zeros(rows * self.body_length, dtype=torch.bool, device=self.device)
+        index = self._head_of_token().to(self.device) * self.body_length + self.positions.to(self.device, torch.int64)
+        keep[index] = True
+        keep = keep.view(self.batch, self.kv_heads, self.body_length)
+        tail = torch.ones((self.batch, self.kv_heads, self.tail_length), dtype=torch.bool, device=self.device)
+        return torch.cat([keep, tail], dim=2)
+
+    def _view(self, which: str) -> RaggedKVView:
+        return RaggedKVView(self, which, self.get_seq_length())
+
+    def _assign(self, which: str, value: Any) -> None:
+        if value is None:
+            self.reset()
+            return
+        if isinstance(value, RaggedKVView) and value.layer is self and value.which == which:
+            self.crop(value.length)
+            return
+        raise TypeError(
+            f"a RaggedKVLayer's {which} can only be cropped (layer.{which} = layer.{which}[:, :, :n]); got "
+            f"{type(value).__name__}. To store new tensors, build a new layer with RaggedKVLayer.from_kept(...)."
+        )
+
+    # ----------------------------------------------------------------------------------------------
+    # appending and reading
+    # ----------------------------------------------------------------------------------------------
+    def append(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        """Append tokens ``(B, Hkv, n, Dk|Dv)`` to the tail (every head receives them)."""
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        self.tail_keys = torch.cat([self.tail_keys, key_states.to(self.device, self.dtype)], dim=2)
+        self.tail_values = torch.cat([self.tail_values, value_states.to(self.device, self.dtype)], dim=2)
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict[str, Any] | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Append tokens; return the tail tagged with this layer for pikvpress's attention function.
+
+        Raises ``RuntimeError`` when the model's attention function does not read pikvpress's layers: it would
+        attend to the dense view's zeros.
+        """
+        self.append(key_states, value_states)
+        if not self.attention_active():
+            raise RuntimeError(
+                "a RaggedKVLayer is read by attention implementation "
+                f"{getattr(self.config, '_attn_implementation', None)!r}, which would attend to the tokens its heads "
+                "dropped; call pikvpress.enable_packed_attention(model) first (the ragged presses do)."
+            )
+        return self.tagged(self.tail_keys, self.tail_values)
+
+    # ----------------------------------------------------------------------------------------------
+    # cropping, batch ops, reset
+    # ----------------------------------------------------------------------------------------------
+    def crop(self, max_length: int) -> None:
+        """Keep the first ``max_length`` positions (negative: drop ``-max_length`` from the end): the tail is cut
+        first, then every body token at a position from ``max_length`` on."""
+        if max_length < 0:
+            max_length = self.get_seq_length() - abs(max_length)
+        max_length = max(0, max_length)
+        if self.get_seq_length() <= max_length:
+            return
+        if max_length >= self.body_length:
+            cut = max_length - self.body_length
+            self.tail_keys = self.tail_keys[:, :, :cut].clone()
+            self.tail_values = self.tail_values[:, :, :cut].clone()
+            return
+        kept = self.positions < max_length
+        heads = self._head_of_token()
+        counts = torch.zeros(self.batch * self.kv_heads, dtype=torch.int64, device=self.offsets.device)
+        counts.index_add_(0, heads[kept.to(heads.device)], torch.ones_like(heads[kept.to(heads.device)]))
+        self.body_keys = self.body_keys[kept.to(self.body_keys.device)]
+        self.body_values = self.body_values[kept.to(self.body_values.device)]
+        self.positions = self.positions[kept]
+        self.offsets = ragged_offsets(counts)
+        self.body_length = max_length
+        self.tail_keys = self.tail_keys[:, :, :0].clone()
+        self.tail_values = self.tail_values[:, :, :0].clone()
+
+    def _map_batch(self, fn) -> None:
+        """Apply a batch-axis operation (select, repeat, reorder rows) to the tail and, head by head, to the body."""
+        rows = fn(torch.arange(self.batch, device=self.offsets.device))
+        heads = (rows[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=rows.device)).reshape(-1)
+        flat = ragged_rows(self.offsets, heads)
+        self.body_keys = self.body_keys[flat.to(self.body_keys.device)]
+        self.body_values = self.body_values[flat.to(self.body_values.device)]
+        self.positions = self.positions[flat.to(self.positions.device)]
+        self.offsets = ragged_offsets(ragged_lengths(self.offsets)[heads])
+        self.batch = int(rows.shape[0])
+        self.tail_keys = fn(self.tail_keys)
+        self.tail_values = fn(self.tail_values)
+
+    def evict(self, order: torch.Tensor, budget: int) -> torch.Tensor:
+        raise NotImplementedError(
+            "evicting from a RaggedKVLayer by one budget per head is not supported yet; its heads hold different "
+            "numbers of tokens"
+        )
+
+    def reset(self) -> None:
+        """Drop every token (the layer stays initialised, with its dtype, device and shape)."""
+        if self.body_keys is None:
+            return
+        self.body_keys = self.body_keys[:0].clone()
+        self.body_values = self.body_values[:0].clone()
+        self.positions = self.positions[:0].clone()
+        self.offsets = torch.zeros_like(self.offsets)
+        self.body_length = 0
+        self.tail_keys = self.tail_keys[:, :, :0].clone()
+        self.tail_values = self.tail_values[:, :, :0].clone()
+
+    def __repr__(self) -> str:
+        held = int(self.positions.shape[0]) if self.positions is not None else 0
+        return (
+            f"RaggedKVLayer(batch={self.batch}, kv_heads={self.kv_heads}, body={self.body_length} positions, "
+            f"{held} kept, tail={self.tail_length}, nbytes={self.nbytes})"
+        )
