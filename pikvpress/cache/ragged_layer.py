@@ -116,7 +116,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         return cls.from_kept(keys, values, keep, config=config)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        b, h, _, dk = key_states.shape
+        b, h = key_states.shape[:2]
         empty = torch.zeros((b, h, 0), dtype=torch.bool, device=key_states.device)
         built = self.from_kept(key_states[:, :, :0], value_states[:, :, :0], empty, config=self.config)
         self.__dict__.update(built.__dict__)
