@@ -1,6 +1,6 @@
 """How the model reads a :class:`~pikvpress.cache.RaggedKVLayer`: each head's own tokens, then the dense tail.
 
-The body's partial attention comes from :func:`~pikvpress.kernels.ragged_reference.ragged_attention_partial` (each
+The body's partial attention comes from :func:`~pikvpress.kernels.ragged.ragged_attention_partial` (each
 (batch row, KV head) over its own kept tokens), the tail's from a dense partial (causal among the new tokens), and
 the two merge exactly by log-sum-exp, with attention sinks as one more partial. The model's mask is read at the body
 tokens' own positions, so a padding mask or kvpress's head-wise ``masked_key_indices`` apply as they do to the dense
@@ -15,7 +15,7 @@ from torch import nn
 from pikvpress.attention import _keep, _prefix_kv_mask, _sinks_partial
 from pikvpress.cache.ragged_layer import RaggedKVLayer
 from pikvpress.kernels.attention import attention_partial, merge_partials
-from pikvpress.kernels.ragged_reference import ragged_attention_partial
+from pikvpress.kernels.ragged import ragged_attention_partial
 
 
 def ragged_layer_attention(

@@ -109,3 +109,38 @@ def ragged_attention_partial(
     g = hq // hkv
     head_keep = valid.repeat_interleave(g, dim=1)[:, :, None, :]  # (B, Hq, 1, W)
     return attention_partial(q, k, v, scale, head_keep)
+
+
+def ragged_split_partials(
+    q: torch.Tensor,
+    keys: torch.Tensor,
+    values: torch.Tensor,
+    offsets: torch.Tensor,
+    scale: float,
+    chunk: int,
+    num_splits: int,
+    keep: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """float32 per-split partials over ragged heads, the Triton kernel's twin: split ``s`` of a head is its tokens
+    ``s * chunk .. (s + 1) * chunk - 1`` (``num_splits * chunk`` must cover the longest head). Returns ``out``
+    ``(B, Hq, Lq, S, Dv)`` and ``lse`` ``(B, Hq, Lq, S)`` (0 and -inf for an empty split)."""
+    b, hq, lq, d = q.shape
+    r = offsets.shape[0] - 1
+    hkv = r // b
+    g = hq // hkv
+    w = chunk * num_splits
+    k, valid = ragged_padded(keys, offsets, width=w)
+    v, _ = ragged_padded(values, offsets, width=w)
+    if keep is not None:
+        kept, _ = ragged_padded(keep[:, None].to(keys.device), offsets, width=w)
+        valid = valid & kept[..., 0]
+    k = k.view(b, hkv, w, d).float()
+    v = v.view(b, hkv, num_splits, chunk, values.shape[-1]).float()
+    logits = torch.matmul(q.float().reshape(b, hkv, g * lq, d), k.transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~valid.view(b, hkv, 1, w), float("-inf")).view(b, hkv, g * lq, num_splits, chunk)
+    lse = torch.logsumexp(logits, dim=-1)
+    finite = torch.isfinite(lse)
+    p = torch.exp(logits - torch.where(finite, lse, torch.zeros_like(lse)).unsqueeze(-1))
+    p = torch.where(finite.unsqueeze(-1), p, torch.zeros_like(p))
+    out = torch.einsum("bhrsc,bhscv->bhrsv", p, v)
+    return out.reshape(b, hq, lq, num_splits, -1), lse.reshape(b, hq, lq, num_splits)
