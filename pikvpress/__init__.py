@@ -11,6 +11,7 @@ from pikvpress.cache import (
     ExpertShardedCache,
     PackedKVLayer,
     PackedKVView,
+    RaggedKVLayer,
     ShardedKVLayer,
     ShardingOptions,
     cache_bytes_read,
@@ -43,6 +44,7 @@ from pikvpress.presses import (
     ExpertRoutingPress,
     PiKVPress,
     QuantizationPress,
+    RaggedPress,
     RoutingStats,
 )
 from pikvpress.routing import LearnedRouter, load_router
@@ -69,6 +71,8 @@ __all__ = [
     "PackedKVView",
     "PiKVPress",
     "QuantizationPress",
+    "RaggedKVLayer",
+    "RaggedPress",
     "RoutingResult",
     "RoutingStats",
     "ShardedKVLayer",

@@ -66,6 +66,11 @@ __all__ = [
 #: marks the attention functions that read pikvpress's layers themselves
 _DISPATCH = "_pikv_dispatch"
 
+#: attention over further layer kinds, by layer class, registered by the module that reads them
+#: (:mod:`pikvpress.ragged_attention`): ``reader(module, query, key, value, attention_mask, layer, scaling=...,
+#: s_aux=...)`` returns ``(B, Lq, Hq, Dv)``
+READERS: dict[type, Callable[..., torch.Tensor]] = {}
+
 
 # --------------------------------------------------------------------------------------------------
 # masks
@@ -445,7 +450,9 @@ def _read_pikv_layer(module: nn.Module, query, key, value, attention_mask, layer
             module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
         )
         return out, None
-    read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
+    read = READERS.get(type(layer))
+    if read is None:
+        read = sharded_layer_attention if isinstance(layer, ShardedKVLayer) else packed_layer_attention
     out = read(
         module, query, key, value, attention_mask, layer, scaling=kwargs.get("scaling"), s_aux=kwargs.get("s_aux")
     )

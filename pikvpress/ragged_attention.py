@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from pikvpress.attention import _keep, _prefix_kv_mask, _sinks_partial
+from pikvpress.attention import READERS, _keep, _prefix_kv_mask, _sinks_partial
 from pikvpress.cache.ragged_layer import RaggedKVLayer
 from pikvpress.kernels.attention import attention_partial, merge_partials
 from pikvpress.kernels.ragged import ragged_attention_partial
@@ -56,3 +56,6 @@ def ragged_layer_attention(
         torch.stack([o for o, _ in partials], dim=3), torch.stack([s for _, s in partials], dim=3), dim=3
     )
     return out.transpose(1, 2).to(query.dtype).contiguous()
+
+
+READERS[RaggedKVLayer] = ragged_layer_attention

@@ -1,6 +1,7 @@
 """Where KV lives: packed (quantized) cache layers, expert-sharded cache layers, and the bytes a cache holds.
 
 :class:`PackedKVLayer` stores one layer's keys and values bit-packed with a full-precision residual;
+:class:`RaggedKVLayer` holds, in each (batch row, KV head), only the tokens a head-wise press kept there;
 :class:`ShardedKVLayer` spreads them over shards (:class:`KVShard`) on several devices or ranks, and
 :class:`ExpertShardedCache` is a cache made of such layers; :func:`cache_nbytes` reports the bytes any
 transformers cache holds, read from its tensors. :class:`PaddedKVLayer` (dense layers, left-padded) and
@@ -15,6 +16,7 @@ import torch
 from pikvpress.cache.batched import PaddedKVLayer, RowBatchedLayer, batch_rows, row_batch_blocker
 from pikvpress.cache.ops import evict, layer_nbytes, layer_read_nbytes, layer_tensor_nbytes
 from pikvpress.cache.packed_layer import PackedKVLayer, PackedKVView
+from pikvpress.cache.ragged_layer import RaggedKVLayer, RaggedKVView
 from pikvpress.cache.shard import KVShard
 from pikvpress.cache.sharded_cache import ExpertShardedCache
 from pikvpress.cache.sharded_layer import ShardedKVLayer, ShardedKVView
@@ -59,6 +61,8 @@ __all__ = [
     "PackedKVLayer",
     "PackedKVView",
     "PaddedKVLayer",
+    "RaggedKVLayer",
+    "RaggedKVView",
     "RowBatchedLayer",
     "ShardedKVLayer",
     "ShardedKVView",

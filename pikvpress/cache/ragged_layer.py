@@ -6,7 +6,7 @@ kept tokens and nothing else::
 
     body: keys (N, Dk), values (N, Dv)  the kept tokens of all heads, flat, head after head (batch row, KV head)
           offsets (B * Hkv + 1,) int64  where each head starts (FlashAttention's cu_seqlens)
-          positions (N,) int32          each kept token's index in the sequence it was kept from
+          positions (N,) int16 | int32  each kept token's index in the sequence it was kept from
     tail: keys (B, Hkv, T, Dk), values  the tokens appended after compression (the question, the answer), dense
 
 Outside, the layer looks like kvpress's masked version of the same press: its sequence is the ``body_length``
@@ -29,6 +29,11 @@ import torch
 from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.view import KVView
 from pikvpress.kernels.ragged_reference import ragged_lengths, ragged_offsets, ragged_rows
+
+
+def position_dtype(length: int) -> torch.dtype:
+    """The integer dtype of the positions of a body of ``length`` positions: int16 below 32768, else int32."""
+    return torch.int16 if length <= torch.iinfo(torch.int16).max + 1 else torch.int32
 
 
 class RaggedKVView(KVView):
@@ -96,7 +101,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         layer.body_keys = keys[keep]  # (N, Dk): boolean indexing walks (b, h, t) row-major, so head after head
         layer.body_values = values[keep]
         layer.offsets = ragged_offsets(keep.sum(-1))
-        layer.positions = keep.nonzero()[:, 2].to(torch.int32)
+        layer.positions = keep.nonzero()[:, 2].to(position_dtype(t))
         layer.tail_keys = keys.new_empty((b, h, 0, dk))
         layer.tail_values = values.new_empty((b, h, 0, values.shape[-1]))
         layer.is_initialized = True

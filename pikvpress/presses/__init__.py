@@ -11,6 +11,7 @@ from pikvpress.presses.adaptive_scheduling_press import AdaptiveSchedulingPress
 from pikvpress.presses.expert_routing_press import ExpertRoutingPress
 from pikvpress.presses.pikv_press import PiKVPress
 from pikvpress.presses.quantization_press import QuantizationPress
+from pikvpress.presses.ragged_press import RaggedPress
 from pikvpress.routing.stats import RoutingStats
 
 PRESSES: dict[str, type[BasePress]] = {
@@ -26,5 +27,6 @@ __all__ = [
     "ExpertRoutingPress",
     "PiKVPress",
     "QuantizationPress",
+    "RaggedPress",
     "RoutingStats",
 ]

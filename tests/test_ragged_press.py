@@ -1,0 +1,109 @@
+"""RaggedPress: kvpress's head-wise presses hold exactly their kept tokens, and answer as their masked versions do."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import get_tiny_model
+from kvpress import AdaKVPress, CriticalAdaKVPress, KnormPress, SnapKVPress
+from kvpress.utils import compute_n_kept
+from transformers import DynamicCache
+
+from pikvpress.cache import cache_nbytes
+from pikvpress.cache.ragged_layer import RaggedKVLayer
+from pikvpress.models import get_adapter
+from pikvpress.presses.ragged_press import RaggedPress
+
+CONTEXT = 48
+QUESTION = 5
+STEPS = 4
+# families with full attention in every layer on sdpa (kvpress's AdaKV refuses eager attention)
+FAMILIES = ["llama", "qwen3", "mixtral", "qwen2_moe", "deepseek_v2"]
+HEADWISE = {
+    "adakv_snapkv": lambda r: AdaKVPress(SnapKVPress(r, window_size=8)),
+    "adakv_knorm": lambda r: AdaKVPress(KnormPress(r)),
+    "critical_adakv_snapkv": lambda r: CriticalAdaKVPress(SnapKVPress(r, window_size=8)),
+}
+
+
+def _ids(length: int, seed: int) -> torch.Tensor:
+    return torch.randint(3, 259, (1, length), generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _run(model, press):
+    """Prefill under ``press``, then a multi-token question and greedy steps; the question's logits, the tokens,
+    the cache after the prefill's bytes and the cache."""
+    cache = DynamicCache(config=model.config)
+    with press(model):
+        model(_ids(CONTEXT, 0), past_key_values=cache)
+    held = cache_nbytes(cache)
+    out = model(_ids(QUESTION, 1), past_key_values=cache, position_ids=torch.arange(CONTEXT, CONTEXT + QUESTION)[None])
+    logits, tokens = out.logits[0], [int(out.logits[0, -1].argmax())]
+    for step in range(STEPS):
+        position = torch.tensor([[CONTEXT + QUESTION + step]])
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=cache, position_ids=position)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return logits, tokens, held, cache
+
+
+# kvpress 0.5.5's CriticalKV reads config.head_dim, which the tiny MoE and MLA configs leave unset
+CASES = [(n, f) for n in HEADWISE for f in FAMILIES if not (n.startswith("critical") and f not in ("llama", "qwen3"))]
+
+
+@pytest.mark.parametrize(("name", "family"), CASES)
+def test_ragged_answers_as_the_masked_press_and_holds_only_the_kept_tokens(name, family):
+    model = get_tiny_model(family, attn_implementation="sdpa")
+    masked_logits, masked_tokens, masked_held, masked_cache = _run(model, HEADWISE[name](0.5))
+    kept = {}
+    for layer in get_adapter(model).layers:
+        indices = layer.attention.masked_key_indices
+        if indices is not None:
+            kept[layer.layer_idx] = CONTEXT * layer.num_kv_heads - indices[0].numel()
+    assert kept, "the masked press marked no token"
+    ragged_logits, ragged_tokens, ragged_held, cache = _run(model, RaggedPress(HEADWISE[name](0.5)))
+    torch.testing.assert_close(ragged_logits, masked_logits, atol=1e-4, rtol=1e-4)
+    assert ragged_tokens == masked_tokens
+    for layer in get_adapter(model).layers:
+        stored = cache.layers[layer.layer_idx]
+        assert layer.attention.masked_key_indices is None  # nothing left on the module
+        if layer.layer_idx not in kept:
+            continue
+        assert isinstance(stored, RaggedKVLayer)
+        assert int(stored.head_lengths.sum()) == kept[layer.layer_idx]
+        assert stored.get_seq_length() == masked_cache.layers[layer.layer_idx].get_seq_length()
+    assert ragged_held < masked_held
+
+
+@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.75, 0.875])
+def test_bytes_held_are_the_kept_tokens_and_their_indices(ratio):
+    model = get_tiny_model("llama", attn_implementation="sdpa")
+    cache = DynamicCache(config=model.config)
+    with RaggedPress(AdaKVPress(SnapKVPress(ratio, window_size=8)))(model):
+        model(_ids(CONTEXT, 0), past_key_values=cache)
+    kept_bytes = index_bytes = 0
+    for layer, adapter in zip(cache.layers, get_adapter(model).layers, strict=True):
+        assert isinstance(layer, RaggedKVLayer)
+        # AdaKV removes (T - n_kept) tokens per head on average: the layer holds H * n_kept tokens in all
+        assert int(layer.head_lengths.sum()) == adapter.num_kv_heads * compute_n_kept(CONTEXT, ratio)
+        per_token = (adapter.key_dim + adapter.value_dim) * layer.body_keys.element_size()
+        kept_bytes += int(layer.head_lengths.sum()) * per_token
+        index_bytes += layer.offsets.numel() * 8 + layer.positions.numel() * 2
+    assert cache_nbytes(cache) == kept_bytes + index_bytes
+    # the offsets and int16 positions cost 2 bytes per kept token and 8 per head; against a bf16 token of the
+    # default model's head dims (64 + 64 channels, 256 bytes) that is under 1%
+    assert index_bytes / kept_bytes < 2.5 * 2 / ((adapter.key_dim + adapter.value_dim) * 4)
+
+
+def test_a_press_that_masks_nothing_leaves_dense_layers():
+    model = get_tiny_model("llama", attn_implementation="sdpa")
+    cache = DynamicCache(config=model.config)
+    with RaggedPress(SnapKVPress(0.5, window_size=8))(model):
+        model(_ids(CONTEXT, 0), past_key_values=cache)
+    assert not any(isinstance(layer, RaggedKVLayer) for layer in cache.layers)
+    assert cache.layers[0].keys.shape[2] == CONTEXT // 2
+
+
+def test_refuses_what_is_not_a_press():
+    with pytest.raises(TypeError, match="BasePress"):
+        RaggedPress("adakv")
