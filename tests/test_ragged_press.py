@@ -7,7 +7,7 @@ import torch
 from conftest import get_tiny_model
 from kvpress import AdaKVPress, CriticalAdaKVPress, KnormPress, SnapKVPress
 from kvpress.utils import compute_n_kept
-from transformers import DynamicCache
+from transformers import DynamicCache, pipeline
 
 from pikvpress.cache import cache_nbytes
 from pikvpress.cache.ragged_layer import RaggedKVLayer
@@ -107,3 +107,25 @@ def test_a_press_that_masks_nothing_leaves_dense_layers():
 def test_refuses_what_is_not_a_press():
     with pytest.raises(TypeError, match="BasePress"):
         RaggedPress("adakv")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_kvpress_pipeline_answers_as_with_the_masked_press(family, tokenizer):
+    """kvpress's pipeline crops the answer off between questions (``layer.keys = layer.keys[:, :, :n]``): the
+    ragged cache answers every question as the masked one does, and holds only the kept tokens throughout."""
+    model = get_tiny_model(family, attn_implementation="sdpa")
+    pipe = pipeline("kv-press-text-generation", model=model, tokenizer=tokenizer, device="cpu")
+    context = "The quick brown fox jumps over the lazy dog while the cat sleeps on the mat. " * 3
+    questions = ["Who jumps?", "Where does the cat sleep?", "What is lazy?"]
+
+    def answers(press):
+        cache = DynamicCache(config=model.config)
+        out = pipe(context, questions=questions, press=press, max_new_tokens=6, cache=cache)
+        return out["answers"], cache
+
+    masked, _ = answers(AdaKVPress(SnapKVPress(0.6, window_size=8)))
+    ragged, cache = answers(RaggedPress(AdaKVPress(SnapKVPress(0.6, window_size=8))))
+    assert ragged == masked
+    layers = [layer for layer in cache.layers if isinstance(layer, RaggedKVLayer)]
+    assert len(layers) == len(cache.layers)
+    assert all(layer.tail_length == 0 for layer in layers)  # every answer cropped off again
