@@ -1,4 +1,4 @@
-"""A decode step over several rows' own packed or sharded layers, computed as one batch.
+"""A decode step over several rows' own packed, ragged or sharded layers, computed as one batch.
 
 A :class:`~pikvpress.cache.RowBatchedLayer` keeps each row's own :class:`~pikvpress.cache.PackedKVLayer` or
 :class:`~pikvpress.cache.ShardedKVLayer` (a row's quantization groups and shards are its own, and stay so). Reading
@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from pikvpress.cache.packed_layer import PackedKVLayer
+from pikvpress.cache.ragged_layer import RaggedKVLayer
 from pikvpress.cache.sharded_layer import ShardedKVLayer
 from pikvpress.kernels.attention import (
     attention_partial,
@@ -30,6 +31,8 @@ from pikvpress.kernels.attention import (
     packed_attention_with_residual,
 )
 from pikvpress.kernels.quantize import QuantizedTensor, _use_triton
+from pikvpress.kernels.ragged import ragged_attention_partial
+from pikvpress.kernels.ragged_reference import ragged_lengths, ragged_offsets
 from pikvpress.routing.shards import select_shards, shard_scores
 
 __all__ = ["stack_groups", "stacked_rows_attention"]
@@ -72,6 +75,8 @@ def _stack_key(layer: Any, device: torch.device) -> tuple | None:
     """What two rows' layers must share to be read as one stack (None: this row is read alone)."""
     if isinstance(layer, PackedKVLayer):
         return ("packed", _packing(layer)) if layer.device == device else None
+    if isinstance(layer, RaggedKVLayer):
+        return ("ragged", layer.kv_heads) if layer.device == device else None
     if not isinstance(layer, ShardedKVLayer) or not layer.has_shards or layer.group is not None:
         return None
     if layer.valid is not None or any(s is not None and s.length and s.device != device for s in layer.shards):
@@ -102,6 +107,8 @@ def stacked_rows_attention(
     tail_keys, tail_values = _padded([k for k, _ in tails]), _padded([v for _, v in tails])
     if isinstance(rows[0], PackedKVLayer):
         out = _packed_rows(query, rows, tail_keys, tail_values, tail_lengths, scale)
+    elif isinstance(rows[0], RaggedKVLayer):
+        out = _ragged_rows(query, rows, tail_keys, tail_values, tail_lengths, scale)
     else:
         out = _sharded_rows(query, rows, tail_keys, tail_values, tails, scale)
     return out.transpose(1, 2).to(query.dtype).contiguous()
@@ -145,6 +152,32 @@ def _packed_rows(
     outs.append(out_r)
     lses.append(lse_r)
     out, _ = merge_partials(torch.stack(outs, dim=3), torch.stack(lses, dim=3), dim=3)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# ragged layers: every row's heads, one flat store (no padding), then the tails
+# --------------------------------------------------------------------------------------------------
+
+
+def _ragged_rows(
+    query: torch.Tensor,
+    rows: list[RaggedKVLayer],
+    tail_keys: torch.Tensor,
+    tail_values: torch.Tensor,
+    tail_lengths: list[int],
+    scale: float,
+) -> torch.Tensor:
+    """``(B, Hq, 1, Dv)`` float32: :func:`~pikvpress.ragged_attention.ragged_layer_attention` of each row, stacked.
+    The rows' bodies are already flat, head after head: concatenated, with their offsets chained, they are one ragged
+    batch of ``B * Hkv`` heads."""
+    keys = torch.cat([r.body_keys for r in rows])
+    values = torch.cat([r.body_values for r in rows])
+    offsets = ragged_offsets(torch.cat([ragged_lengths(r.offsets) for r in rows]))
+    out_b, lse_b = ragged_attention_partial(query, keys, values, offsets, scale)
+    keep = _within(tail_lengths, query.device)[:, None, None, :]
+    out_t, lse_t = attention_partial(query, tail_keys, tail_values, scale, keep)
+    out, _ = merge_partials(torch.stack([out_b, out_t], dim=3), torch.stack([lse_b, lse_t], dim=3), dim=3)
     return out
 
 

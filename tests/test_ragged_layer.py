@@ -220,3 +220,24 @@ def test_layer_attention_reads_the_padding_mask_at_the_tokens_positions():
 
 def _no_mask(layer, q, tail_k, tail_v):
     return ragged_layer_attention(torch.nn.Module(), q, tail_k, tail_v, None, layer, 0.25)
+
+
+def test_rows_of_ragged_layers_read_as_one_stack_as_each_alone():
+    """A decode step over several sequences' own ragged layers (batched answering) reads them as one flat store;
+    each row gets the output it gets alone."""
+    from pikvpress.rows_attention import stack_groups, stacked_rows_attention
+
+    rows, tails, alone = [], [], []
+    g = torch.Generator().manual_seed(3)
+    q = torch.randn(3, 4, 1, 16, generator=g)
+    for i, t in enumerate((24, 17, 30)):
+        keys, values, keep, _ = _inputs(b=1, t=t, seed=i)
+        layer = RaggedKVLayer.from_kept(keys, values, keep)
+        tail = (torch.randn(1, 2, 2 + i, 16, generator=g), torch.randn(1, 2, 2 + i, 8, generator=g))
+        layer.append(*tail)
+        rows.append(layer)
+        tails.append(tail)
+        alone.append(ragged_layer_attention(torch.nn.Module(), q[i : i + 1], *tail, None, layer, 0.25))
+    assert stack_groups(rows, q.device) == [[0, 1, 2]]
+    stacked = stacked_rows_attention(q, rows, tails, 0.25)
+    torch.testing.assert_close(stacked, torch.cat(alone), atol=1e-6, rtol=1e-5)
