@@ -49,7 +49,7 @@ from kvpress import (
 from kvpress.presses.dms_press import DMSPress
 from transformers import PreTrainedModel
 
-from pikvpress.presses import PRESSES, PiKVPress
+from pikvpress.presses import PRESSES, PiKVPress, RaggedPress
 from pikvpress.scheduling import KeptScoresSource
 
 PressFactory = Callable[[float], BasePress]
@@ -197,6 +197,20 @@ MASKS_ONLY = frozenset(
     }
 )
 
+#: the head-wise baselines of :data:`MASKS_ONLY` that share the harness's prefill, held as ragged caches
+#: (:class:`pikvpress.RaggedPress`): the tokens each head keeps are the masked press's, and only they are held
+RAGGED_OF = (
+    "adakv_snapkv",
+    "adakv_compactor",
+    "adakv_expected_attention",
+    "critical_adakv_snapkv",
+    "critical_adakv_expected_attention",
+    "expected_attention",
+)
+RAGGED: dict[str, PressFactory] = {
+    f"ragged_{name}": (lambda r, name=name: RaggedPress(BASELINES[name](r))) for name in RAGGED_OF
+}
+
 #: baselines that prune key channels and remove no tokens (ThinK zeroes channels in place: no memory freed)
 CHANNEL_PRUNING = frozenset({"think"})
 
@@ -208,7 +222,7 @@ NO_PRESS = "no_press"
 
 def press_names() -> list[str]:
     """Every name :func:`build_press` accepts (not the ones in :data:`NEEDS_HUB_WEIGHTS` or :data:`EXCLUDED`)."""
-    return [NO_PRESS, *BASELINES, *ALIASES, *PRESSES]
+    return [NO_PRESS, *BASELINES, *ALIASES, *RAGGED, *PRESSES]
 
 
 def takes_ratio(name: str) -> bool:
@@ -216,7 +230,7 @@ def takes_ratio(name: str) -> bool:
     removes no token and has none; the sweep runs such presses once)."""
     if name == NO_PRESS:
         return False
-    if name in BASELINES or name in ALIASES:
+    if name in BASELINES or name in ALIASES or name in RAGGED:
         return True
     factory = PRESSES.get(name)
     if factory is None:  # unknown: build_press names the allowed presses
@@ -287,12 +301,13 @@ def build_press(name: str, compression_ratio: float = 0.0, **kwargs: Any) -> Bas
     if name == NO_PRESS:
         return None
     name = ALIASES.get(name, name)
-    if name in BASELINES:
-        press = BASELINES[name](float(compression_ratio))
+    if name in BASELINES or name in RAGGED:
+        press = (BASELINES.get(name) or RAGGED[name])(float(compression_ratio))
+        target = press.press if name in RAGGED else press  # fields of a ragged press are its wrapped press's
         for key, value in kwargs.items():
-            if not hasattr(press, key):
+            if not hasattr(target, key):
                 raise ValueError(f"press {name!r} has no field {key!r}")
-            setattr(press, key, value)
+            setattr(target, key, value)
         return press
     if not takes_ratio(name):
         if compression_ratio:

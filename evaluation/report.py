@@ -189,7 +189,7 @@ def classify(press: str, composed: dict | None = None) -> tuple[str, bool, bool]
     parts = presses.components(press, composed)
     masks = getattr(presses, "MASKS_ONLY", frozenset())
     channels = getattr(presses, "CHANNEL_PRUNING", frozenset())
-    if any(p in presses.PRESSES for p in parts):
+    if any(p in presses.PRESSES or p in getattr(presses, "RAGGED", {}) for p in parts):
         family = "pikvpress"
     elif parts and all(p in presses.BASELINES or p == NO_PRESS for p in parts):
         family = "kvpress"

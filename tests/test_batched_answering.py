@@ -40,7 +40,7 @@ from pikvpress_eval.runner import Evaluator, plan_runs
 from pikvpress_eval.runs import PREDICTIONS
 from transformers import pipeline
 
-from pikvpress import PiKVPress, QuantizationPress
+from pikvpress import PiKVPress, QuantizationPress, RaggedPress
 from pikvpress.cache import PaddedKVLayer, RowBatchedLayer, cache_bytes_read
 from pikvpress.models import tiny_model, tiny_tokenizer
 
@@ -55,6 +55,8 @@ PRESSES = {
     "knorm": lambda: KnormPress(compression_ratio=0.4),
     "adakv": lambda: AdaKVPress(ExpectedAttentionPress(compression_ratio=0.5)),
     "critical_adakv": lambda: CriticalAdaKVPress(KnormPress(compression_ratio=0.5)),
+    # the AdaKV choice held as ragged layers: each row's own layer, its heads read as one flat store at a decode step
+    "ragged_adakv": lambda: RaggedPress(AdaKVPress(ExpectedAttentionPress(compression_ratio=0.5))),
     "pyramidkv": lambda: PyramidKVPress(compression_ratio=0.5, window_size=8),  # layers of different lengths
     "quantization": lambda: QuantizationPress(**PACKING),
     "pikv_dense": lambda: PiKVPress(compression_ratio=0.5, sharding={"num_shards": 4, "tail_length": 8}),
@@ -243,7 +245,9 @@ def test_a_row_that_stops_early_keeps_its_answer_while_the_others_go_on(name, dt
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["float64", "float32"])
-@pytest.mark.parametrize("name", ["no_press", "snapkv", "adakv", "critical_adakv", "pyramidkv", "pikv_packed_top2"])
+@pytest.mark.parametrize(
+    "name", ["no_press", "snapkv", "adakv", "critical_adakv", "pyramidkv", "pikv_packed_top2", "ragged_adakv"]
+)
 def test_batches_set_aside_go_on_together_and_answer_as_alone(name, dtype):
     """Two batches each answer until one row is left, are set aside, and go on as one merged batch (re-padded, the
     masked keys shifted with their rows): every row's tokens, logits and bytes read are what it gives alone."""
@@ -403,6 +407,23 @@ def test_harness_batches_record_what_one_at_a_time_records(tmp_path):
     )  # tokens x layers x k,v x heads x dim
 
 
+def test_ragged_presses_in_the_harness_answer_as_their_masked_versions_and_hold_fewer_bytes(tmp_path):
+    """``ragged_<name>`` (the registry's RaggedPress over a masked head-wise baseline) shares the prefill, batches,
+    and records the masked press's answers, at the bytes of the tokens it kept (plus offsets and positions)."""
+    model = tiny_model("llama")
+    presses = ["adakv_snapkv", "ragged_adakv_snapkv", "critical_adakv_snapkv", "ragged_critical_adakv_snapkv"]
+    records, prefills = sweep(model, tmp_path / "ragged", presses, "compression_ratio=[0.5]", "batch_size=3")
+    assert prefills == 4
+    by_press = {run.split("__")[0]: rows for run, rows in records.items()}
+    for masked in ("adakv_snapkv", "critical_adakv_snapkv"):
+        for index, record in by_press[masked].items():
+            ragged = by_press[f"ragged_{masked}"][index]
+            assert ragged["predicted_answer"] == record["predicted_answer"], (masked, index)
+            assert record["kv_bytes"] == 2 * record["bf16_kv_bytes"]  # masked: every token held, in float32
+            # ragged: half the tokens (AdaKV's budget over the heads), plus 2-byte positions and per-head offsets
+            assert 0.97 < ragged["kv_bytes"] / (record["kv_bytes"] / 2) < 1.06, (masked, index)
+
+
 def test_a_batch_answers_several_presses_and_ratios_of_one_prompt(tmp_path):
     """With more answers per batch than prompts in the sweep, a batch holds several (press, ratio) runs of the same
     prompt (dense and AdaKV-masked caches padded together, packed ones in their own batch); every record is the
@@ -551,7 +572,7 @@ def test_harness_answers_unbatchable_caches_one_at_a_time_and_says_why(tmp_path,
                 assert batched[run][index][name] == record[name], (run, index, name)
 
 
-@pytest.mark.parametrize("name", ["no_press", "adakv", "pyramidkv", "pikv_packed"])
+@pytest.mark.parametrize("name", ["no_press", "adakv", "pyramidkv", "pikv_packed", "ragged_adakv"])
 def test_rows_that_have_ended_leave_the_batch(name):
     """After a row's answer ends, later forwards compute only the rows still answering (the batch shrinks to the one
     row with the largest budget), and every answer is what a batch that keeps feeding the ended rows gives."""
@@ -597,7 +618,7 @@ def test_a_padded_layer_drops_rows_and_the_padding_only_they_needed():
     assert layer.keys.data_ptr() == layer._room[0].data_ptr()
 
 
-@pytest.mark.parametrize("name", ["quantization", "pikv_dense", "pikv_packed", "pikv_packed_top2"])
+@pytest.mark.parametrize("name", ["quantization", "pikv_dense", "pikv_packed", "pikv_packed_top2", "ragged_adakv"])
 def test_decode_steps_read_packed_and_sharded_rows_as_one_stack(name, monkeypatch):
     """A decode step over rows of packed or sharded layers (of different lengths) reads them as one zero-padded,
     masked stack (``pikvpress.rows_attention``), once per layer and step, and every row still answers as alone."""
