@@ -197,8 +197,9 @@ MASKS_ONLY = frozenset(
     }
 )
 
-#: the head-wise baselines of :data:`MASKS_ONLY` that share the harness's prefill, held as ragged caches
-#: (:class:`pikvpress.RaggedPress`): the tokens each head keeps are the masked press's, and only they are held
+#: head-wise baselines of :data:`MASKS_ONLY` held as ragged caches (:class:`pikvpress.RaggedPress`): the tokens each
+#: head keeps are the masked press's, and only they are held. The first six share the harness's prefill; KVzip's
+#: three pay their own (as their masked versions do)
 RAGGED_OF = (
     "adakv_snapkv",
     "adakv_compactor",
@@ -206,6 +207,9 @@ RAGGED_OF = (
     "critical_adakv_snapkv",
     "critical_adakv_expected_attention",
     "expected_attention",
+    "kvzip",
+    "kvzip_plus",
+    "kvzip_layerwise",
 )
 RAGGED: dict[str, PressFactory] = {
     f"ragged_{name}": (lambda r, name=name: RaggedPress(BASELINES[name](r))) for name in RAGGED_OF

@@ -5,13 +5,13 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import get_tiny_model
-from kvpress import AdaKVPress, CriticalAdaKVPress, KnormPress, SnapKVPress
+from kvpress import AdaKVPress, CriticalAdaKVPress, KnormPress, KVzipPress, SnapKVPress
 from kvpress.utils import compute_n_kept
 from transformers import DynamicCache, pipeline
 
 from pikvpress.cache import cache_nbytes
 from pikvpress.cache.ragged_layer import RaggedKVLayer
-from pikvpress.models import get_adapter
+from pikvpress.models import get_adapter, tiny_model, tiny_tokenizer
 from pikvpress.presses.ragged_press import RaggedPress
 
 CONTEXT = 48
@@ -129,3 +129,47 @@ def test_kvpress_pipeline_answers_as_with_the_masked_press(family, tokenizer):
     layers = [layer for layer in cache.layers if isinstance(layer, RaggedKVLayer)]
     assert len(layers) == len(cache.layers)
     assert all(layer.tail_length == 0 for layer in layers)  # every answer cropped off again
+
+
+@pytest.fixture(scope="module")
+def kvzip_llama(tmp_path_factory):
+    """A tiny llama whose ``name_or_path`` holds its tokenizer: KVzip loads it from there, as from a checkpoint."""
+    path = tmp_path_factory.mktemp("kvzip_llama")
+    tiny_tokenizer().save_pretrained(path)
+    model = tiny_model("llama", attn_implementation="sdpa")
+    model.config.name_or_path = str(path)
+    return model
+
+
+@pytest.mark.parametrize("layerwise", [False, True], ids=["headwise", "layerwise"])
+def test_kvzip_held_ragged_answers_as_masked_kvzip(kvzip_llama, layerwise):
+    """KVzip marks its tokens when its own context ends (after its reconstruction pass): the layers become ragged
+    then, hold KVzip's kept tokens, and answer as kvpress's masked KVzip."""
+    pipe = pipeline("kv-press-text-generation", model=kvzip_llama, tokenizer=tiny_tokenizer(), device="cpu")
+    context = "The quick brown fox jumps over the lazy dog while the cat sleeps on the mat. " * 3
+    questions = ["Who jumps?", "Where does the cat sleep?"]
+    masked_cache, ragged_cache = DynamicCache(), DynamicCache()
+    masked = pipe(context, questions=questions, press=KVzipPress(0.5, layerwise=layerwise), cache=masked_cache)
+    n_masked = [layer.self_attn.masked_key_indices[0].numel() for layer in kvzip_llama.model.layers]
+    press = RaggedPress(KVzipPress(0.5, layerwise=layerwise))
+    assert not press.replays_with_hooks
+    ragged = pipe(context, questions=questions, press=press, cache=ragged_cache)
+    assert all(layer.self_attn.masked_key_indices is None for layer in kvzip_llama.model.layers)
+    assert ragged["answers"] == masked["answers"]
+    for layer, dense, masked_here in zip(ragged_cache.layers, masked_cache.layers, n_masked, strict=True):
+        assert isinstance(layer, RaggedKVLayer)
+        heads, length = dense.keys.shape[1], dense.keys.shape[2]
+        assert int(layer.head_lengths.sum()) == heads * length - masked_here
+
+
+def test_the_registrys_ragged_presses_wrap_their_masked_baselines(kvzip_llama):
+    from pikvpress_eval.prefill import can_reuse_prefill
+    from pikvpress_eval.presses import MASKS_ONLY, RAGGED, build_press, takes_ratio
+
+    assert RAGGED and all(name.removeprefix("ragged_") in MASKS_ONLY for name in RAGGED)
+    for name in RAGGED:
+        press = build_press(name, 0.25)
+        masked = build_press(name.removeprefix("ragged_"), 0.25)
+        assert isinstance(press, RaggedPress) and type(press.press) is type(masked) and takes_ratio(name)
+        assert press.compression_ratio == masked.compression_ratio == 0.25
+        assert can_reuse_prefill(press, kvzip_llama) == can_reuse_prefill(masked, kvzip_llama), name

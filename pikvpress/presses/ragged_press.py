@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from kvpress.presses.base_press import BasePress, is_prefilling
@@ -13,6 +16,7 @@ import pikvpress.ragged_attention  # noqa: F401  (registers the attention over r
 from pikvpress.attention import enable_packed_attention
 from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.ragged_layer import RaggedKVLayer
+from pikvpress.models.adapter import language_model
 
 logger = logging.getLogger(__name__)
 
@@ -28,7 +32,9 @@ class RaggedPress(BasePress):
     dropped, the kept ones stored flat with per-head offsets, and attention reads each head's own tokens
     (:mod:`pikvpress.ragged_attention`), which equals the masked attention exactly. The wrapped press alone stays
     available as the masked comparison. A press that masks nothing (it removed tokens uniformly, or kept all) leaves
-    its layer as it is.
+    its layer as it is. A press compressing in kvpress's per-layer hooks (AdaKV, CriticalAdaKV) has each layer made
+    ragged in its hook; a press with its own context manager (``KVzipPress``, head-wise or layer-wise) when its
+    context ends, in the cache its prefill filled.
 
     Parameters
     ----------
@@ -57,6 +63,39 @@ class RaggedPress(BasePress):
     def compression_ratio(self, value: float) -> None:
         self.press.compression_ratio = value
 
+    @property
+    def replays_with_hooks(self) -> bool:
+        """Whether the wrapped press compresses in kvpress's per-layer hooks (then each layer becomes ragged in its
+        hook, and a captured prefill can be replayed through them); a press with its own context manager (KVzip)
+        marks its tokens when its context ends, and the layers become ragged then."""
+        return _compresses_in_hooks(self.press)
+
+    @contextmanager
+    def __call__(self, model: nn.Module) -> Generator:
+        if self.replays_with_hooks:
+            with super().__call__(model):
+                yield
+            return
+        caches: list[Any] = []
+
+        def probe(module: nn.Module, args: Any, kwargs: dict, output: Any) -> None:
+            cache = kwargs.get("past_key_values")
+            if cache is not None and not any(c is cache for c in caches):
+                caches.append(cache)
+
+        modules = _attention_modules(model)
+        handles = [module.register_forward_hook(probe, with_kwargs=True) for module in modules]
+        try:
+            with self.press(model):
+                enable_packed_attention(model)
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        for cache in caches:
+            for module in modules:
+                _store_ragged(module, cache)
+
     def post_init_from_model(self, model: nn.Module) -> None:
         self.press.post_init_from_model(model)
         enable_packed_attention(model)
@@ -67,20 +106,33 @@ class RaggedPress(BasePress):
             return output
         module.masked_key_indices = None  # what the wrapped press marks now, not what an earlier request left
         output = self.press.forward_hook(module, input, kwargs, output)
-        masked = getattr(module, "masked_key_indices", None)
-        if masked is None:
-            return output
-        module.masked_key_indices = None  # the ragged layer drops these tokens; nothing is left on the module
-        cache = kwargs["past_key_values"]
-        layer = cache.layers[module.layer_idx]
-        if isinstance(layer, PiKVCacheLayer):
-            raise TypeError(
-                f"RaggedPress wraps a press that leaves a dense layer; layer {module.layer_idx} holds a "
-                f"{type(layer).__name__}"
-            )
-        keys, values = layer.keys, layer.values
-        keep = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
-        batch_idx, head_idx, seq_idx = (i.to(keys.device) for i in masked)
-        keep[batch_idx, head_idx, seq_idx] = False
-        cache.layers[module.layer_idx] = RaggedKVLayer.from_kept(keys, values, keep, config=module.config)
+        _store_ragged(module, kwargs["past_key_values"])
         return output
+
+
+def _compresses_in_hooks(press: BasePress) -> bool:
+    return type(press).__call__ is BasePress.__call__
+
+
+def _attention_modules(model: nn.Module) -> list[nn.Module]:
+    return [layer.self_attn for layer in language_model(model).layers]
+
+
+def _store_ragged(module: nn.Module, cache: Any) -> None:
+    """Replace layer ``module.layer_idx`` of ``cache`` by a ragged layer of the tokens its press did not mask
+    (``module.masked_key_indices``), and clear the mask; a layer with no mask is left as it is."""
+    masked = getattr(module, "masked_key_indices", None)
+    if masked is None or module.layer_idx >= len(cache.layers):
+        return
+    module.masked_key_indices = None  # the ragged layer drops these tokens; nothing is left on the module
+    layer = cache.layers[module.layer_idx]
+    if isinstance(layer, PiKVCacheLayer):
+        raise TypeError(
+            f"RaggedPress wraps a press that leaves a dense layer; layer {module.layer_idx} holds a "
+            f"{type(layer).__name__}"
+        )
+    keys, values = layer.keys, layer.values
+    keep = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
+    batch_idx, head_idx, seq_idx = (i.to(keys.device) for i in masked)
+    keep[batch_idx, head_idx, seq_idx] = False
+    cache.layers[module.layer_idx] = RaggedKVLayer.from_kept(keys, values, keep, config=module.config)
