@@ -12,6 +12,7 @@ from transformers import DynamicCache, pipeline
 from pikvpress.cache import cache_nbytes
 from pikvpress.cache.ragged_layer import RaggedKVLayer
 from pikvpress.models import get_adapter, tiny_model, tiny_tokenizer
+from pikvpress.presses import ExpertRoutingPress, PiKVPress
 from pikvpress.presses.ragged_press import RaggedPress
 
 CONTEXT = 48
@@ -23,6 +24,9 @@ HEADWISE = {
     "adakv_snapkv": lambda r: AdaKVPress(SnapKVPress(r, window_size=8)),
     "adakv_knorm": lambda r: AdaKVPress(KnormPress(r)),
     "critical_adakv_snapkv": lambda r: CriticalAdaKVPress(SnapKVPress(r, window_size=8)),
+    "routing_heads": lambda r: ExpertRoutingPress(
+        r, router="keys", num_experts=4, window_size=8, n_recent=4, head_budget="adaptive_masked"
+    ),
 }
 
 
@@ -173,3 +177,32 @@ def test_the_registrys_ragged_presses_wrap_their_masked_baselines(kvzip_llama):
         assert isinstance(press, RaggedPress) and type(press.press) is type(masked) and takes_ratio(name)
         assert press.compression_ratio == masked.compression_ratio == 0.25
         assert can_reuse_prefill(press, kvzip_llama) == can_reuse_prefill(masked, kvzip_llama), name
+
+
+def test_routing_heads_held_ragged_keep_each_heads_own_share():
+    """ExpertRoutingPress's adaptive head budgets: filled (every head as long as the largest share), masked (each
+    head its share, the cache full) and ragged (each head its share, nothing else held)."""
+    model = get_tiny_model("llama", attn_implementation="sdpa")
+
+    def make(head_budget):
+        return ExpertRoutingPress(0.5, router="keys", num_experts=4, window_size=8, n_recent=4, head_budget=head_budget)
+
+    caches = {}
+    for name, press in [
+        ("filled", make("adaptive")),
+        ("masked", make("adaptive_masked")),
+        ("ragged", RaggedPress(make("adaptive_masked"))),
+    ]:
+        caches[name] = DynamicCache(config=model.config)
+        with press(model):
+            model(_ids(CONTEXT, 0), past_key_values=caches[name])
+    uneven = 0
+    for filled, ragged in zip(caches["filled"].layers, caches["ragged"].layers, strict=True):
+        shares = ragged.head_lengths
+        assert int(shares.sum()) == shares.numel() * compute_n_kept(CONTEXT, 0.5)  # the layer's budget, spread
+        assert filled.keys.shape[2] == int(shares.max())  # filled: every head as long as the largest share
+        uneven += int(shares.max()) > int(shares.min())
+    assert uneven  # the heads' shares differ somewhere
+    assert cache_nbytes(caches["ragged"]) < cache_nbytes(caches["filled"]) < cache_nbytes(caches["masked"])
+    with pytest.raises(ValueError, match="adaptive_masked"):
+        PiKVPress(routing=make("adaptive_masked"))

@@ -55,7 +55,7 @@ KVPRESS_SCORERS: dict[str, type[ScorerPress]] = {
 }
 SCORERS = ("attention", "learned", *KVPRESS_SCORERS)
 LAYER_BUDGETS = ("auto", "uniform", "learned")
-HEAD_BUDGETS = ("uniform", "adaptive")
+HEAD_BUDGETS = ("uniform", "adaptive", "adaptive_masked")
 
 
 @dataclass(frozen=True)
@@ -161,7 +161,7 @@ class ExpertRoutingPress(FinishesOnExit, ScorerPress):
         ``"learned"``: the same total, split across layers the way KVzip's global budget splits it
         on the router's training data (stored with the learned router weights). ``"auto"``: learned
         when the press uses a learned router whose weights carry that table, else uniform.
-    head_budget : {"uniform", "adaptive"}
+    head_budget : {"uniform", "adaptive", "adaptive_masked"}
         ``"uniform"``: every KV head of a layer keeps the same number of tokens, and the cache shrinks by
         exactly that. ``"adaptive"``: the layer's budget (heads x tokens per head) goes to the highest
         token scores across its heads (AdaKV's and KVzip's head-wise split; each head keeps at least
@@ -169,9 +169,13 @@ class ExpertRoutingPress(FinishesOnExit, ScorerPress):
         head's share. A layer's cache is as long as its largest head's share (a cache holds the same
         length for every head), and heads with a smaller share fill that length with their next-best
         tokens: nothing is masked, and the bytes kept are those of the largest share, more than the
-        ratio says (read them from the cache).
+        ratio says (read them from the cache). ``"adaptive_masked"``: the same shares, each head keeping exactly its
+        own: the cache keeps every token and the others are masked, head by head, as kvpress's ``AdaKVPress`` does
+        (``module.masked_key_indices``, no memory freed); ``RaggedPress(ExpertRoutingPress(...,
+        head_budget="adaptive_masked"))`` holds each head's share and nothing else. Not for ``PiKVPress``.
     head_floor : float
-        ``head_budget="adaptive"`` only: fraction of the per-head budget every head keeps, in [0, 1].
+        ``head_budget="adaptive"`` / ``"adaptive_masked"`` only: fraction of the per-head budget every head keeps, in
+        [0, 1].
 
     Examples
     --------
@@ -347,6 +351,9 @@ class ExpertRoutingPress(FinishesOnExit, ScorerPress):
         if self.compression_ratio == 0 or self.layer_kept(idx, keys.shape[2]) >= keys.shape[2]:
             return keys, values  # nothing to remove (a context as short as the budget): keep what there is
         selection = self._select(module, hidden_states, keys, values, attentions, kwargs)
+        if self.head_budget == "adaptive_masked":  # kvpress's head-wise protocol: every token stays, the rest masked
+            module.masked_key_indices = (~selection.chosen).nonzero(as_tuple=True)
+            return keys, values
         indices = kept_indices(selection.chosen, selection.head_kept, selection.scores, selection.routing.num_experts)
         # what was kept, for the presses composed with this one (a scheduler's prior, a sharded cache's placement)
         experts = selection.routing.assignment.masked_fill(selection.protected, -1).gather(-1, indices)

@@ -114,6 +114,11 @@ class PiKVPress(FinishesOnExit, BasePress):
         if self.routing is None and ratio:  # a ratio alone: the default routing press removes that share
             self.routing = ExpertRoutingPress(compression_ratio=ratio)
         if self.routing is not None:
+            if self.routing.head_budget == "adaptive_masked":
+                raise ValueError(
+                    "PiKVPress stores the tokens its routing press keeps; head_budget='adaptive_masked' keeps every "
+                    "token and masks the rest: use head_budget='adaptive'"
+                )
             if ratio is not None and ratio != self.routing.compression_ratio:
                 raise ValueError(
                     f"compression_ratio={ratio} differs from the routing press's {self.routing.compression_ratio}"
