@@ -30,7 +30,7 @@ from kvpress import (
 )
 from kvpress.utils import compute_n_kept
 
-from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, PiKVPress, QuantizationPress
+from pikvpress import AdaptiveSchedulingPress, ExpertRoutingPress, PiKVPress, QuantizationPress, RaggedPress
 from pikvpress.routing import LearnedRouter, RouterSpec
 from pikvpress.routing.learned import SHIPPED_DIR
 
@@ -74,6 +74,9 @@ class PressCase:
         Same input, same kept set (RandomPress with a seed is; batch composition may still change it).
     bad_kwargs : list of dict
         Constructor arguments that must be rejected.
+    ragged : bool
+        The press holds each head's kept tokens as a :class:`~pikvpress.cache.RaggedKVLayer` (``RaggedPress``): seen
+        from outside, lengths stay ``k_len`` as for a masking press, and the heads hold the masked press's kept tokens.
     lossless : bool
         Decoding from the compressed cache is exact (pruning presses). Lossy presses (quantization)
         are instead held to decoding that equals dense attention over their dequantized cache.
@@ -87,6 +90,7 @@ class PressCase:
     kept: Callable = uniform_kept
     attn_implementation: str | None = None
     masks_instead_of_pruning: bool = False
+    ragged: bool = False
     eager_ok: bool = True
     deterministic: bool = True
     bad_kwargs: list[dict] = field(default_factory=list)
@@ -149,6 +153,13 @@ PRESS_CASES: list[PressCase] = [
         "adakv_expected_attention",
         lambda r: AdaKVPress(ExpectedAttentionPress(r, n_sink=2)),
         masks_instead_of_pruning=True,
+        eager_ok=False,
+    ),
+    PressCase(  # the same AdaKV choice held as ragged layers (issue 19)
+        "ragged_adakv_expected_attention",
+        lambda r: RaggedPress(AdaKVPress(ExpectedAttentionPress(r, n_sink=2))),
+        masks_instead_of_pruning=True,
+        ragged=True,
         eager_ok=False,
     ),
     PressCase(

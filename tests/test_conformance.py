@@ -10,6 +10,7 @@ from conftest import dequantized_copy, get_tiny_model
 from default_presses import PRESS_CASES, PressCase
 from transformers import DynamicCache, pipeline
 
+from pikvpress.cache import RaggedKVLayer
 from pikvpress.models import TINY_FAMILIES, get_adapter
 
 CONTEXT_LEN = 40
@@ -69,7 +70,12 @@ def test_prefill_leaves_expected_lengths(case: PressCase, family: str):
         kept = CONTEXT_LEN if case.masks_instead_of_pruning else case.kept(press, layer.attention, CONTEXT_LEN, RATIO)
         assert stored.keys.shape == (1, layer.num_kv_heads, kept, layer.key_dim)
         assert stored.values.shape == (1, layer.num_kv_heads, kept, layer.value_dim)
-        if case.masks_instead_of_pruning:
+        if case.ragged:  # the heads hold AdaKV's kept tokens and nothing else; no mask is left on the module
+            assert isinstance(stored, RaggedKVLayer)
+            assert layer.attention.masked_key_indices is None
+            assert int(stored.head_lengths.sum()) == layer.num_kv_heads * int(CONTEXT_LEN * (1 - RATIO))
+            assert bool((stored.head_lengths > 0).all())
+        elif case.masks_instead_of_pruning:
             _batch_idx, head_idx, _seq_idx = layer.attention.masked_key_indices
             masked_per_head = torch.bincount(head_idx, minlength=layer.num_kv_heads)
             assert int(masked_per_head.sum()) == layer.num_kv_heads * (CONTEXT_LEN - int(CONTEXT_LEN * (1 - RATIO)))

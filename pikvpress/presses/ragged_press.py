@@ -124,8 +124,10 @@ def _store_ragged(module: nn.Module, cache: Any) -> None:
     masked = getattr(module, "masked_key_indices", None)
     if masked is None or module.layer_idx >= len(cache.layers):
         return
-    module.masked_key_indices = None  # the ragged layer drops these tokens; nothing is left on the module
     layer = cache.layers[module.layer_idx]
+    if getattr(layer, "is_sliding", False):  # a window layer keeps its own tokens; the press's mask stays (kvpress's)
+        return
+    module.masked_key_indices = None  # the ragged layer drops these tokens; nothing is left on the module
     if isinstance(layer, PiKVCacheLayer):
         raise TypeError(
             f"RaggedPress wraps a press that leaves a dense layer; layer {module.layer_idx} holds a "
