@@ -241,3 +241,38 @@ def test_rows_of_ragged_layers_read_as_one_stack_as_each_alone():
     assert stack_groups(rows, q.device) == [[0, 1, 2]]
     stacked = stacked_rows_attention(q, rows, tails, 0.25)
     torch.testing.assert_close(stacked, torch.cat(alone), atol=1e-6, rtol=1e-5)
+
+
+def test_evict_keeps_each_heads_best_held_tokens_and_compacts_the_positions():
+    keys, values, keep, g = _inputs()
+    layer = RaggedKVLayer.from_kept(keys, values, keep)
+    layer.append(torch.randn(2, 2, 3, 16, generator=g), torch.randn(2, 2, 3, 8, generator=g))
+    dense_k, held = layer.keys.dequantize(), layer.dense_keep()
+    n = layer.get_seq_length()
+    order = torch.rand(2, 2, n, generator=g).argsort(-1)
+    budget = 5
+    columns = layer.evict(order, budget)
+    # brute force: each head's first `budget` held positions in its order
+    expected = torch.zeros_like(held)
+    for b in range(2):
+        for h in range(2):
+            mine = [int(p) for p in order[b, h] if held[b, h, p]][:budget]
+            expected[b, h, mine] = True
+    assert layer.head_lengths.tolist() == expected.sum(-1).tolist()
+    assert int(layer.head_lengths.max()) <= budget
+    assert torch.equal(columns[0, 0], expected.reshape(-1, n).any(0).nonzero().squeeze(-1))
+    assert layer.get_seq_length() == columns.shape[-1] and layer.tail_length == 0
+    assert torch.equal(layer.dense_keep(), expected[..., columns[0, 0]])
+    torch.testing.assert_close(layer.keys.dequantize(), (dense_k * expected[..., None])[:, :, columns[0, 0]])
+
+
+def test_step_probabilities_over_a_ragged_layer_skip_the_dropped_tokens():
+    from pikvpress.scheduling.attention import layer_step_probs
+
+    keys, values, keep, g = _inputs()
+    layer = RaggedKVLayer.from_kept(keys, values, keep)
+    layer.append(torch.randn(2, 2, 2, 16, generator=g), torch.randn(2, 2, 2, 8, generator=g))
+    probs = layer_step_probs(layer, torch.randn(2, 4, 2, 16, generator=g), 24)  # (B, H, 2 steps, 26)
+    held = layer.dense_keep()
+    assert (probs.masked_select(~held[:, :, None, :]) == 0).all()
+    torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 2))

@@ -206,3 +206,31 @@ def test_routing_heads_held_ragged_keep_each_heads_own_share():
     assert cache_nbytes(caches["ragged"]) < cache_nbytes(caches["filled"]) < cache_nbytes(caches["masked"])
     with pytest.raises(ValueError, match="adaptive_masked"):
         PiKVPress(routing=make("adaptive_masked"))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
+def test_the_scheduler_evicts_per_head_from_ragged_layers(family):
+    """AdaKV's head-wise choice held ragged at the prefill, then AdaptiveSchedulingPress while decoding: every head
+    keeps at most ``budget + interval`` of the tokens it holds, the layers stay ragged, and the steps' statistics
+    count only held tokens."""
+    from kvpress import PrefillDecodingPress
+
+    from pikvpress import AdaptiveSchedulingPress
+
+    model = get_tiny_model(family, attn_implementation="sdpa")
+    budget, interval = 12, 2
+    press = PrefillDecodingPress(
+        prefilling_press=RaggedPress(AdaKVPress(SnapKVPress(0.5, window_size=8))),
+        decoding_press=AdaptiveSchedulingPress(budget=budget, interval=interval, sink_tokens=2, recent_window=2),
+    )
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad(), press(model):
+        out = model.generate(_ids(CONTEXT, 0), max_new_tokens=10, do_sample=False, past_key_values=cache)
+    assert out.shape[1] > CONTEXT
+    full = [layer for layer in get_adapter(model).layers if not layer.is_sliding]
+    for adapter in full:
+        layer = cache.layers[adapter.layer_idx]
+        assert isinstance(layer, RaggedKVLayer)
+        lengths = layer.head_lengths + layer.tail_length
+        assert int(lengths.max()) <= budget + interval
+    assert all(adapter.attention.masked_key_indices is None for adapter in full)

@@ -267,10 +267,24 @@ class RaggedKVLayer(PiKVCacheLayer):
         self.tail_values = fn(self.tail_values)
 
     def evict(self, order: torch.Tensor, budget: int) -> torch.Tensor:
-        raise NotImplementedError(
-            "evicting from a RaggedKVLayer by one budget per head is not supported yet; its heads hold different "
-            "numbers of tokens"
-        )
+        """Keep, in every (batch row, KV head), the first ``budget`` of the tokens it holds in ``order`` ``(B, H, N)``
+        (positions of the layer's sequence, best first; a head holding fewer keeps them all); the tail joins the body.
+
+        The layer's sequence is then cut to the positions some head still holds, returned as ``(B, H, K)``
+        (increasing, the same for every head: a head may hold none of some of them), so that a caller's per-position
+        statistics are compacted with it.
+        """
+        n = self.get_seq_length()
+        held = self.dense_keep()
+        held_in_order = held.gather(-1, order)
+        chosen = held_in_order & (held_in_order.cumsum(-1) <= budget)
+        keep = torch.zeros_like(held).scatter_(-1, order, chosen)
+        columns = keep.reshape(-1, n).any(0).nonzero().squeeze(-1)  # positions some head still holds
+        keys = self._dense("keys").index_select(2, columns.to(self.device))
+        values = self._dense("values").index_select(2, columns.to(self.device))
+        built = self.from_kept(keys, values, keep.index_select(2, columns), config=self.config)
+        self.__dict__.update(built.__dict__)
+        return columns.view(1, 1, -1).expand(self.batch, self.kv_heads, -1)
 
     def reset(self) -> None:
         """Drop every token (the layer stays initialised, with its dtype, device and shape)."""

@@ -52,7 +52,11 @@ _CHUNK_ELEMENTS = 1 << 25
 
 
 def step_probs(
-    queries: torch.Tensor, keys: torch.Tensor, start: int, sinks: torch.Tensor | None = None
+    queries: torch.Tensor,
+    keys: torch.Tensor,
+    start: int,
+    sinks: torch.Tensor | None = None,
+    keep: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """``(B, H, n, start + n)`` float32 attention of ``n`` decode steps, averaged over each KV head's queries.
 
@@ -67,6 +71,9 @@ def step_probs(
         Tokens cached before the first of the steps.
     sinks : torch.Tensor, optional
         ``(Hq,)`` attention-sink logits (GPT-OSS), counted in the softmax denominator.
+    keep : torch.Tensor, optional
+        ``(B, H, start + n)`` bool: False for a position the KV head does not hold (a ragged layer's dropped
+        tokens), which gets no attention.
     """
     b, h, t, _ = keys.shape
     hq, n = queries.shape[1], queries.shape[2]
@@ -80,6 +87,8 @@ def step_probs(
         m = chunk.shape[2]
         visible = start + first + torch.arange(m, device=keys.device)  # last key each step saw
         logits = _logits(chunk, keys, torch.arange(t, device=keys.device), visible, groups)
+        if keep is not None:
+            logits = logits.masked_fill_(~keep.to(keys.device)[:, :, None, None, :], float("-inf"))
         if sinks is not None:
             sink = sinks.float().view(1, h, groups, 1, 1).expand(b, h, groups, m, 1)
             probs = F.softmax(torch.cat([logits, sink], dim=-1), dim=-1)[..., :-1]
@@ -163,7 +172,10 @@ def _logits(
 
 def layer_step_probs(layer: Any, queries: torch.Tensor, start: int, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """:func:`step_probs` of ``n`` steps over the first ``start + n`` tokens of any cache layer: where a sharded layer
-    keeps them (:func:`sharded_step_probs`), else over its keys (a packed layer's dequantized)."""
+    keeps them (:func:`sharded_step_probs`), else over its keys (a packed layer's dequantized; a ragged layer's view,
+    each head over the tokens it holds)."""
     if getattr(layer, "has_shards", False):
         return sharded_step_probs(layer, queries, start, sinks)
-    return step_probs(queries, dense(layer.keys)[:, :, : start + queries.shape[2]], start, sinks)
+    end = start + queries.shape[2]
+    keep = layer.dense_keep()[:, :, :end] if hasattr(layer, "dense_keep") else None
+    return step_probs(queries, dense(layer.keys)[:, :, :end], start, sinks, keep)
