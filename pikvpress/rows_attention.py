@@ -171,8 +171,8 @@ def _ragged_rows(
     """``(B, Hq, 1, Dv)`` float32: :func:`~pikvpress.ragged_attention.ragged_layer_attention` of each row, stacked.
     The rows' bodies are already flat, head after head: concatenated, with their offsets chained, they are one ragged
     batch of ``B * Hkv`` heads."""
-    keys = torch.cat([r.body_keys for r in rows])
-    values = torch.cat([r.body_values for r in rows])
+    keys = torch.cat([r.flat("keys") for r in rows])
+    values = torch.cat([r.flat("values") for r in rows])
     offsets = ragged_offsets(torch.cat([ragged_lengths(r.offsets) for r in rows]))
     out_b, lse_b = ragged_attention_partial(query, keys, values, offsets, scale)
     keep = _within(tail_lengths, query.device)[:, None, None, :]

@@ -276,3 +276,50 @@ def test_step_probabilities_over_a_ragged_layer_skip_the_dropped_tokens():
     held = layer.dense_keep()
     assert (probs.masked_select(~held[:, :, None, :]) == 0).all()
     torch.testing.assert_close(probs.sum(-1), torch.ones(2, 2, 2))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_a_packed_body_holds_codes_and_reads_as_its_dequantized_tokens(bits):
+    from pikvpress.kernels.quantize import dequantize, quantize_values
+
+    keys, values, keep, g = _inputs()
+    packing = {"bits": bits, "group_size": 8, "stats_dtype": torch.float16}
+    layer = RaggedKVLayer.from_kept(keys, values, keep, packing=packing)
+    n = int(keep.sum())
+    codes = n * (16 + 8) * bits // 8
+    stats = n * (16 // 8 + 8 // 8) * 2 * 2  # a scale and a zero point (float16) per token and channel group
+    assert layer.nbytes == codes + stats + (2 * 2 + 1) * 8 + n * 2
+    dq_keys = dequantize(quantize_values(keys[keep].view(1, 1, n, 16), bits, 8, torch.float16), torch.float32)
+    expected_keys = torch.zeros_like(keys)
+    expected_keys[keep] = dq_keys.view(n, 16)
+    torch.testing.assert_close(layer.keys.dequantize(), expected_keys)
+    # attention is exact over the dequantized kept tokens
+    tail_k, tail_v = torch.randn(2, 2, 2, 16, generator=g), torch.randn(2, 2, 2, 8, generator=g)
+    layer.append(tail_k, tail_v)
+    q = torch.randn(2, 4, 2, 16, generator=g)
+    out = ragged_layer_attention(torch.nn.Module(), q, tail_k, tail_v, None, layer, 0.25)
+    dense_k, dense_v = layer.keys.dequantize()[:, :, :24], layer.values.dequantize()[:, :, :24]
+    expected = _dense_over_kept(q, dense_k, dense_v, keep, 0.25, tail_k, tail_v, causal=True)
+    torch.testing.assert_close(out.transpose(1, 2).double(), expected, atol=1e-5, rtol=1e-5)
+    # crops, rows and evictions keep the codes of the tokens they keep
+    before = layer.keys.dequantize()
+    layer.batch_select_indices(torch.tensor([1]))
+    torch.testing.assert_close(layer.keys.dequantize(), before[[1]])
+    layer.crop(10)
+    torch.testing.assert_close(layer.keys.dequantize(), before[[1], :, :10])
+    kept = layer.evict(torch.arange(10).flip(0).expand(1, 2, 10), 3)
+    assert int(layer.head_lengths.max()) <= 3 and layer.packing == packing
+    expected = before[[1], :, :10][:, :, kept[0, 0]] * layer.dense_keep()[..., None]
+    torch.testing.assert_close(layer.keys.dequantize(), expected)  # requantized on the same per-token grid
+
+
+def test_bad_packing_is_named():
+    keys, values, keep, _ = _inputs()
+    for packing, match in [
+        ({"bits": 3, "group_size": 8, "stats_dtype": torch.float16}, "bits"),
+        ({"bits": 4, "group_size": 6, "stats_dtype": torch.float16}, "group_size"),
+        ({"bits": 4, "group_size": 8, "stats_dtype": torch.float32}, "stats_dtype"),
+        ({"bits": 4}, "keys"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            RaggedKVLayer.from_kept(keys, values, keep, packing=packing)

@@ -234,3 +234,25 @@ def test_the_scheduler_evicts_per_head_from_ragged_layers(family):
         lengths = layer.head_lengths + layer.tail_length
         assert int(lengths.max()) <= budget + interval
     assert all(adapter.attention.masked_key_indices is None for adapter in full)
+
+
+def test_ragged_press_packs_the_kept_tokens():
+    """RaggedPress(..., compression=QuantizationPress(layout="per_token")): the kept tokens packed per token; the
+    answer follows the unpacked ragged cache closely at int8; the KIVI layout is refused."""
+    from pikvpress import QuantizationPress
+
+    model = get_tiny_model("llama", attn_implementation="sdpa")
+
+    def ragged(compression=None):
+        return RaggedPress(AdaKVPress(SnapKVPress(0.5, window_size=8)), compression=compression)
+
+    plain_logits, _, plain_held, _ = _run(model, ragged())
+    int8 = QuantizationPress(bits=8, layout="per_token")
+    packed_logits, _, packed_held, cache = _run(model, ragged(int8))
+    assert all(layer.packing is not None and layer.packing["bits"] == 8 for layer in cache.layers)
+    assert packed_held < 0.6 * plain_held  # 1 byte a channel plus stats, against 4 (float32)
+    torch.testing.assert_close(packed_logits, plain_logits, atol=0.05, rtol=0.05)
+    with pytest.raises(ValueError, match="per_token"):
+        ragged(QuantizationPress(bits=4))
+    with pytest.raises(TypeError, match="QuantizationPress"):
+        ragged("int4")

@@ -4,7 +4,8 @@ Head-wise presses (AdaKV, CriticalAdaKV, KVzip's head-wise mode, head-wise routi
 in each KV head. kvpress keeps the cache full size and masks the others (``masked_key_indices``); this layer holds the
 kept tokens and nothing else::
 
-    body: keys (N, Dk), values (N, Dv)  the kept tokens of all heads, flat, head after head (batch row, KV head)
+    body: keys (N, Dk), values (N, Dv)  the kept tokens of all heads, flat, head after head (batch row, KV head);
+                                        dense, or packed (int8/int4/int2, each token's channels in groups)
           offsets (B * Hkv + 1,) int64  where each head starts (FlashAttention's cu_seqlens)
           positions (N,) int16 | int32  each kept token's index in the sequence it was kept from
     tail: keys (B, Hkv, T, Dk), values  the tokens appended after compression (the question, the answer), dense
@@ -28,6 +29,7 @@ import torch
 
 from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.view import KVView
+from pikvpress.kernels.quantize import ALLOWED_BITS, ALLOWED_STATS_DTYPES, QuantizedTensor, dequantize, quantize_values
 from pikvpress.kernels.ragged_reference import ragged_lengths, ragged_offsets, ragged_rows
 
 
@@ -53,20 +55,27 @@ class RaggedKVLayer(PiKVCacheLayer):
     config : transformers.PretrainedConfig, optional
         The model config: ``update`` hands attention the tail tagged with this layer when the model's attention
         implementation reads pikvpress's layers, and refuses any other.
+    packing : dict, optional
+        ``{"bits", "group_size", "stats_dtype"}``: the body is packed, keys and values each token over groups of
+        ``group_size`` channels (:class:`~pikvpress.QuantizationPress`'s ``"per_token"`` layout; KIVI's groups of
+        tokens would straddle heads). None: the body is dense. The tail is always dense.
 
     Build one with :meth:`from_kept` (a dense layer and which tokens each head keeps).
     """
 
-    def __init__(self, config: Any = None):
+    def __init__(self, config: Any = None, packing: dict[str, Any] | None = None):
+        if packing is not None:
+            check_ragged_packing(packing)
         self.config = config
+        self.packing = None if packing is None else dict(packing)
         self.is_initialized = False
         self.dtype: torch.dtype = torch.float32
         self.device: torch.device = torch.device("cpu")
         self.batch = 0
         self.kv_heads = 0
         self.body_length = 0
-        self.body_keys: torch.Tensor | None = None
-        self.body_values: torch.Tensor | None = None
+        self.body_keys: torch.Tensor | QuantizedTensor | None = None
+        self.body_values: torch.Tensor | QuantizedTensor | None = None
         self.offsets: torch.Tensor | None = None
         self.positions: torch.Tensor | None = None
         self.tail_keys: torch.Tensor | None = None
@@ -77,7 +86,12 @@ class RaggedKVLayer(PiKVCacheLayer):
     # ----------------------------------------------------------------------------------------------
     @classmethod
     def from_kept(
-        cls, keys: torch.Tensor, values: torch.Tensor, keep: torch.Tensor, config: Any = None
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        keep: torch.Tensor,
+        config: Any = None,
+        packing: dict[str, Any] | None = None,
     ) -> RaggedKVLayer:
         """A layer holding the tokens of ``keys`` ``(B, Hkv, T, Dk)`` and ``values`` ``(B, Hkv, T, Dv)`` where
         ``keep`` ``(B, Hkv, T)`` (bool) is True, each head's in sequence order; the body spans the ``T`` positions.
@@ -93,13 +107,14 @@ class RaggedKVLayer(PiKVCacheLayer):
             raise ValueError(
                 f"keep must be a bool tensor of shape {tuple(keys.shape[:3])}, got {keep.dtype} {tuple(keep.shape)}"
             )
-        layer = cls(config=config)
+        layer = cls(config=config, packing=packing)
         b, h, t, dk = keys.shape
         keep = keep.to(keys.device)
         layer.dtype, layer.device = keys.dtype, keys.device
         layer.batch, layer.kv_heads, layer.body_length = b, h, t
-        layer.body_keys = keys[keep]  # (N, Dk): boolean indexing walks (b, h, t) row-major, so head after head
-        layer.body_values = values[keep]
+        # (N, D): boolean indexing walks (b, h, t) row-major, so head after head
+        layer.body_keys = layer._store(keys[keep])
+        layer.body_values = layer._store(values[keep])
         layer.offsets = ragged_offsets(keep.sum(-1))
         layer.positions = keep.nonzero()[:, 2].to(position_dtype(t))
         layer.tail_keys = keys.new_empty((b, h, 0, dk))
@@ -109,7 +124,13 @@ class RaggedKVLayer(PiKVCacheLayer):
 
     @classmethod
     def from_indices(
-        cls, keys: torch.Tensor, values: torch.Tensor, indices: torch.Tensor, counts: torch.Tensor, config: Any = None
+        cls,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        indices: torch.Tensor,
+        counts: torch.Tensor,
+        config: Any = None,
+        packing: dict[str, Any] | None = None,
     ) -> RaggedKVLayer:
         """A layer keeping, in head ``(b, h)``, the first ``counts[b, h]`` of ``indices[b, h]`` ``(B, Hkv, K)``
         (sequence indices, distinct within a head, any order)."""
@@ -118,13 +139,53 @@ class RaggedKVLayer(PiKVCacheLayer):
         chosen = torch.arange(k, device=indices.device) < counts[..., None].to(indices.device)
         keep = torch.zeros((b, h, t), dtype=torch.bool, device=keys.device)
         keep.scatter_(2, indices.to(keys.device, torch.int64), chosen.to(keys.device))
-        return cls.from_kept(keys, values, keep, config=config)
+        return cls.from_kept(keys, values, keep, config=config, packing=packing)
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         b, h = key_states.shape[:2]
         empty = torch.zeros((b, h, 0), dtype=torch.bool, device=key_states.device)
-        built = self.from_kept(key_states[:, :, :0], value_states[:, :, :0], empty, config=self.config)
+        built = self.from_kept(
+            key_states[:, :, :0], value_states[:, :, :0], empty, config=self.config, packing=self.packing
+        )
         self.__dict__.update(built.__dict__)
+
+    # ----------------------------------------------------------------------------------------------
+    # the body's storage: dense rows, or packed ones
+    # ----------------------------------------------------------------------------------------------
+    def _store(self, flat: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """Flat tokens ``(N, D)`` as the body stores them."""
+        if self.packing is None:
+            return flat
+        p = self.packing
+        return quantize_values(flat.reshape(1, 1, *flat.shape), p["bits"], p["group_size"], p["stats_dtype"])
+
+    def flat(self, which: str) -> torch.Tensor:
+        """The body's ``"keys"`` or ``"values"`` as dense flat rows ``(N, D)`` (a packed body dequantized)."""
+        body = self.body_keys if which == "keys" else self.body_values
+        if isinstance(body, QuantizedTensor):
+            return dequantize(body, self.dtype).view(body.shape[2], body.shape[3])
+        return body
+
+    @staticmethod
+    def _rows(body: torch.Tensor | QuantizedTensor, rows: torch.Tensor) -> torch.Tensor | QuantizedTensor:
+        """The body's flat rows ``rows`` (indices or a bool mask), in the same storage."""
+        if not isinstance(body, QuantizedTensor):
+            return body[rows.to(body.device)]
+        rows = rows.to(body.packed.device)
+        packed, scale, zero = (t[:, :, rows] for t in (body.packed, body.scale, body.zero))
+        shape = (1, 1, packed.shape[2], body.shape[3])
+        return QuantizedTensor(packed, scale, zero, body.bits, body.group_size, body.layout, shape)
+
+    def _select_rows(self, rows: torch.Tensor) -> None:
+        self.body_keys = self._rows(self.body_keys, rows)
+        self.body_values = self._rows(self.body_values, rows)
+        self.positions = self.positions[rows.to(self.positions.device)]
+
+    @staticmethod
+    def _body_nbytes(body: torch.Tensor | QuantizedTensor | None) -> int:
+        if body is None:
+            return 0
+        return body.nbytes if isinstance(body, QuantizedTensor) else body.numel() * body.element_size()
 
     # ----------------------------------------------------------------------------------------------
     # lengths and bytes
@@ -144,9 +205,11 @@ class RaggedKVLayer(PiKVCacheLayer):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held: the kept tokens' keys and values, their offsets and positions, and the tail."""
-        tensors = (self.body_keys, self.body_values, self.offsets, self.positions, self.tail_keys, self.tail_values)
-        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        """Bytes held: the kept tokens' keys and values (codes, scales and zeros when packed), their offsets and
+        positions, and the tail."""
+        tensors = (self.offsets, self.positions, self.tail_keys, self.tail_values)
+        held = sum(t.numel() * t.element_size() for t in tensors if t is not None)
+        return held + self._body_nbytes(self.body_keys) + self._body_nbytes(self.body_values)
 
     # ----------------------------------------------------------------------------------------------
     # keys / values as views of the masked sequence
@@ -157,14 +220,14 @@ class RaggedKVLayer(PiKVCacheLayer):
         return torch.repeat_interleave(heads, ragged_lengths(self.offsets), output_size=self.positions.shape[0])
 
     def _dense_shape(self, which: str) -> tuple[int, int, int, int]:
-        body = self.body_keys if which == "keys" else self.body_values
-        if body is None:
+        tail = self.tail_keys if which == "keys" else self.tail_values
+        if tail is None:
             return (0, 0, 0, 0)
-        return (self.batch, self.kv_heads, self.get_seq_length(), body.shape[-1])
+        return (self.batch, self.kv_heads, self.get_seq_length(), tail.shape[-1])
 
     def _dense(self, which: str) -> torch.Tensor:
         """The body scattered to its positions (zeros where a head dropped the token), then the tail."""
-        body = self.body_keys if which == "keys" else self.body_values
+        body = self.flat(which)
         tail = self.tail_keys if which == "keys" else self.tail_values
         rows = self.batch * self.kv_heads
         out = body.new_zeros((rows * self.body_length, body.shape[-1]))
@@ -245,9 +308,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         heads = self._head_of_token()
         counts = torch.zeros(self.batch * self.kv_heads, dtype=torch.int64, device=self.offsets.device)
         counts.index_add_(0, heads[kept.to(heads.device)], torch.ones_like(heads[kept.to(heads.device)]))
-        self.body_keys = self.body_keys[kept.to(self.body_keys.device)]
-        self.body_values = self.body_values[kept.to(self.body_values.device)]
-        self.positions = self.positions[kept]
+        self._select_rows(kept)
         self.offsets = ragged_offsets(counts)
         self.body_length = max_length
         self.tail_keys = self.tail_keys[:, :, :0].clone()
@@ -257,10 +318,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         """Apply a batch-axis operation (select, repeat, reorder rows) to the tail and, head by head, to the body."""
         rows = fn(torch.arange(self.batch, device=self.offsets.device))
         heads = (rows[:, None] * self.kv_heads + torch.arange(self.kv_heads, device=rows.device)).reshape(-1)
-        flat = ragged_rows(self.offsets, heads)
-        self.body_keys = self.body_keys[flat.to(self.body_keys.device)]
-        self.body_values = self.body_values[flat.to(self.body_values.device)]
-        self.positions = self.positions[flat.to(self.positions.device)]
+        self._select_rows(ragged_rows(self.offsets, heads))
         self.offsets = ragged_offsets(ragged_lengths(self.offsets)[heads])
         self.batch = int(rows.shape[0])
         self.tail_keys = fn(self.tail_keys)
@@ -282,7 +340,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         columns = keep.reshape(-1, n).any(0).nonzero().squeeze(-1)  # positions some head still holds
         keys = self._dense("keys").index_select(2, columns.to(self.device))
         values = self._dense("values").index_select(2, columns.to(self.device))
-        built = self.from_kept(keys, values, keep.index_select(2, columns), config=self.config)
+        built = self.from_kept(keys, values, keep.index_select(2, columns), config=self.config, packing=self.packing)
         self.__dict__.update(built.__dict__)
         return columns.view(1, 1, -1).expand(self.batch, self.kv_heads, -1)
 
@@ -290,9 +348,7 @@ class RaggedKVLayer(PiKVCacheLayer):
         """Drop every token (the layer stays initialised, with its dtype, device and shape)."""
         if self.body_keys is None:
             return
-        self.body_keys = self.body_keys[:0].clone()
-        self.body_values = self.body_values[:0].clone()
-        self.positions = self.positions[:0].clone()
+        self._select_rows(torch.zeros(0, dtype=torch.int64))
         self.offsets = torch.zeros_like(self.offsets)
         self.body_length = 0
         self.tail_keys = self.tail_keys[:, :, :0].clone()
@@ -300,7 +356,21 @@ class RaggedKVLayer(PiKVCacheLayer):
 
     def __repr__(self) -> str:
         held = int(self.positions.shape[0]) if self.positions is not None else 0
+        packed = "" if self.packing is None else f", int{self.packing['bits']}"
         return (
             f"RaggedKVLayer(batch={self.batch}, kv_heads={self.kv_heads}, body={self.body_length} positions, "
-            f"{held} kept, tail={self.tail_length}, nbytes={self.nbytes})"
+            f"{held} kept{packed}, tail={self.tail_length}, nbytes={self.nbytes})"
         )
+
+
+def check_ragged_packing(packing: dict[str, Any]) -> None:
+    """Validate a ragged body's packing; raise ``ValueError`` naming the key and the allowed values."""
+    if set(packing) != {"bits", "group_size", "stats_dtype"}:
+        raise ValueError(f"packing must have the keys bits, group_size and stats_dtype, got {sorted(packing)}")
+    bits, group, stats = packing["bits"], packing["group_size"], packing["stats_dtype"]
+    if isinstance(bits, bool) or bits not in ALLOWED_BITS:
+        raise ValueError(f"packing bits must be one of {ALLOWED_BITS}, got {bits!r}")
+    if isinstance(group, bool) or not isinstance(group, int) or group < 1 or group & (group - 1):
+        raise ValueError(f"packing group_size must be a positive power of two, got {group!r}")
+    if stats not in ALLOWED_STATS_DTYPES:
+        raise ValueError(f"packing stats_dtype must be one of {ALLOWED_STATS_DTYPES}, got {stats!r}")

@@ -17,6 +17,7 @@ from pikvpress.attention import enable_packed_attention
 from pikvpress.cache.layer_base import PiKVCacheLayer
 from pikvpress.cache.ragged_layer import RaggedKVLayer
 from pikvpress.models.adapter import language_model
+from pikvpress.presses.quantization_press import QuantizationPress
 
 logger = logging.getLogger(__name__)
 
@@ -40,6 +41,10 @@ class RaggedPress(BasePress):
     ----------
     press : BasePress
         The press whose choice is stored, e.g. ``AdaKVPress(SnapKVPress(0.5))``.
+    compression : QuantizationPress, optional
+        Pack the kept tokens (int8 / int4 / int2) in its ``"per_token"`` layout: each token's channels in groups of
+        ``group_size`` with one scale and zero point each (``layout="kivi"`` groups tokens, which would straddle
+        heads, and is refused). None: the kept tokens stay in the model's dtype.
 
     Examples
     --------
@@ -50,10 +55,19 @@ class RaggedPress(BasePress):
     """
 
     press: BasePress
+    compression: QuantizationPress | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.press, BasePress):
             raise TypeError(f"press must be a kvpress BasePress, got {type(self.press).__name__}")
+        if self.compression is not None:
+            if not isinstance(self.compression, QuantizationPress):
+                raise TypeError(f"compression must be a QuantizationPress, got {type(self.compression).__name__}")
+            if self.compression.layout != "per_token":
+                raise ValueError(
+                    "a ragged body packs each token over groups of channels: give "
+                    f"QuantizationPress(layout='per_token'), got layout={self.compression.layout!r}"
+                )
 
     @property
     def compression_ratio(self) -> float:
@@ -94,10 +108,12 @@ class RaggedPress(BasePress):
                 handle.remove()
         for cache in caches:
             for module in modules:
-                _store_ragged(module, cache)
+                _store_ragged(module, cache, self.compression)
 
     def post_init_from_model(self, model: nn.Module) -> None:
         self.press.post_init_from_model(model)
+        if self.compression is not None:
+            self.compression.post_init_from_model(model)  # checks every layer's head dims against its groups
         enable_packed_attention(model)
 
     def forward_hook(self, module: nn.Module, input: list[torch.Tensor], kwargs: dict, output: list):
@@ -106,7 +122,7 @@ class RaggedPress(BasePress):
             return output
         module.masked_key_indices = None  # what the wrapped press marks now, not what an earlier request left
         output = self.press.forward_hook(module, input, kwargs, output)
-        _store_ragged(module, kwargs["past_key_values"])
+        _store_ragged(module, kwargs["past_key_values"], self.compression)
         return output
 
 
@@ -118,9 +134,10 @@ def _attention_modules(model: nn.Module) -> list[nn.Module]:
     return [layer.self_attn for layer in language_model(model).layers]
 
 
-def _store_ragged(module: nn.Module, cache: Any) -> None:
+def _store_ragged(module: nn.Module, cache: Any, compression: QuantizationPress | None = None) -> None:
     """Replace layer ``module.layer_idx`` of ``cache`` by a ragged layer of the tokens its press did not mask
-    (``module.masked_key_indices``), and clear the mask; a layer with no mask is left as it is."""
+    (``module.masked_key_indices``), packed as ``compression`` packs, and clear the mask; a layer with no mask is
+    left as it is."""
     masked = getattr(module, "masked_key_indices", None)
     if masked is None or module.layer_idx >= len(cache.layers):
         return
@@ -137,4 +154,8 @@ def _store_ragged(module: nn.Module, cache: Any) -> None:
     keep = torch.ones(keys.shape[:3], dtype=torch.bool, device=keys.device)
     batch_idx, head_idx, seq_idx = (i.to(keys.device) for i in masked)
     keep[batch_idx, head_idx, seq_idx] = False
-    cache.layers[module.layer_idx] = RaggedKVLayer.from_kept(keys, values, keep, config=module.config)
+    packing = None
+    if compression is not None:
+        packing = compression.packing(keys.shape[-1], values.shape[-1])
+        packing = {name: packing[name] for name in ("bits", "group_size", "stats_dtype")}
+    cache.layers[module.layer_idx] = RaggedKVLayer.from_kept(keys, values, keep, config=module.config, packing=packing)
