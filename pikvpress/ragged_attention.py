@@ -44,7 +44,7 @@ def ragged_layer_attention(
             head = heads % hkv if body_keep.shape[1] > 1 else torch.zeros_like(heads)
             token_keep = body_keep[heads // hkv, head, layer.positions.to(query.device, torch.int64)]
         partials.append(
-            ragged_attention_partial(query, layer.flat("keys"), layer.flat("values"), layer.offsets, scale, token_keep)
+            ragged_attention_partial(query, layer.body_keys, layer.body_values, layer.offsets, scale, token_keep)
         )
     if r > 0:
         partials.append(attention_partial(query, key, value, scale, None if keep is None else keep[..., p:]))

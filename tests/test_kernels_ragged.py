@@ -115,3 +115,34 @@ def test_bad_arguments_are_named():
         R.ragged_attention_split_partials(q, keys[:, :8], values, offsets, 0.3)
     with pytest.raises(ValueError, match="keep"):
         R.ragged_attention_partial(q, keys, values, offsets, 0.3, keep=torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_packed_kernel_matches_the_reference_over_the_dequantized_body(triton_mode, poison, bits, num_splits):
+    """A packed ragged body (per-token codes and stats): the kernel reads the codes; the reference dequantizes."""
+    from pikvpress.kernels.quantize import dequantize, quantize_values
+
+    q, keys, values, offsets, _ = _ragged(2, 2, 4, 2, 32, 16, 37, torch.float32)
+    n = keys.shape[0]
+    kq = quantize_values(keys.view(1, 1, n, 32), bits, 8, torch.float16)
+    vq = quantize_values(values.view(1, 1, n, 16), bits, 8, torch.float16)
+    keep = torch.rand(n) < 0.8
+    out_k, lse_k = R.ragged_attention_split_partials(q, kq, vq, offsets, 0.2, num_splits, keep=keep)
+    assert triton_mode() == 1
+    dk, dv = dequantize(kq, torch.float32).view(n, 32), dequantize(vq, torch.float32).view(n, 16)
+    chunk = R.ragged_chunk(offsets, num_splits)
+    out_r, lse_r = R.ragged_split_partials(q, dk, dv, offsets, 0.2, chunk, num_splits, keep)
+    torch.testing.assert_close(lse_k, lse_r, atol=2e-5, rtol=2e-5)
+    torch.testing.assert_close(out_k, out_r, atol=2e-5, rtol=2e-5)
+    merged, _ = R.ragged_attention_partial(q, kq, vq, offsets, 0.2, keep=keep, num_splits=num_splits)
+    torch.testing.assert_close(merged.double(), _dense(q, dk, dv, offsets, 0.2, keep), atol=2e-5, rtol=2e-5)
+
+
+def test_packed_and_dense_operands_are_not_mixed():
+    from pikvpress.kernels.quantize import quantize_values
+
+    q, keys, values, offsets, _ = _ragged(1, 2, 4, 1, 16, 16, 10, torch.float32)
+    kq = quantize_values(keys.view(1, 1, -1, 16), 4, 8, torch.float16)
+    with pytest.raises(ValueError, match="both be packed"):
+        R.ragged_attention_split_partials(q, kq, values, offsets, 0.3)

@@ -37,7 +37,12 @@ try:  # Triton is optional on CPU-only installs; the references need only torch.
 except ImportError:  # pragma: no cover - exercised only without triton
     tl = None
 
-__all__ = ["HELPERS", "KERNELS", "packed_attention_split_partials_kernel"]
+__all__ = [
+    "HELPERS",
+    "KERNELS",
+    "packed_attention_split_partials_kernel",
+    "ragged_packed_attention_split_partials_kernel",
+]
 
 
 def _unpack_codes(
@@ -223,6 +228,102 @@ def packed_attention_split_partials_kernel(
     tl.store(lse_ptr + qrow * NUM_SPLITS + sp, lse, mask=gmask)
 
 
+def ragged_packed_attention_split_partials_kernel(
+    q_ptr,
+    kp_ptr,
+    ks_ptr,
+    kz_ptr,
+    vp_ptr,
+    vs_ptr,
+    vz_ptr,
+    offsets_ptr,
+    keep_ptr,
+    out_ptr,
+    lse_ptr,
+    sm_scale,
+    D,
+    DV,
+    NBK,
+    NBV,
+    NGK,
+    NGV,
+    CHUNK,
+    NUM_SPLITS,
+    N_TILES,
+    KV_GROUP,
+    ROW_BLOCKS,
+    BITS_K: tl.constexpr,
+    GK: tl.constexpr,
+    BITS_V: tl.constexpr,
+    GV: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_NBK: tl.constexpr,
+    BLOCK_NBV: tl.constexpr,
+):
+    """The ragged split kernel (:mod:`pikvpress.kernels.ragged_triton`, whose addressing it shares) over a packed
+    body: keys and values packed per token (``NBK`` / ``NBV`` bytes and ``NGK`` / ``NGV`` stats per flat row, channel
+    groups ``GK`` / ``GV``), unpacked and dequantized tile by tile in registers as in
+    :func:`packed_attention_split_partials_kernel`. Grid ``(R * ROW_BLOCKS, NUM_SPLITS)``."""
+    pid = tl.program_id(0).to(tl.int64)
+    sp = tl.program_id(1).to(tl.int64)
+    rb = pid % ROW_BLOCKS
+    head = pid // ROW_BLOCKS
+    first = tl.load(offsets_ptr + head).to(tl.int64)
+    last = tl.load(offsets_ptr + head + 1).to(tl.int64)
+    start = first + sp * CHUNK
+    end = tl.minimum(start + CHUNK, last)  # this head's own length bounds the split
+    BLOCK_D: tl.constexpr = BLOCK_NBK * (8 // BITS_K)
+    BLOCK_DV: tl.constexpr = BLOCK_NBV * (8 // BITS_V)
+
+    g = rb * BLOCK_G + tl.arange(0, BLOCK_G)
+    gmask = g < KV_GROUP
+    qrow = head * KV_GROUP + g
+    kcol = tl.arange(0, BLOCK_D)
+    qv = tl.load(q_ptr + qrow[:, None] * D + kcol[None, :], mask=gmask[:, None] & (kcol < D)[None, :], other=0.0)
+    qv = qv.to(tl.float32)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.full([BLOCK_G], 0.0, tl.float32)
+    acc = tl.full([BLOCK_G, BLOCK_DV], 0.0, tl.float32)
+    offs_t = tl.arange(0, BLOCK_T)
+    for i in range(N_TILES):
+        t0 = start + i * BLOCK_T
+        t = t0 + offs_t  # flat rows
+        tmask = t < end
+        if HAS_KEEP:
+            keep = tl.load(keep_ptr + t, mask=tmask, other=0)
+            tmask = tmask & (keep != 0)
+        kcodes = _unpack_codes(kp_ptr, t, tmask, NBK, BITS_K, BLOCK_T, BLOCK_NBK)
+        ks, kz = _load_stats(ks_ptr, kz_ptr, t, tmask, t0, end, 0, D, NGK, GK, True, BLOCK_T, BLOCK_D)
+        kx = kcodes.to(tl.float32) * ks + kz
+        logit = tl.reduce(qv[:, None, :] * kx[None, :, :], 2, tl.standard._sum_combine)
+        logit = tl.where(tmask[None, :], logit * sm_scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.reduce(logit, 1, tl.standard._elementwise_max))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp(m_i - m_safe)
+        p = tl.where(tmask[None, :], tl.exp(logit - m_safe[:, None]), 0.0)
+        l_i = l_i * alpha + tl.reduce(p, 1, tl.standard._sum_combine)
+        vcodes = _unpack_codes(vp_ptr, t, tmask, NBV, BITS_V, BLOCK_T, BLOCK_NBV)
+        vs, vz = _load_stats(vs_ptr, vz_ptr, t, tmask, t0, end, 0, DV, NGV, GV, True, BLOCK_T, BLOCK_DV)
+        vx = vcodes.to(tl.float32) * vs + vz
+        acc = tl.dot(p, vx, acc * alpha[:, None], input_precision="ieee")
+        m_i = m_new
+
+    nonempty = l_i > 0.0
+    l_safe = tl.where(nonempty, l_i, 1.0)
+    o = tl.where(nonempty[:, None], acc / l_safe[:, None], 0.0)
+    lse = tl.where(nonempty, m_i + tl.log(l_safe), float("-inf"))
+    vcol = tl.arange(0, BLOCK_DV)
+    omask = gmask[:, None] & (vcol < DV)[None, :]
+    tl.store(out_ptr + (qrow[:, None] * NUM_SPLITS + sp) * DV + vcol[None, :], o, mask=omask)
+    tl.store(lse_ptr + qrow * NUM_SPLITS + sp, lse, mask=gmask)
+
+
 #: Kernel name -> kernel, and the device helpers they call (jitted with them, see LazyKernels).
-KERNELS = {"packed_attention_split_partials": packed_attention_split_partials_kernel}
+KERNELS = {
+    "packed_attention_split_partials": packed_attention_split_partials_kernel,
+    "ragged_packed_attention_split_partials": ragged_packed_attention_split_partials_kernel,
+}
 HELPERS = (_unpack_codes, _load_stats)
