@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import get_tiny_model
-from kvpress import AdaKVPress, CriticalAdaKVPress, KnormPress, KVzipPress, SnapKVPress
+from kvpress import (
+    AdaKVPress,
+    CriticalAdaKVPress,
+    KnormPress,
+    KVzipPress,
+    PerLayerCompressionPress,
+    PyramidKVPress,
+    SnapKVPress,
+)
 from kvpress.utils import compute_n_kept
 from transformers import DynamicCache, pipeline
 
@@ -256,3 +264,28 @@ def test_ragged_press_packs_the_kept_tokens():
         ragged(QuantizationPress(bits=4))
     with pytest.raises(TypeError, match="QuantizationPress"):
         ragged("int4")
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: PyramidKVPress(0.5, window_size=8),
+        lambda: PerLayerCompressionPress(KnormPress(), compression_ratios=[0.2, 0.5, 0.7, 0.4]),
+        lambda: ExpertRoutingPress(0.5, router="keys", num_experts=4, window_size=8, n_recent=4),
+    ],
+    ids=["pyramidkv", "per_layer_compression", "routing"],
+)
+def test_per_layer_budgets_hold_each_layers_tokens_and_no_more(make):
+    """Per-layer budgets (PyramidKV's schedule, PerLayerCompressionPress, routing's layer budgets) need no ragged
+    layer: each layer is a dense cache of its own length, and the bytes are exactly its kept tokens'."""
+    model = get_tiny_model("llama", attn_implementation="sdpa")
+    cache = DynamicCache(config=model.config)
+    with make()(model):
+        model(_ids(CONTEXT, 0), past_key_values=cache)
+    lengths = [layer.keys.shape[2] for layer in cache.layers]
+    expected = sum(
+        n * adapter.num_kv_heads * (adapter.key_dim + adapter.value_dim) * 4
+        for n, adapter in zip(lengths, get_adapter(model).layers, strict=True)
+    )
+    assert cache_nbytes(cache) == expected
+    assert sum(lengths) < len(lengths) * CONTEXT * 0.9
