@@ -49,7 +49,7 @@ from kvpress import (
 from kvpress.presses.dms_press import DMSPress
 from transformers import PreTrainedModel
 
-from pikvpress.presses import PRESSES, PiKVPress, RaggedPress
+from pikvpress.presses import PRESSES, ExpertRoutingPress, PiKVPress, RaggedPress
 from pikvpress.scheduling import KeptScoresSource
 
 PressFactory = Callable[[float], BasePress]
@@ -212,7 +212,11 @@ RAGGED_OF = (
     "kvzip_layerwise",
 )
 RAGGED: dict[str, PressFactory] = {
-    f"ragged_{name}": (lambda r, name=name: RaggedPress(BASELINES[name](r))) for name in RAGGED_OF
+    **{f"ragged_{name}": (lambda r, name=name: RaggedPress(BASELINES[name](r))) for name in RAGGED_OF},
+    # the leaderboard's routing_heads (ExpertRoutingPress's adaptive head budgets), each head holding its own share
+    "ragged_routing_heads": lambda r: RaggedPress(
+        ExpertRoutingPress(compression_ratio=r, head_budget="adaptive_masked")
+    ),
 }
 
 #: baselines that prune key channels and remove no tokens (ThinK zeroes channels in place: no memory freed)

@@ -178,8 +178,12 @@ def test_the_registrys_ragged_presses_wrap_their_masked_baselines(kvzip_llama):
     from pikvpress_eval.prefill import can_reuse_prefill
     from pikvpress_eval.presses import MASKS_ONLY, RAGGED, build_press, takes_ratio
 
-    assert RAGGED and all(name.removeprefix("ragged_") in MASKS_ONLY for name in RAGGED)
-    for name in RAGGED:
+    baselines = [name for name in RAGGED if name != "ragged_routing_heads"]
+    assert baselines and all(name.removeprefix("ragged_") in MASKS_ONLY for name in baselines)
+    routing = build_press("ragged_routing_heads", 0.25, router="keys")  # fields go to the wrapped press
+    assert isinstance(routing.press, ExpertRoutingPress) and routing.press.head_budget == "adaptive_masked"
+    assert routing.press.router == "keys" and routing.compression_ratio == 0.25
+    for name in baselines:
         press = build_press(name, 0.25)
         masked = build_press(name.removeprefix("ragged_"), 0.25)
         assert isinstance(press, RaggedPress) and type(press.press) is type(masked) and takes_ratio(name)
