@@ -219,6 +219,14 @@ RAGGED: dict[str, PressFactory] = {
     ),
 }
 
+
+def masked_twin(name: str) -> str:
+    """The masked head-wise baseline a ragged press wraps (``ragged_adakv_snapkv`` -> ``adakv_snapkv``); any other
+    name, itself."""
+    twin = name.removeprefix("ragged_")
+    return twin if name in RAGGED and twin in BASELINES else name
+
+
 #: baselines that prune key channels and remove no tokens (ThinK zeroes channels in place: no memory freed)
 CHANNEL_PRUNING = frozenset({"think"})
 

@@ -59,6 +59,7 @@ import yaml
 
 from .config import OUTPUT_ONLY, ConfigError, EvalConfig
 from .datasets import kvpress_metrics, sample_scores
+from .presses import masked_twin
 
 logger = logging.getLogger(__name__)
 
@@ -196,8 +197,12 @@ class Run:
         """The seed of torch's, Python's and numpy's global generators while this run's press compresses sample
         ``index`` (:func:`seed_globals`): a hash of the run's key and the index, so that a press that draws random
         numbers (LeverageScore's projection, an unseeded RandomPress) draws the same ones whichever runs came before
-        it, in a fresh sweep, a resumed one or a sweep split over several processes."""
-        text = f"{key_hash(self.key)}:{index}"
+        it, in a fresh sweep, a resumed one or a sweep split over several processes. A ragged press
+        (``ragged_<name>``) draws what its masked twin ``<name>`` draws in the same sweep, so the two keep the same
+        tokens (Compactor's sketch) and their answers can be compared."""
+        twin = masked_twin(self.press_name)
+        key = self.key if twin == self.press_name else run_key(self.config, twin, self.compression_ratio)
+        text = f"{key_hash(key)}:{index}"
         return int(hashlib.sha256(text.encode()).hexdigest()[:8], 16)
 
     def check_key(self) -> None:

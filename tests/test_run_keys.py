@@ -37,8 +37,14 @@ COMPOSED = (
     "composed_presses={mine: [{press: snapkv, window_size: 8}, {press: knorm, compression_ratio: 0.2}], "
     "other: [{press: tova}]}"
 )
-BASE = ["dataset=needle", "context_length=[160]", "needle_depth=[0.5]", "press_name=[snapkv, mine, other]",
-        "compression_ratio=[0.5]", COMPOSED]
+BASE = [
+    "dataset=needle",
+    "context_length=[160]",
+    "needle_depth=[0.5]",
+    "press_name=[snapkv, mine, other]",
+    "compression_ratio=[0.5]",
+    COMPOSED,
+]
 
 
 def directories(tmp_path: Path, *overrides: str, output: str = "out") -> dict[str, Path]:
@@ -119,12 +125,17 @@ def test_the_key_holds_every_field_but_the_neutral_ones(tmp_path):
     run = plan_runs(config)[1]
     fields = {f.name for f in dataclasses.fields(EvalConfig)}
     assert set(run.key) == (fields - set(OUTPUT_NEUTRAL) - set(SWEEP_FIELDS) - set(KEY_IF_SET)) | {
-        "press_name", "compression_ratio", "press_definition", "press_init_command"
+        "press_name",
+        "compression_ratio",
+        "press_definition",
+        "press_init_command",
     }  # a field added later is in the key only when set: the directories of runs made before it keep their names
     capped = plan_runs(load_config(None, [*BASE, f"output_dir={tmp_path}", "max_answer_tokens=64"]))[1]
     assert capped.key == {**run.key, "max_answer_tokens": 64}
-    assert run.key["press_definition"] == [{"press": "snapkv", "window_size": 8},
-                                           {"press": "knorm", "compression_ratio": 0.2}]
+    assert run.key["press_definition"] == [
+        {"press": "snapkv", "window_size": 8},
+        {"press": "knorm", "compression_ratio": 0.2},
+    ]
     assert run.directory.name == f"mine__0.50__{key_hash(run.key)}"
     assert len(key_hash(run.key)) == 8 and int(key_hash(run.key), 16) >= 0
 
@@ -193,10 +204,18 @@ def test_a_torn_last_line_is_dropped_not_glued_to_the_next_record(tmp_path):
 
 
 def run_sweep(model, output_dir: Path, *extra: str):
-    config = load_config(None, [
-        "dataset=needle", "context_length=[160, 240]", "needle_depth=[0.5, 1.0]", "press_name=[no_press, knorm]",
-        "compression_ratio=[0.5]", f"output_dir={output_dir}", *extra,
-    ])
+    config = load_config(
+        None,
+        [
+            "dataset=needle",
+            "context_length=[160, 240]",
+            "needle_depth=[0.5, 1.0]",
+            "press_name=[no_press, knorm]",
+            "compression_ratio=[0.5]",
+            f"output_dir={output_dir}",
+            *extra,
+        ],
+    )
     return config, Evaluator(config, model, tiny_tokenizer()).run()
 
 
@@ -235,15 +254,33 @@ def test_a_finished_run_writes_kvpress_files_with_the_measurements(tmp_path):
     samples = pd.read_csv(run.directory / PREDICTIONS_CSV)
     records = [json.loads(line) for line in (run.directory / PREDICTIONS).read_text().splitlines()]
     assert "context" not in samples and len(samples) == len(records) == 4
-    assert {"predicted_answer", "score", "compression_ratio", "question", "answer", "kv_bytes", "kv_bytes_read",
-            "seconds"} <= set(samples.columns)
+    assert {
+        "predicted_answer",
+        "score",
+        "compression_ratio",
+        "question",
+        "answer",
+        "kv_bytes",
+        "kv_bytes_read",
+        "seconds",
+    } <= set(samples.columns)
     assert samples["predicted_answer"].fillna("").tolist() == [r["predicted_answer"] for r in records]
     assert samples["kv_bytes"].tolist() == [r["kv_bytes"] for r in records]
     assert (samples["compression_ratio"] == 0.5).all() and samples["score"].between(0, 100).all()
     metrics = json.loads((run.directory / METRICS).read_text())
     assert metrics == results[1]
-    assert {"score", "dataset", "model", "press", "compression_ratio", "num_samples", "kv_bytes", "kv_bytes_read",
-            "seconds", "grid"} <= set(metrics)
+    assert {
+        "score",
+        "dataset",
+        "model",
+        "press",
+        "compression_ratio",
+        "num_samples",
+        "kv_bytes",
+        "kv_bytes_read",
+        "seconds",
+        "grid",
+    } <= set(metrics)
     assert metrics["score"] == pytest.approx(samples["score"].mean())
     assert metrics["kv_bytes"] == pytest.approx(samples["kv_bytes"].mean())
     assert metrics["seconds"] == pytest.approx(samples["seconds"].sum())
@@ -279,18 +316,26 @@ def test_ruler_sample_scores_average_to_the_headline():
 
 
 def test_needle_and_longbench_sample_scores_average_to_the_headline():
-    needle = pd.DataFrame({"answer": [["123"], ["456"], ["789"]], "predicted_answer": ["123", "no", "it is 789"],
-                           "context_length": [100, 100, 200], "depth": [0.0, 1.0, 0.5]})
+    needle = pd.DataFrame(
+        {
+            "answer": [["123"], ["456"], ["789"]],
+            "predicted_answer": ["123", "no", "it is 789"],
+            "context_length": [100, 100, 200],
+            "depth": [0.0, 1.0, 0.5],
+        }
+    )
     assert sample_scores("needle", needle).tolist() == [100.0, 0.0, 100.0]
     assert float(sample_scores("needle", needle).mean()) == score_predictions("needle", needle)["score"]
 
-    longbench = pd.DataFrame({
-        "task": ["hotpotqa", "hotpotqa", "passage_count", "trec", "trec"],
-        "answer": [["Paris"], ["the Eiffel tower"], ["3"], ["Location"], ["Person"]],
-        "all_classes": [None, None, None, ["Location", "Person"], ["Location", "Person"]],
-        "predicted_answer": ["Paris", "Eiffel tower in Paris", "3 or 4", "Location", "Person or Location"],
-        "length": [1000, 5000, 9000, 3000, 7000],
-    })
+    longbench = pd.DataFrame(
+        {
+            "task": ["hotpotqa", "hotpotqa", "passage_count", "trec", "trec"],
+            "answer": [["Paris"], ["the Eiffel tower"], ["3"], ["Location"], ["Person"]],
+            "all_classes": [None, None, None, ["Location", "Person"], ["Location", "Person"]],
+            "predicted_answer": ["Paris", "Eiffel tower in Paris", "3 or 4", "Location", "Person or Location"],
+            "length": [1000, 5000, 9000, 3000, 7000],
+        }
+    )
     for dataset, flag in (("longbench", False), ("longbench-e", True)):
         rows = longbench.assign(longbench_e=flag)
         scores = sample_scores(dataset, rows)
@@ -300,10 +345,19 @@ def test_needle_and_longbench_sample_scores_average_to_the_headline():
         ]
         assert round(float(np.mean(task_means)), 2) == score_predictions(dataset, rows)["score"]
 
-    v2 = pd.DataFrame({"answer": ["A", "B", "C", "D"], "difficulty": ["easy", "hard", "hard", "easy"],
-                       "length": ["short", "long", "medium", "short"],
-                       "predicted_answer": ["The correct answer is (A)", "The correct answer is C", "no idea",
-                                            "**The correct answer is (D)**"]})
+    v2 = pd.DataFrame(
+        {
+            "answer": ["A", "B", "C", "D"],
+            "difficulty": ["easy", "hard", "hard", "easy"],
+            "length": ["short", "long", "medium", "short"],
+            "predicted_answer": [
+                "The correct answer is (A)",
+                "The correct answer is C",
+                "no idea",
+                "**The correct answer is (D)**",
+            ],
+        }
+    )
     scores = sample_scores("longbench-v2", v2)
     assert scores.tolist() == [100.0, 0.0, 0.0, 100.0]
     assert round(float(scores.mean()), 1) == score_predictions("longbench-v2", v2)["score"]
@@ -320,6 +374,25 @@ def test_metrics_are_written_in_kvpress_scorer_format():
     # a kvpress script that averages the task entries it finds gets the headline
     values = [v["string_match"] for v in metrics.values() if isinstance(v, dict) and "string_match" in v]
     assert round(sum(values) / len(values), 2) == metrics["score"]
-    v2 = pd.DataFrame({"answer": ["A"], "difficulty": ["easy"], "length": ["short"],
-                       "predicted_answer": ["The correct answer is (A)"]})
+    v2 = pd.DataFrame(
+        {
+            "answer": ["A"],
+            "difficulty": ["easy"],
+            "length": ["short"],
+            "predicted_answer": ["The correct answer is (A)"],
+        }
+    )
     assert {"average", "easy", "hard", "short", "medium", "long"} <= set(kvpress_metrics("longbench-v2", v2))
+
+
+def test_a_ragged_press_draws_what_its_masked_twin_draws(tmp_path):
+    """ragged_<name> gets its own directory but the per-sample seeds of <name> in the same sweep (Compactor's random
+    sketch picks the same tokens), so the two can be compared answer for answer."""
+    config = load_config(
+        None, [*BASE, f"output_dir={tmp_path}", "press_name=[adakv_compactor, ragged_adakv_compactor, compactor]"]
+    )
+    runs = {run.press_name: run for run in plan_runs(config)}
+    ragged, masked, other = runs["ragged_adakv_compactor"], runs["adakv_compactor"], runs["compactor"]
+    assert ragged.directory != masked.directory
+    assert [ragged.sample_seed(i) for i in range(3)] == [masked.sample_seed(i) for i in range(3)]
+    assert ragged.sample_seed(0) != other.sample_seed(0)
