@@ -31,6 +31,7 @@ import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -612,14 +613,48 @@ def _errors(runs: Sequence[RunResult]) -> np.ndarray | None:
     return np.array([[r.point - r.score.low for r in runs], [r.score.high - r.point for r in runs]])
 
 
+#: markers cycled with the colours, so that presses sharing a colour still differ
+_MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "h")
+
+
+def _styles(groups: dict[str, list[RunResult]]) -> dict[str, dict[str, Any]]:
+    """A line style per press: pikvpress's drawn thick and solid, masks-only presses dotted, every other press
+    thin; colours from tab20 and markers cycled together, so that no two presses of a plot look alike."""
+    plt = _pyplot()
+    colours = plt.get_cmap("tab20").colors
+    styles = {}
+    for i, (press, group) in enumerate(sorted(groups.items())):
+        first = group[0]
+        style = {"color": colours[i % len(colours)], "marker": _MARKERS[i % len(_MARKERS)], "markersize": 4}
+        if first.family == "pikvpress":
+            style.update(linewidth=2.4, markersize=6)
+        else:
+            style.update(linewidth=1.0, linestyle=":" if first.masks_only else "-")
+        styles[press] = style
+    return styles
+
+
+def _figure(plt, n_presses: int):
+    """A figure wide enough for its legend, placed outside the axes on the right."""
+    return plt.subplots(figsize=(7 + (2.6 if n_presses > 8 else 0), 4.5 + 0.08 * max(0, n_presses - 14)))
+
+
+def _legend(ax, n_presses: int) -> None:
+    if n_presses > 8:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
+    else:
+        ax.legend(fontsize=7)
+
+
 def plot_scores(runs: Sequence[RunResult], path: Path, title: str) -> None:
     """Score (with its interval) against the compression ratio, one line per press; no press as a band."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     by_press: dict[str, list[RunResult]] = {}
     for run in runs:
         if not math.isnan(run.point):
             by_press.setdefault(run.press, []).append(run)
+    fig, ax = _figure(plt, len(by_press))
+    styles = _styles(by_press)
     for press, group in sorted(by_press.items()):
         group = sorted(group, key=lambda r: r.ratio)
         if press == NO_PRESS:
@@ -629,13 +664,19 @@ def plot_scores(runs: Sequence[RunResult], path: Path, title: str) -> None:
                 ax.axhspan(run.score.low, run.score.high, color="black", alpha=0.08)
             continue
         ax.errorbar(
-            [r.ratio for r in group], [r.point for r in group], yerr=_errors(group), marker="o", capsize=3, label=press
+            [r.ratio for r in group],
+            [r.point for r in group],
+            yerr=_errors(group),
+            capsize=2,
+            elinewidth=0.8,
+            label=press,
+            **styles[press],
         )
     ax.set_xlabel("compression ratio (fraction of the context removed)")
     ax.set_ylabel("score (95% interval)")
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    _legend(ax, len(by_press))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -648,27 +689,29 @@ def plot_pareto(runs: Sequence[RunResult], path: Path, title: str) -> bool:
     if not points:
         return False
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
     by_press: dict[str, list[RunResult]] = {}
     for run in points:
         by_press.setdefault(run.press, []).append(run)
+    fig, ax = _figure(plt, len(by_press))
+    styles = _styles(by_press)
     for press, group in sorted(by_press.items()):
         group = sorted(group, key=lambda r: r.held_fraction)
-        style = {"color": "black", "marker": "s"} if press == NO_PRESS else {"marker": "o"}
+        style = {"color": "black", "marker": "s"} if press == NO_PRESS else styles[press]
         ax.errorbar(
             [r.held_fraction for r in group],
             [r.point for r in group],
             yerr=_errors(group),
-            capsize=3,
+            capsize=2,
+            elinewidth=0.8,
             label=press,
             **style,
         )
     ax.set_xscale("log")
     ax.set_xlabel("KV bytes held after the prefill (fraction of a bf16 cache of the same tokens, log)")
     ax.set_ylabel("score (95% interval)")
-    ax.set_title(title, fontsize=9)
+    ax.set_title(f"{title}\nthick: pikvpress; dotted: masks only (frees nothing)", fontsize=9)
     ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=7)
+    _legend(ax, len(by_press))
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
